@@ -1,0 +1,266 @@
+"""Typed schema of a run config, YAML loading and `key.sub=value` overrides.
+
+A config describes one run end to end (data, model, pretraining, DP fine-tuning, sampling).
+Every field is validated up front so that a bad value stops the run with one line that
+names the key, the value and what is allowed, instead of a stack trace an hour later.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user (one line: key, value, what is allowed)."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSource(_Section):
+    """Where a dataset comes from.
+
+    `source` is a path (.npz, a folder with a labels CSV, a labels CSV) or a MedMNIST name
+    (e.g. "breastmnist") resolved in $DPGEN_DATA_DIR, then the cache directory.
+    """
+
+    source: str
+    split: str = "train"
+    labels_csv: str | None = None  # folder sources: CSV relative to the folder
+    image_column: str = "image"
+    label_column: str = "label"
+    subject_column: str | None = None  # the unit of privacy when given
+    split_column: str | None = None
+    attribute_columns: list[str] = Field(default_factory=list)
+    max_images: int | None = Field(default=None, gt=0)  # a fixed-size prefix (tests, quick runs)
+
+
+class DataConfig(_Section):
+    public: DataSource | None = None
+    private: DataSource
+    # Label space of the private task. It is schema, not data: fixed by the user (or by the
+    # dataset's published metadata), never counted from the private labels.
+    num_classes: int = Field(gt=0)
+    class_names: list[str] | None = None
+
+
+class ModelConfig(_Section):
+    generator: Literal["diffusion"] = "diffusion"
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
+    attention_levels: list[bool] = Field(default_factory=lambda: [False, False, True])
+    num_res_blocks: int = Field(default=1, gt=0)
+    num_head_channels: int = Field(default=32, gt=0)
+    norm_num_groups: int = Field(default=16, gt=0)
+    num_train_timesteps: int = Field(default=1000, gt=0)
+    # Probability of replacing the label by the "null" class in training (classifier-free
+    # guidance needs an unconditional model too).
+    cond_drop_prob: float = Field(default=0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _levels_match(self) -> "ModelConfig":
+        if len(self.attention_levels) != len(self.channels):
+            raise ValueError(
+                f"model.attention_levels has {len(self.attention_levels)} entries but model.channels "
+                f"has {len(self.channels)}; give one attention flag per level"
+            )
+        for c in self.channels:
+            if c <= 0 or c % self.norm_num_groups:
+                raise ValueError(
+                    f"model.channels entry {c} must be positive and divisible by "
+                    f"model.norm_num_groups={self.norm_num_groups}"
+                )
+        return self
+
+
+class PretrainConfig(_Section):
+    steps: int = Field(default=2000, ge=0)
+    batch_size: int = Field(default=64, gt=0)
+    lr: float = Field(default=2e-4, gt=0)
+    ema_decay: float = Field(default=0.999, ge=0, lt=1)
+    checkpoint_every: int = Field(default=500, gt=0)
+
+
+class FinetuneConfig(_Section):
+    steps: int = Field(default=200, ge=0)
+    # Expected (logical) batch size; the Poisson sample rate is batch_size / N_units.
+    batch_size: int = Field(default=64, gt=0)
+    # What fits in memory at once; a logical batch is split into physical ones.
+    physical_batch_size: int = Field(default=32, gt=0)
+    lr: float = Field(default=1e-4, gt=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    # K draws of (timestep, noise) per private image, averaged before clipping (DPDM).
+    noise_multiplicity: int = Field(default=1, gt=0)
+    ema_decay: float = Field(default=0.99, ge=0, lt=1)
+    checkpoint_every: int = Field(default=50, gt=0)
+    grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
+
+
+class PrivacyConfig(_Section):
+    epsilon: float = 10.0
+    delta: float = 1e-5
+    accountant: Literal["pld", "rdp"] = "pld"
+
+    @field_validator("epsilon")
+    @classmethod
+    def _eps(cls, v: float) -> float:
+        if not (v > 0) or math.isnan(v):
+            raise ValueError("must be > 0 (use .inf for a non-private run)")
+        return v
+
+    @field_validator("delta")
+    @classmethod
+    def _delta(cls, v: float) -> float:
+        if not (0 < v < 1):
+            raise ValueError("must be in the open interval (0, 1)")
+        return v
+
+
+class ClassCounts(_Section):
+    """How many images of each class the cohort holds.
+
+    - "uniform": the same number per class (public: no data used).
+    - "fixed": `counts`, fixed by the user.
+    - "dp_histogram": the private label histogram released through the Gaussian mechanism
+      (noise std `histogram_sigma`, sensitivity 1); its cost is composed into the ledger.
+    """
+
+    mode: Literal["uniform", "fixed", "dp_histogram"] = "uniform"
+    counts: dict[int, int] | None = None
+    histogram_sigma: float = Field(default=20.0, gt=0)
+
+    @model_validator(mode="after")
+    def _counts(self) -> "ClassCounts":
+        if self.mode == "fixed":
+            if not self.counts:
+                raise ValueError("sample.class_counts.counts is required when mode is 'fixed'")
+            for k, v in self.counts.items():
+                if v < 0:
+                    raise ValueError(f"sample.class_counts.counts[{k}] = {v}: must be >= 0")
+        return self
+
+
+class SampleConfig(_Section):
+    num_images: int = Field(default=500, gt=0)
+    class_counts: ClassCounts = Field(default_factory=ClassCounts)
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = Field(default=50, gt=0)
+    batch_size: int = Field(default=256, gt=0)
+    guidance_scale: float = Field(default=1.0, ge=0)
+    seed: int = 0
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    @model_validator(mode="after")
+    def _cross(self) -> "RunConfig":
+        if self.finetune.physical_batch_size > self.finetune.batch_size:
+            # Not an error in DP terms, but it means the user mixed up the two sizes.
+            raise ValueError(
+                f"finetune.physical_batch_size={self.finetune.physical_batch_size} is larger than "
+                f"finetune.batch_size={self.finetune.batch_size}; the physical batch is a slice of the logical one"
+            )
+        if self.data.class_names is not None and len(self.data.class_names) != self.data.num_classes:
+            raise ValueError(
+                f"data.class_names has {len(self.data.class_names)} names for data.num_classes={self.data.num_classes}"
+            )
+        counts = self.sample.class_counts.counts
+        if counts:
+            bad = [k for k in counts if not 0 <= k < self.data.num_classes]
+            if bad:
+                raise ValueError(
+                    f"sample.class_counts.counts names class {bad[0]}, but classes are 0..{self.data.num_classes - 1}"
+                )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:
+    """One line per problem: `key = value: what is allowed`."""
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc) if loc else "<config>"
+        value: Any = raw
+        for p in e["loc"]:
+            try:
+                value = value[p]
+            except (KeyError, IndexError, TypeError):
+                value = "<missing>"
+                break
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parent = ".".join(loc[:-1]) or "top level"
+            msg = f"unknown key in {parent}"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        if loc:
+            lines.append(f"config error: {key} = {value!r}: {msg}")
+        else:
+            lines.append(f"config error: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`finetune.steps=100` -> (["finetune", "steps"], 100). Values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, value = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r}: empty key")
+    return parts, yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        node = raw
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {} if node.get(p) is None else node[p]
+                if not isinstance(node[p], dict):
+                    raise ConfigError(f"override {text!r}: {p} is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, raw)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    raw.setdefault("name", path.stem)
+    return config_from_dict(apply_overrides(raw, overrides or []))

@@ -1,0 +1,199 @@
+"""The stages and the chain that runs them.
+
+Each stage is a plain function `stage(config, run_dir, ...) -> dict` that reads and writes one
+run directory. The CLI, the launch scripts in train/ and the Python API call these functions.
+A finished stage is recorded in state.json, so `run(..., resume=True)` skips it; an
+interrupted stage picks up from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dpgen.config import ConfigError, RunConfig, load_config
+from dpgen.data import DataError, ImageDataset, load_dataset, resolve_source
+from dpgen.privacy.ledger import PrivacyLedger
+from dpgen.privacy.mechanisms import counts_from_histogram, split_total
+from dpgen.rundir import RunDir, default_run_dir, write_json_atomic
+from dpgen.training.common import resolve_device
+
+STAGES = ("pretrain", "finetune", "sample")
+
+
+def check_sources(config: RunConfig) -> None:
+    """Every data source resolves to a file before any work starts (errors name the key)."""
+    for role in ("public", "private"):
+        spec = getattr(config.data, role)
+        if spec is None:
+            continue
+        try:
+            resolve_source(spec.source)
+        except DataError as err:
+            raise ConfigError(f"config error: data.{role}.source = {spec.source!r}: {err}") from None
+
+
+def load_role(config: RunConfig, role: str, split: str | None = None) -> ImageDataset | None:
+    spec = getattr(config.data, role)
+    return None if spec is None else load_dataset(spec, split=split)
+
+
+def _record(rd: RunDir, role: str, ds: ImageDataset | None) -> None:
+    if ds is not None:
+        rd.record_datasets({f"{role}/{ds.split}": ds.info()})
+
+
+def private_image_shape(config: RunConfig) -> tuple[int, ...]:
+    return load_role(config, "private").image_shape
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def pretrain_stage(config: RunConfig, rd: RunDir, device="auto", progress: bool = True) -> dict:
+    from dpgen.training.pretrain import pretrain
+
+    public = load_role(config, "public")
+    _record(rd, "public", public)
+    # The private data's *shape* (not its content) sizes the model.
+    shape = private_image_shape(config)
+    result = pretrain(config, rd, public, shape, resolve_device(device), progress)
+    rd.mark_done("pretrain", result)
+    return result
+
+
+def finetune_stage(config: RunConfig, rd: RunDir, device="auto", progress: bool = True) -> dict:
+    from dpgen.training.finetune import finetune
+
+    if config.finetune.steps == 0:
+        result = {"steps": 0, "note": "finetune.steps is 0: no private data used; sampling uses the pretrained model"}
+        rd.mark_done("finetune", result)
+        return result
+    private = load_role(config, "private")
+    _record(rd, "private", private)
+    result = finetune(config, rd, private, resolve_device(device), progress)
+    rd.mark_done("finetune", result)
+    return result
+
+
+def cohort_class_counts(config: RunConfig, rd: RunDir, n: int) -> tuple[dict[int, int], str]:
+    """How many images of each class to sample, and where that choice comes from."""
+    cc, k = config.sample.class_counts, config.data.num_classes
+    if cc.mode == "uniform":
+        return split_total(np.full(k, 1 / k), n), "uniform (public: uses no data)"
+    if cc.mode == "fixed":
+        counts = {c: int(cc.counts.get(c, 0)) for c in range(k)}
+        if sum(counts.values()) != n:
+            raise ConfigError(
+                f"config error: sample.class_counts.counts = {cc.counts}: sums to {sum(counts.values())}, "
+                f"but sample.num_images = {n}"
+            )
+        return counts, "fixed by the user"
+    release = PrivacyLedger(rd.ledger_path).latest("dp_release", name="label_histogram")
+    if release is None:
+        raise ConfigError(
+            "sample.class_counts.mode = 'dp_histogram' but the ledger holds no DP label histogram "
+            "(it is released by the finetune stage)"
+        )
+    return counts_from_histogram(np.asarray(release["values"]), n), "DP label histogram (Gaussian mechanism, in the ledger)"
+
+
+def sample_stage(config: RunConfig, rd: RunDir, device="auto", progress: bool = True,
+                 num_images: int | None = None, seed: int | None = None) -> dict:
+    from dpgen.sampling import load
+
+    s = config.sample
+    n = num_images or s.num_images
+    counts, source = cohort_class_counts(config, rd, n)
+    labels = np.concatenate([np.full(c, k) for k, c in counts.items()]).astype(np.int64)
+    gen = load(rd.root, device=str(resolve_device(device)))
+    images, labels_t = gen.generate(
+        labels=labels, seed=s.seed if seed is None else seed, sampler=s.sampler, steps=s.steps,
+        guidance_scale=s.guidance_scale, batch_size=s.batch_size, progress=progress,
+    )
+    result = gen.save_cohort(rd.cohort, images, labels_t, config.data.class_names)
+    result["class_counts_source"] = source
+    ledger = PrivacyLedger(rd.ledger_path)
+    dp_source = "post-processing of dp_sgd:finetune" if (rd.checkpoints / "finetune.safetensors").is_file() \
+        else "public data only (no fine-tuning)"
+    ledger.append({"kind": "artifact", "name": "cohort", "path": "cohort/cohort.npz", "privacy_source": dp_source,
+                   "n": len(labels), "class_counts": result["class_counts"], "class_counts_source": source})
+    rd.mark_done("sample", {"n": result["n"], "class_counts": result["class_counts"]})
+    return result
+
+
+STAGE_FUNCS = {"pretrain": pretrain_stage, "finetune": finetune_stage, "sample": sample_stage}
+
+
+# ----------------------------------------------------------------------------- the chain
+
+
+def run(
+    config: RunConfig | str | Path,
+    run_dir: str | Path | None = None,
+    *,
+    overrides: list[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    stages: tuple[str, ...] = STAGES,
+) -> dict:
+    """pretrain -> finetune -> sample in one run directory. Returns a summary dict."""
+    if not isinstance(config, RunConfig):
+        config = load_config(config, overrides)
+    check_sources(config)
+    rd = RunDir.create(run_dir or default_run_dir(config.name), config, resume=resume, overwrite=overwrite)
+    summary: dict = {"run_dir": str(rd.root), "stages": {}}
+    for name in stages:
+        if resume and rd.is_done(name):
+            summary["stages"][name] = {"skipped": "already done", **rd.state()["completed"][name]}
+            continue
+        t0 = time.time()
+        result = STAGE_FUNCS[name](config, rd, device=device, progress=progress)
+        result["seconds"] = round(time.time() - t0, 1)
+        summary["stages"][name] = result
+    ledger = PrivacyLedger(rd.ledger_path)
+    summary["privacy"] = ledger.summary(config.privacy.delta) if ledger.path.is_file() else None
+    write_json_atomic(rd.root / "summary.json", summary)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"run directory: {summary['run_dir']}"]
+    st = summary["stages"]
+    if "pretrain" in st:
+        p = st["pretrain"]
+        lines.append(f"pretrain: {p.get('steps')} steps on public data ({p.get('seconds', '-')} s)")
+    if "finetune" in st:
+        f = st["finetune"]
+        if f.get("sigma") is not None:
+            eps = f.get("epsilon")
+            eps_s = "inf" if eps is None or math.isinf(eps) else f"{eps:.3f}"
+            lines.append(
+                f"finetune: {f['steps']} DP-SGD steps, sigma {f['sigma']:.3f}, sample rate {f['sample_rate']:.4f}, "
+                f"{f['unit']}; epsilon {eps_s} at delta {f['delta']:g} ({f.get('seconds', '-')} s)"
+            )
+        else:
+            lines.append(f"finetune: {f.get('note') or f.get('skipped')}")
+    if "sample" in st:
+        s = st["sample"]
+        lines.append(f"cohort: {s.get('n')} images, class counts {s.get('class_counts')} -> {summary['run_dir']}/cohort")
+    priv = summary.get("privacy")
+    if priv and priv.get("epsilon") is not None:
+        lines.append(
+            f"privacy: epsilon {priv['epsilon']:.3f} (PLD; RDP {priv.get('epsilon_rdp', float('nan')):.3f}) at delta "
+            f"{priv['delta']:g}, {priv.get('unit')}, target {priv.get('target_epsilon')}: "
+            f"{'within target' if priv.get('within_target') else 'NOT within target'}; ledger {priv.get('ledger')}"
+        )
+    return "\n".join(lines)
+
+
+def open_run(run_dir: str | Path) -> tuple[RunConfig, RunDir]:
+    rd = RunDir(Path(run_dir))
+    return rd.load_config(), rd
+

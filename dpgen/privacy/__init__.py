@@ -1,0 +1,1 @@
+"""Differential-privacy accounting, reconstruction bounds, the privacy ledger and the `dpgen privacy` CLI."""

@@ -1,0 +1,129 @@
+"""Pieces shared by the training loops: EMA, checkpoints (safetensors), logging, devices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dpgen.rundir import load_tensors, save_tensors_atomic
+
+
+def resolve_device(name: str | None = "auto") -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use cpu)")
+    return dev
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point state (weights the sampler uses)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach(), 1 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for k in self.shadow:
+            self.shadow[k].copy_(state[k])
+
+    def copy_to(self, model: nn.Module) -> None:
+        model.load_state_dict({**model.state_dict(), **self.shadow})
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, json.dumps({"param_groups": sd["param_groups"], "scalars": scalars})
+
+
+def _unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: str) -> None:
+    info = json.loads(meta)
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, pid, k = key.split(".", 2)
+            state.setdefault(int(pid), {})[k] = v
+    for key, v in info["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+
+
+def save_training_state(
+    path: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None
+) -> None:
+    """Everything needed to resume a loop exactly, in one atomic safetensors file."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    tensors.update(opt_tensors)
+    meta = {"step": str(step), "optimizer": opt_meta, "extra": json.dumps(extra or {})}
+    save_tensors_atomic(path, tensors, metadata=meta)
+
+
+def load_training_state(path: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+    from safetensors import safe_open
+
+    tensors = load_tensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    _unflatten_optimizer(optimizer, tensors, meta["optimizer"])
+    return int(meta["step"]), json.loads(meta["extra"])
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor], spec: dict, info: dict | None = None) -> None:
+    """Release-style weights: safetensors + the spec that rebuilds the network (JSON sidecar
+    in the file's metadata, so one file is self-describing and loading never unpickles)."""
+    save_tensors_atomic(path, state, metadata={"spec": json.dumps(spec), "info": json.dumps(info or {})})
+
+
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "spec" not in meta:
+        raise ValueError(f"{path}: not a dpgen checkpoint (no model spec in its metadata)")
+    return load_tensors(path), json.loads(meta["spec"]), json.loads(meta.get("info", "{}"))
+
+
+class TBLogger:
+    """TensorBoard scalars; a no-op when tensorboard is not importable."""
+
+    def __init__(self, logdir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(logdir))
+        except Exception:  # pragma: no cover - tensorboard is a dependency, but never fail a run on logs
+            self.writer = None
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None and value == value:
+            self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
