@@ -23,6 +23,7 @@ import torch
 from dpgen.data import DataError, ImageDataset
 from dpgen.models import ConditionalDiffusion, DiffusionSpec
 from dpgen.privacy import accounting
+from dpgen.privacy.bounds import rero_bound
 from dpgen.privacy.engine import (
     DPSGD, PrivacyError, PrivacyUnits, make_conv_inputs_contiguous, new_secret_seed, preflight,
     require_preflight, step_generator, validate_model,
@@ -213,6 +214,12 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
     }
     if ledger.latest("dp_complete", mechanism=MECHANISM) is None:
         ledger.append(complete)
+    if sigma > 0 and ledger.latest("bound", mechanism=MECHANISM) is None:
+        # Reconstruction robustness at the default prior kappa = 1/N (one record guessed at random).
+        kappa = 1.0 / len(units)
+        ledger.append({"kind": "bound", "mechanism": MECHANISM, "unit": units.kind,
+                       "bound": rero_bound(sigma, q, ft.steps, kappa, method="tight"),
+                       "bound_gdp": rero_bound(sigma, q, ft.steps, kappa, method="gdp")})
     info = {"stage": "finetune", "privacy": complete, "preflight": report.to_dict()}
     save_weights(rd.checkpoints / FINETUNE_WEIGHTS, {**model.state_dict(), **ema.state_dict()}, spec.to_dict(), info)
     if ledger.latest("artifact", name="finetune_weights") is None:

@@ -1,0 +1,368 @@
+"""The evaluate stage: fidelity (with real-vs-real references) and downstream utility.
+
+Order of work, chosen so that the private test split cannot influence any choice:
+
+1. read the cohort, the private train and val splits; check them against each other;
+2. build the feature extractor (the public encoder is trained on public data only) and extract
+   features of the cohort and of private train;
+3. train every utility classifier (selection on private val for the non-private ceiling, on a
+   held-out synthetic split for the synthetic row, none for the DP rows);
+4. only now read the private test split: it is the real-vs-real reference for fidelity and the
+   test set of the frozen classifiers.
+
+Outputs: RUN/metrics/evaluation.json and the figures RUN/metrics/{fidelity,utility}.png (aggregate
+numbers only), RUN/internal/evaluation/features_pca.png (one point per private image: internal).
+The metrics are aggregate statistics of private data computed without DP; they are the data
+custodian's evidence for the release review, and the JSON says so.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dpgen.data import DataError
+from dpgen.evaluation import fidelity as fid
+from dpgen.evaluation.features import ENCODER_EPOCHS, FeatureExtractor, build_extractor, extract_features
+from dpgen.evaluation.inputs import check_cohort, check_real, class_name, load_cohort, load_real, require_split
+from dpgen.evaluation.utility import ROW_LABELS, ROWS, UtilityOptions, evaluate_rows, train_rows
+from dpgen.privacy import accounting
+from dpgen.privacy.ledger import PrivacyLedger
+from dpgen.rundir import RunDir, write_json_atomic
+
+METRICS_FILE = Path("metrics") / "evaluation.json"
+
+PRIVACY_NOTE = (
+    "Aggregate metrics computed on the private data without differential privacy (the usual "
+    "evaluation of a DP release). Only the cohort's epsilon is a DP guarantee; these numbers are for "
+    "the data custodian's release review. Figures that show individual private images or their "
+    "features are kept in internal/."
+)
+
+
+@dataclass
+class EvalOptions:
+    fidelity: bool = True
+    utility: bool = True
+    feature_batch_size: int = 500
+    fidelity_repeats: int = 5  # subsample draws for the size-matched comparison
+    prdc_k: int = 5
+    kid_subsets: int = 50
+    encoder_epochs: int = ENCODER_EPOCHS
+    seed: int = 0
+    utility_options: UtilityOptions = field(default_factory=UtilityOptions)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _device(name) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: CUDA is not available on this machine (use cpu)")
+    return dev
+
+
+def _jsonable(obj):
+    """inf/nan -> strings, numpy -> Python, so the file is strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def privacy_context(config, rd: RunDir, cohort_override: bool) -> dict:
+    """What the cohort cost (from the run's ledger) and the epsilon the DP rows use.
+
+    The DP rows run at the cohort's spent epsilon when the ledger records one, else at the
+    configured target; the fine-tuning row's total is the PLD composition of the ledger's events
+    and its own DP-SGD event.
+    """
+    delta = config.privacy.delta
+    ctx: dict = {"delta": delta, "configured_epsilon": config.privacy.epsilon, "cohort_epsilon": None,
+                 "cohort_events": None, "ledger": None}
+    ledger = PrivacyLedger(rd.ledger_path)
+    if cohort_override:
+        ctx["note"] = "the cohort was given with --cohort; the run's ledger does not describe it, its epsilon is unknown"
+    elif not ledger.exists():
+        ctx["note"] = f"no privacy ledger at {rd.ledger_path}; the cohort's epsilon is unknown"
+    else:
+        summary = ledger.summary(delta)
+        ctx["cohort_epsilon"] = summary["epsilon"]
+        ctx["cohort_epsilon_rdp"] = summary["epsilon_rdp"]
+        ctx["cohort_events"] = summary["events"]
+        ctx["ledger"] = str(Path(rd.ledger_path).relative_to(rd.root))
+    eps = ctx["cohort_epsilon"]
+    ctx["dp_rows_epsilon"] = eps if eps is not None and eps > 0 else config.privacy.epsilon
+    ctx["dp_rows_epsilon_source"] = ("the cohort's spent epsilon (ledger)" if eps is not None and eps > 0
+                                     else "the configured privacy.epsilon")
+    return ctx
+
+
+def _class_sets(feats: torch.Tensor, labels: np.ndarray, k: int) -> torch.Tensor:
+    return feats[torch.as_tensor(np.flatnonzero(labels == k))]
+
+
+def _labeled(result: dict, extractor: FeatureExtractor) -> dict:
+    out = dict(result)
+    out["metrics"] = {extractor.label(m): v for m, v in result["metrics"].items()}
+    return out
+
+
+def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, cohort_path=None,
+                   feature_extractor="public-encoder", inception_weights=None, seeds: int | None = None,
+                   options: EvalOptions | None = None, write: bool = True) -> dict:
+    """Evaluate the run's cohort; writes RUN/metrics/evaluation.json + figures; returns the metrics."""
+    rd = rd if isinstance(rd, RunDir) else RunDir(Path(rd))
+    opts = options or EvalOptions()
+    if seeds is not None:
+        opts.utility_options.seeds = int(seeds)
+    if opts.utility_options.seeds < 1:
+        raise DataError(f"--seeds {opts.utility_options.seeds}: need at least one seed")
+    dev = _device(device)
+    k, names = config.data.num_classes, config.data.class_names
+    timing: dict[str, float] = {}
+    t0 = time.time()
+
+    # 1. inputs (never the test split)
+    cohort = load_cohort(rd.root, cohort_path)
+    private = config.data.private
+    train = load_real(private, private.split, against=cohort)
+    check_real(train, k, names)
+    check_cohort(cohort, train, k, names)
+    require_split(private, "test", against=cohort)
+    val_note = None
+    try:  # the private val split only drives the ceiling's epoch selection; it may be absent
+        val = load_real(private, "val", against=cohort)
+    except DataError as err:
+        val, val_note = None, f"no private val split ({err}); the ceiling row uses its last epoch"
+    if val is not None:
+        check_real(val, k, names, need_all_classes=False)
+    metrics: dict = {
+        "run_dir": str(rd.root),
+        "cohort": {"path": cohort.path, "n": len(cohort), "image_shape": list(cohort.image_shape),
+                   "class_counts": {class_name(c, names): int((cohort.labels == c).sum()) for c in range(k)},
+                   "override": cohort_path is not None},
+        "real_data": {"private": train.name, "train_split": train.split, "n_train": len(train),
+                      "n_val": None if val is None else len(val), **({"note": val_note} if val_note else {})},
+        "privacy_note": PRIVACY_NOTE,
+    }
+    timing["inputs_s"] = time.time() - t0
+
+    # 2. features
+    extractor = f_cohort = f_train = None
+    if opts.fidelity:
+        t = time.time()
+        extractor = build_extractor(feature_extractor, config, rd, train.image_shape, device=dev, progress=progress,
+                                    inception_weights=inception_weights, encoder_epochs=opts.encoder_epochs)
+        timing["feature_extractor_s"] = time.time() - t
+        t = time.time()
+        kw = {"batch_size": opts.feature_batch_size, "device": dev, "progress": progress}
+        f_cohort = extract_features(extractor, cohort.images, desc="features: cohort", **kw)
+        f_train = extract_features(extractor, train.images, desc="features: private train", **kw)
+        timing["features_s"] = time.time() - t
+
+    # 3. utility classifiers (trained and frozen before the test split is read)
+    privacy = privacy_context(config, rd, cohort_path is not None)
+    trained = None
+    if opts.utility:
+        t = time.time()
+        trained = train_rows(cohort, train, val, k, epsilon=privacy["dp_rows_epsilon"], delta=config.privacy.delta,
+                             opts=opts.utility_options, device=dev, progress=progress)
+        timing["utility_training_s"] = time.time() - t
+
+    # 4. the final evaluation: the private test split is read here and only here
+    t = time.time()
+    test = load_real(private, "test", against=cohort)
+    check_real(test, k, names)
+    if tuple(test.image_shape) != tuple(train.image_shape):
+        raise DataError(f"the private test split {test.path} has shape {test.image_shape}, train has {train.image_shape}")
+    metrics["real_data"]["n_test"] = len(test)
+    metrics["protocol"] = {
+        "test_split_read": "once, after every classifier was trained and frozen",
+        "selection": {
+            "real": "best epoch by ROC-AUC on the private val split (non-private ceiling)"
+            if val is not None else "last epoch (no private val split)",
+            "dp_real": f"none: fixed {opts.utility_options.dp_epochs} epochs",
+            "synthetic": f"best epoch by ROC-AUC on a held-out {opts.utility_options.synthetic_val_fraction:.0%} "
+                         f"of the cohort",
+            "synthetic_then_dp_real": f"none: fixed {opts.utility_options.finetune_epochs} epochs of DP fine-tuning",
+        },
+    }
+    figures = []
+    if opts.fidelity:
+        f_test = extract_features(extractor, test.images, desc="features: private test",
+                                  batch_size=opts.feature_batch_size, device=dev, progress=progress)
+        timing["features_s"] += time.time() - t
+        t = time.time()
+        kw = {"repeats": opts.fidelity_repeats, "k": opts.prdc_k, "seed": opts.seed, "kid_subsets": opts.kid_subsets}
+        overall = fid.compare_to_reference(f_train, f_cohort, f_test, **kw)
+        per_class = {}
+        for c in range(k):
+            per_class[class_name(c, names)] = fid.compare_to_reference(
+                _class_sets(f_train, train.labels, c), _class_sets(f_cohort, cohort.labels, c),
+                _class_sets(f_test, test.labels, c), **kw)
+        metrics["fidelity"] = {
+            "feature_extractor": extractor.to_dict(),
+            "real_set": f"private {train.split} (n={len(train)})",
+            "reference_set": f"private test (n={len(test)}) vs private {train.split}",
+            "how": ("cohort vs private train, beside held-out real (private test) vs private train, both at the same "
+                    "sample size n_matched (the larger set subsampled; mean and std over draws); cohort_full is the "
+                    "whole cohort. FD and KID come from torchmetrics on these features; precision/recall/density/"
+                    f"coverage are Naeem et al. 2020 with k={opts.prdc_k}."),
+            "overall": _labeled(overall, extractor),
+            "per_class": {c: _labeled(v, extractor) for c, v in per_class.items()},
+        }
+        timing["fidelity_metrics_s"] = time.time() - t
+    if opts.utility:
+        rows = evaluate_rows(trained, test, k, names, device=dev, batch_size=opts.utility_options.eval_batch_size)
+        _attach_privacy(rows, trained, privacy, config.privacy.delta)
+        metrics["utility"] = {
+            "test_set": f"private test (n={len(test)})",
+            "seeds": opts.utility_options.seeds,
+            "spread": "std over seeds (ddof=1)",
+            "privacy_unit": trained.info["privacy_unit"],
+            "rows": rows,
+            "options": trained.info["options"],
+        }
+    metrics["privacy"] = {k_: v for k_, v in privacy.items() if k_ != "cohort_events"}
+    timing["total_s"] = time.time() - t0
+    metrics["timing"] = {k_: round(v, 2) for k_, v in timing.items()}
+
+    if write:
+        metrics_dir = rd.root / "metrics"
+        if opts.fidelity:
+            from dpgen.evaluation.figures import feature_scatter, fidelity_figure
+
+            figures.append(fidelity_figure(metrics["fidelity"], metrics_dir / "fidelity.png"))
+            internal = feature_scatter(
+                {f"private {train.split}": f_train.numpy(), "cohort": f_cohort.numpy(), "private test": f_test.numpy()},
+                rd.internal / "evaluation" / "features_pca.png", title=f"{extractor.name} features (internal: private data)")
+            metrics["internal_figures"] = [str(internal.relative_to(rd.root))]
+        if opts.utility:
+            from dpgen.evaluation.figures import utility_figure
+
+            figures.append(utility_figure(metrics["utility"]["rows"], metrics_dir / "utility.png"))
+        metrics["figures"] = [str(Path(p).relative_to(rd.root)) for p in figures]
+        metrics = _jsonable(metrics)
+        write_json_atomic(rd.root / METRICS_FILE, metrics)
+        try:
+            rd.mark_done("evaluate", {"metrics": str(METRICS_FILE)})
+        except OSError:  # pragma: no cover - a read-only state file must not lose the metrics
+            pass
+    return _jsonable(metrics)
+
+
+def _attach_privacy(rows: dict, trained, privacy: dict, delta: float) -> None:
+    base, ft = trained.info["dp_baseline_plan"], trained.info["dp_finetune_plan"]
+    cohort_eps, events = privacy["cohort_epsilon"], privacy["cohort_events"]
+    cohort_desc = "unknown (no ledger)" if cohort_eps is None else cohort_eps
+    if "real" in rows:
+        rows["real"]["privacy"] = {"epsilon": math.inf, "note": "no privacy: the ceiling"}
+    if "dp_real" in rows:
+        rows["dp_real"]["privacy"] = {"epsilon": base["epsilon"], "target_epsilon": base["target_epsilon"],
+                                      "delta": delta, "sigma": base["sigma"], "sample_rate": base["sample_rate"],
+                                      "steps": base["steps"], "unit": trained.info["privacy_unit"],
+                                      "note": f"DP-SGD at {privacy['dp_rows_epsilon_source']}"}
+    if "synthetic" in rows:
+        rows["synthetic"]["privacy"] = {"epsilon": cohort_eps, "delta": delta,
+                                        "note": f"post-processing of the cohort (epsilon {cohort_desc})"}
+    if "synthetic_then_dp_real" in rows:
+        total = None
+        if events is not None:
+            total = accounting.epsilon(list(events) + [ft["event"]], delta, "pld") if ft["sigma"] > 0 else math.inf
+        rows["synthetic_then_dp_real"]["privacy"] = {
+            "budget": "composed",
+            "epsilon": total,
+            "epsilon_cohort": cohort_eps,
+            "epsilon_classifier_finetune": ft["epsilon"],
+            "delta": delta, "sigma": ft["sigma"], "sample_rate": ft["sample_rate"], "steps": ft["steps"],
+            "unit": trained.info["privacy_unit"],
+            "note": ("total = PLD composition of the cohort's ledger events and the classifier's DP-SGD fine-tuning "
+                     "(the fine-tuning is calibrated to the same epsilon as the DP baseline; the budget is not split)"
+                     + ("" if events is not None else "; the cohort's epsilon is unknown, so the total is too")),
+        }
+
+
+# ----------------------------------------------------------------------------- printing
+
+
+def _num(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    if math.isinf(v):
+        return "inf"
+    return f"{v:.{digits}g}"
+
+
+def _pm(mean, std, digits: int = 4) -> str:
+    if mean is None:
+        return "-"
+    if isinstance(mean, str):
+        return mean
+    show_std = std is not None and std > 1e-12 * max(1.0, abs(mean))
+    return _num(mean, digits) + (f" ± {_num(std, 2)}" if show_std else "")
+
+
+def format_summary(metrics: dict) -> str:
+    lines = [f"evaluation of {metrics['run_dir']}",
+             f"cohort: {metrics['cohort']['n']} images {metrics['cohort']['class_counts']} ({metrics['cohort']['path']})"]
+    fidelity = metrics.get("fidelity")
+    if fidelity:
+        fx = fidelity["feature_extractor"]
+        lines.append(f"feature extractor: {fx['name']} - {fx['description']}")
+        o = fidelity["overall"]
+        lines.append(f"fidelity vs {fidelity['real_set']}; real-vs-real reference: {fidelity['reference_set']}; "
+                     f"n matched = {o['n_matched']}")
+        groups = {"all": o, **{f"class {c}": v for c, v in fidelity["per_class"].items()}}
+        gl = {g: f"{g} (n={v['n_matched']})" for g, v in groups.items()}
+        wm, wg = max(map(len, o["metrics"])) + 2, max(map(len, gl.values())) + 2
+        lines.append(f"  {'metric':<{wm}}{'group':<{wg}}{'cohort':>20}{'real vs real':>20}{'full cohort':>13}  better")
+        for m in o["metrics"]:
+            for gname, g in groups.items():
+                v = g["metrics"][m]
+                lines.append(f"  {m:<{wm}}{gl[gname]:<{wg}} {_pm(v['cohort'], v['cohort_std']):>19}"
+                             f" {_pm(v['real_vs_real'], v['real_vs_real_std']):>19} {_num(v['cohort_full']):>12}  {v['better']}")
+    utility = metrics.get("utility")
+    if utility:
+        lines.append(f"downstream utility, tested on {utility['test_set']}, {utility['seeds']} seed(s), mean ± std:")
+        lines.append(f"  {'row':<48}{'epsilon':>10}{'ROC-AUC':>18}{'accuracy':>18}{'bal. accuracy':>18}  recall per class")
+        for r, row in utility["rows"].items():
+            eps = row.get("privacy", {}).get("epsilon")
+            eps_s = _num(eps, 3) if eps is not None else "unknown"
+            recall = ", ".join(f"{c} {_num(v['mean'], 3)}" for c, v in row["recall_per_class"].items())
+            flag = f"  [{row['seeds_predicting_one_class']} seed(s) predict one class only]" \
+                if row["seeds_predicting_one_class"] else ""
+            lines.append(f"  {row['label']:<48}{eps_s:>10} {_pm(row['roc_auc']['mean'], row['roc_auc']['std']):>17}"
+                         f" {_pm(row['accuracy']['mean'], row['accuracy']['std']):>17}"
+                         f" {_pm(row['balanced_accuracy']['mean'], row['balanced_accuracy']['std']):>17}  {recall}{flag}")
+        ft = utility["rows"].get("synthetic_then_dp_real", {}).get("privacy")
+        if ft:
+            lines.append(f"  (last row: epsilon composed = cohort {_num(ft['epsilon_cohort'], 3)} + classifier "
+                         f"fine-tuning {_num(ft['epsilon_classifier_finetune'], 3)} -> {_num(ft['epsilon'], 3)})")
+    if metrics.get("figures"):
+        lines.append("figures: " + ", ".join(metrics["figures"]))
+    lines.append(f"metrics: {Path(metrics['run_dir']) / METRICS_FILE}")
+    return "\n".join(lines)
+
+
+__all__ = ["EvalOptions", "evaluate_stage", "format_summary", "privacy_context", "METRICS_FILE", "ROWS", "ROW_LABELS"]

@@ -1,0 +1,349 @@
+"""Downstream utility: classifiers trained four ways, all tested on the real private test split.
+
+Rows (each over several seeds; mean and spread reported):
+
+1. "real": trained on the real private train split without privacy. The ceiling.
+2. "dp_real": DP-SGD directly on the private train split at the cohort's epsilon. The baseline a
+   synthetic cohort must beat to be worth releasing.
+3. "synthetic": trained on the synthetic cohort only (train-synthetic-test-real, TSTR).
+4. "synthetic_then_dp_real": row 3's model fine-tuned with DP-SGD on the private train split
+   (Osuala et al. 2024's best recipe). Its privacy cost is counted honestly: the cohort already
+   spent the run's budget (the run's ledger), the fine-tuning spends more, and the reported
+   epsilon is the composition of both in one PLD accountant ("budget": "composed").
+
+Model selection and the private test split
+------------------------------------------
+The test split is read only after every model is trained and frozen (`train_rows` never sees
+it; `evaluate_rows` only predicts). Selection uses:
+- row 1: the best epoch by ROC-AUC on the private *val* split. Selecting on private data without
+  DP is fine here: row 1 is a non-private ceiling, never a release.
+- rows 2 and 4: a fixed number of epochs fixed in advance, no selection at all. Selecting a DP
+  model's epoch on the private val split would be a non-private use of private data (a leak that
+  the reported epsilon would not cover), and selecting on the test split would bias the number.
+- row 3: the best epoch by ROC-AUC on a held-out part of the synthetic cohort (stratified,
+  `synthetic_val_fraction`); the cohort is already released, so this costs nothing.
+Hyperparameters (`UtilityOptions`) were fixed a priori, not tuned on any private split.
+
+DP-SGD here is dpgen's own engine (dpgen.privacy.engine.DPSGD: Poisson sampling of privacy
+units, Opacus clipping and noise, per-sample-gradient preflight), with sigma calibrated by
+dpgen.privacy.accounting for the planned number of steps. The DP classifiers are never released
+(only their aggregate test metrics are), so their noise is seeded for reproducibility.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from dpgen.data import ImageDataset, to_model_range
+from dpgen.evaluation.nets import CNNSpec, SmallCNN
+from dpgen.privacy import accounting
+from dpgen.privacy.engine import DPSGD, PrivacyUnits, preflight, require_preflight, step_generator, validate_model
+
+ROWS = ("real", "dp_real", "synthetic", "synthetic_then_dp_real")
+ROW_LABELS = {
+    "real": "real private train (ceiling, non-private)",
+    "dp_real": "DP-SGD on real private train (baseline)",
+    "synthetic": "synthetic cohort only (TSTR)",
+    "synthetic_then_dp_real": "synthetic pretrain + DP-SGD fine-tune on real",
+}
+
+
+@dataclass
+class UtilityOptions:
+    """Classifier recipe, fixed in advance (never tuned on a private split)."""
+
+    seeds: int = 3
+    # row 1 (and the architecture of all rows)
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 1e-3
+    # row 3
+    synthetic_epochs: int = 40
+    synthetic_max_steps: int = 1500  # caps the cost for large cohorts
+    synthetic_val_fraction: float = 0.15
+    # rows 2 and 4 (DP-SGD)
+    dp_epochs: int = 40
+    dp_batch_size: int = 64  # expected Poisson batch
+    dp_physical_batch_size: int = 128
+    dp_lr: float = 1e-3
+    dp_max_grad_norm: float = 1.0
+    finetune_epochs: int = 20
+    finetune_lr: float = 5e-4
+    eval_batch_size: int = 512
+    widths_2d: list[int] = field(default_factory=lambda: [32, 64, 128])
+    widths_3d: list[int] = field(default_factory=lambda: [16, 32, 64])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def roc_auc(probs: np.ndarray, y: np.ndarray, num_classes: int) -> float | None:
+    """ROC-AUC (binary; macro one-vs-rest for several classes) via torchmetrics.
+    None when a class is absent from `y` (the AUC is undefined)."""
+    from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
+
+    if any(not (y == k).any() for k in range(num_classes)):
+        return None
+    p, t = torch.as_tensor(probs, dtype=torch.float64), torch.as_tensor(y, dtype=torch.long)
+    if num_classes == 2:
+        return float(binary_auroc(p[:, 1], t))
+    return float(multiclass_auroc(p, t, num_classes=num_classes, average="macro"))
+
+
+def classification_metrics(probs: np.ndarray, y: np.ndarray, num_classes: int) -> dict:
+    pred = probs.argmax(1)
+    recall = [float((pred[y == k] == k).mean()) if (y == k).any() else None for k in range(num_classes)]
+    present = [r for r in recall if r is not None]
+    return {
+        "roc_auc": roc_auc(probs, y, num_classes),
+        "accuracy": float((pred == y).mean()),
+        "balanced_accuracy": float(np.mean(present)) if present else None,
+        "recall_per_class": recall,
+        "single_class_predictions": bool(len(np.unique(pred)) == 1),
+    }
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 512, device="cpu") -> np.ndarray:
+    model.eval().to(device)
+    out = [torch.softmax(model(x[s:s + batch_size].to(device)), 1).double().cpu() for s in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def _score(model, x, y, num_classes, opts, device) -> float:
+    """Selection score: ROC-AUC, or balanced accuracy where the AUC is undefined."""
+    m = classification_metrics(predict_proba(model, x, opts.eval_batch_size, device), y, num_classes)
+    return m["roc_auc"] if m["roc_auc"] is not None else m["balanced_accuracy"]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def new_classifier(image_shape: tuple[int, ...], num_classes: int, seed: int, opts: UtilityOptions) -> SmallCNN:
+    dims = len(image_shape) - 1
+    torch.manual_seed(seed)
+    return SmallCNN(CNNSpec(in_channels=image_shape[0], num_classes=num_classes, spatial_dims=dims,
+                            widths=list(opts.widths_2d if dims == 2 else opts.widths_3d)))
+
+
+def train_nonprivate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int, lr: float,
+                     seed: int, opts: UtilityOptions, num_classes: int, val: tuple | None = None,
+                     max_steps: int | None = None, device="cpu", progress: bool = False, desc: str = "") -> tuple[nn.Module, dict]:
+    """Plain minibatch training; with `val`, keeps the epoch with the best validation score."""
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    n = len(x)
+    per_epoch = max(1, math.ceil(n / batch_size))
+    total = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
+    best, best_state, best_epoch, step, epoch = -math.inf, None, None, 0, 0
+    bar = tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    while step < total:
+        perm = torch.randperm(n, generator=g)
+        model.train()
+        for i in range(per_epoch):
+            if step >= total:
+                break
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+        epoch += 1
+        if val is not None:
+            s = _score(model, val[0], val[1], num_classes, opts, device)
+            if s > best:
+                best, best_state, best_epoch = s, copy.deepcopy(model.state_dict()), epoch
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return model, {"steps": step, "epochs": epoch, "selected_epoch": best_epoch if val is not None else epoch,
+                   "val_score": None if val is None else best}
+
+
+_SIGMA_CACHE: dict[tuple, float] = {}
+
+
+def dp_plan(epsilon: float, delta: float, n_units: int, batch_size: int, epochs: int) -> dict:
+    """Sample rate, steps and calibrated noise multiplier for `epochs` passes over the units."""
+    q = min(1.0, batch_size / n_units)
+    steps = max(1, int(round(epochs / q)))
+    key = (epsilon, delta, q, steps)
+    if key not in _SIGMA_CACHE:
+        _SIGMA_CACHE[key] = 0.0 if math.isinf(epsilon) else accounting.calibrate_sigma(epsilon, delta, q, steps)
+    sigma = _SIGMA_CACHE[key]
+    event = {"type": "poisson_gaussian", "sigma": sigma, "sample_rate": q, "steps": steps}
+    return {"sigma": sigma, "sample_rate": q, "steps": steps, "event": event, "target_epsilon": epsilon,
+            "epsilon": math.inf if sigma == 0 else accounting.epsilon([event], delta), "delta": delta}
+
+
+def _ce_rows(model: nn.Module, batch: dict) -> torch.Tensor:
+    return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+
+
+def train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, units: PrivacyUnits, *, plan: dict, lr: float,
+             max_grad_norm: float, physical_batch_size: int, seed: int, device="cpu", progress: bool = False,
+             desc: str = "") -> tuple[nn.Module, dict]:
+    """DP-SGD for a fixed number of steps with dpgen's engine; no model selection."""
+    with warnings.catch_warnings():
+        # Opacus' backward hooks warn that the (image) inputs need no gradient: expected here
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        return _train_dp(model, x, y, units, plan=plan, lr=lr, max_grad_norm=max_grad_norm,
+                         physical_batch_size=physical_batch_size, seed=seed, device=device, progress=progress, desc=desc)
+
+
+def _train_dp(model, x, y, units, *, plan, lr, max_grad_norm, physical_batch_size, seed, device, progress, desc):
+    model.to(device).train()
+    validate_model(model)
+    g = step_generator(seed, 0, "preflight")
+    probe = {"x": torch.randn((4, *x.shape[1:]), generator=g).to(device),
+             "y": torch.randint(0, int(y.max()) + 1, (4,), generator=g).to(device)}
+    report = preflight(model, _ce_rows, probe)
+    require_preflight(report)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    dp = DPSGD(model, opt, noise_multiplier=plan["sigma"], max_grad_norm=max_grad_norm,
+               expected_batch_size=plan["sample_rate"] * len(units))
+    bar = tqdm(total=plan["steps"], desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    for step in range(plan["steps"]):
+        chosen = units.poisson_sample(plan["sample_rate"], step_generator(seed, step, "poisson"))
+        chunks = units.physical_chunks(chosen, physical_batch_size)
+
+        def make_batch(_chunk: int, rows: np.ndarray, _k: int) -> dict:
+            return {"x": x[rows].to(device), "y": y[rows].to(device)}
+
+        dp.step(chunks, make_batch, _ce_rows, 1, step_generator(seed, step, "dp-noise"))
+        bar.update(1)
+    bar.close()
+    model = dp.close().eval()
+    return model, {"steps": plan["steps"], "selected_epoch": "fixed (no selection)",
+                   "preflight_max_error": report.max_relative_error}
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) with `fraction` of every class (at least 1, leaving at least 1) in val."""
+    rng = np.random.default_rng(seed)
+    tr, va = [], []
+    for k in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == k))
+        n_val = min(max(1, int(round(fraction * len(idx)))), len(idx) - 1)
+        va.append(idx[:n_val])
+        tr.append(idx[n_val:])
+    return np.sort(np.concatenate(tr)), np.sort(np.concatenate(va))
+
+
+# ----------------------------------------------------------------------------- the four rows
+
+
+@dataclass
+class TrainedRows:
+    """Frozen models of every row and seed, plus how they were trained; no test data inside."""
+
+    models: dict[str, list[nn.Module]]
+    records: dict[str, list[dict]]
+    info: dict
+
+
+def train_rows(cohort: ImageDataset, private_train: ImageDataset, private_val: ImageDataset | None, num_classes: int,
+               *, epsilon: float, delta: float, opts: UtilityOptions | None = None, rows=ROWS, device="cpu",
+               progress: bool = True) -> TrainedRows:
+    """Train every row and seed. Reads the cohort, private train and private val, never test."""
+    opts = opts or UtilityOptions()
+    shape = tuple(private_train.image_shape)
+    x_real, y_real = private_train.model_tensor(), torch.as_tensor(private_train.labels)
+    x_syn, y_syn = cohort.model_tensor(), torch.as_tensor(cohort.labels)
+    units = PrivacyUnits.from_subjects(private_train.subjects, len(private_train))
+    val_real = None
+    if private_val is not None:
+        val_real = (private_val.model_tensor(), private_val.labels)
+    base_plan = dp_plan(epsilon, delta, len(units), opts.dp_batch_size, opts.dp_epochs)
+    ft_plan = dp_plan(epsilon, delta, len(units), opts.dp_batch_size, opts.finetune_epochs)
+    models: dict[str, list] = {r: [] for r in rows}
+    records: dict[str, list] = {r: [] for r in rows}
+    need_syn = "synthetic" in rows or "synthetic_then_dp_real" in rows
+    for seed in range(opts.seeds):
+        common = {"num_classes": num_classes, "opts": opts, "device": device, "progress": progress}
+        if "real" in rows:
+            m, rec = train_nonprivate(new_classifier(shape, num_classes, seed, opts), x_real, y_real,
+                                      epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, seed=seed,
+                                      val=val_real, desc=f"real (seed {seed})", **common)
+            models["real"].append(m)
+            records["real"].append(rec)
+        if "dp_real" in rows:
+            m, rec = train_dp(new_classifier(shape, num_classes, seed, opts), x_real, y_real, units, plan=base_plan,
+                              lr=opts.dp_lr, max_grad_norm=opts.dp_max_grad_norm,
+                              physical_batch_size=opts.dp_physical_batch_size, seed=seed, device=device,
+                              progress=progress, desc=f"DP-SGD on real (seed {seed})")
+            models["dp_real"].append(m)
+            records["dp_real"].append(rec)
+        if need_syn:
+            tr, va = stratified_split(cohort.labels, opts.synthetic_val_fraction, seed)
+            m, rec = train_nonprivate(new_classifier(shape, num_classes, seed, opts), x_syn[tr], y_syn[tr],
+                                      epochs=opts.synthetic_epochs, batch_size=opts.batch_size, lr=opts.lr, seed=seed,
+                                      val=(x_syn[va], cohort.labels[va]), max_steps=opts.synthetic_max_steps,
+                                      desc=f"synthetic (seed {seed})", **common)
+            rec.update({"n_train": len(tr), "n_val": len(va)})
+            if "synthetic" in rows:
+                models["synthetic"].append(m)
+                records["synthetic"].append(rec)
+            if "synthetic_then_dp_real" in rows:
+                m2, rec2 = train_dp(copy.deepcopy(m), x_real, y_real, units, plan=ft_plan, lr=opts.finetune_lr,
+                                    max_grad_norm=opts.dp_max_grad_norm,
+                                    physical_batch_size=opts.dp_physical_batch_size, seed=seed, device=device,
+                                    progress=progress, desc=f"synthetic -> DP fine-tune (seed {seed})")
+                rec2["pretraining"] = rec
+                models["synthetic_then_dp_real"].append(m2)
+                records["synthetic_then_dp_real"].append(rec2)
+    info = {"dp_baseline_plan": base_plan, "dp_finetune_plan": ft_plan, "privacy_unit": units.kind,
+            "n_units": len(units), "options": opts.to_dict()}
+    return TrainedRows(models=models, records=records, info=info)
+
+
+def _mean_std(vals: list) -> dict:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+            "n": len(vals)}
+
+
+def evaluate_rows(trained: TrainedRows, private_test: ImageDataset, num_classes: int,
+              class_names: list[str] | None = None, device="cpu", batch_size: int = 512) -> dict[str, dict]:
+    """Evaluate the frozen models on the private test split: the only place the split is used."""
+    x, y = private_test.model_tensor(), private_test.labels
+    names = [class_names[k] if class_names and k < len(class_names) else str(k) for k in range(num_classes)]
+    out = {}
+    for row, models in trained.models.items():
+        per_seed = []
+        for seed, (m, rec) in enumerate(zip(models, trained.records[row])):
+            met = classification_metrics(predict_proba(m, x, batch_size, device), y, num_classes)
+            per_seed.append({"seed": seed, **met, "training": {k: v for k, v in rec.items() if k != "pretraining"}})
+        out[row] = {
+            "label": ROW_LABELS[row],
+            "roc_auc": _mean_std([p["roc_auc"] for p in per_seed]),
+            "accuracy": _mean_std([p["accuracy"] for p in per_seed]),
+            "balanced_accuracy": _mean_std([p["balanced_accuracy"] for p in per_seed]),
+            "recall_per_class": {names[k]: _mean_std([p["recall_per_class"][k] for p in per_seed])
+                                 for k in range(num_classes)},
+            "seeds_predicting_one_class": int(sum(p["single_class_predictions"] for p in per_seed)),
+            "per_seed": per_seed,
+        }
+    return out
+
+
+__all__ = ["ROWS", "ROW_LABELS", "UtilityOptions", "TrainedRows", "train_rows", "evaluate_rows", "dp_plan",
+           "classification_metrics", "roc_auc", "train_nonprivate", "train_dp", "new_classifier", "stratified_split"]
