@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Later stages register themselves here (module with a `register(subparsers)` function).
 EXTRA_COMMANDS: list[tuple[str, str]] = [
     ("evaluate", "dpgen.evaluation.commands"),
-    ("audit", "dpgen.audit.commands"),
+    ("audit", "dpgen.probes.commands"),
     ("release", "dpgen.report.commands"),
 ]
 

@@ -393,3 +393,28 @@ def test_volumes_run_end_to_end_with_a_volumetric_classifier(tmp_path):
     assert list(metrics["utility"]["rows"]) == list(ROWS)
     spec = metrics["utility"]["options"]
     assert spec["widths_3d"]
+
+
+@needs_data
+def test_rgb_five_classes_run_end_to_end(tmp_path):
+    """RGB private data with 5 classes (random images; shape handling only): the grey public
+    encoder is adapted to 3 channels, ROC-AUC is macro one-vs-rest."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 60), ("val", 20), ("test", 30)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 5).reshape(-1, 1).astype(np.uint8)
+    np.savez(tmp_path / "rgb5.npz", **arrays)
+    config = config_from_dict({"name": "rgb", "data": {
+        "public": {"source": "pneumoniamnist", "max_images": 256}, "private": {"source": str(tmp_path / "rgb5.npz")},
+        "num_classes": 5}})
+    rd = RunDir.create(tmp_path / "run", config)
+    write_cohort_npz(rd.cohort / "cohort.npz", arrays["val_images"].transpose(0, 3, 1, 2),
+                     arrays["val_labels"][:, 0])
+    opts = tiny_options(epochs=1, synthetic_epochs=1)
+    opts.encoder_epochs = 1
+    metrics = evaluate_stage(config, rd, progress=False, options=opts)
+    assert metrics["cohort"]["image_shape"] == [3, 28, 28]
+    assert len(metrics["fidelity"]["per_class"]) == 5
+    for row in metrics["utility"]["rows"].values():
+        assert 0.0 <= row["roc_auc"]["mean"] <= 1.0 and len(row["recall_per_class"]) == 5

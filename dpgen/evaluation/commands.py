@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="epochs of the real and DP-SGD classifiers (default 40; fine-tuning uses half)")
     p.add_argument("--no-utility", action="store_true", help="fidelity only (no classifiers)")
     p.add_argument("--no-fidelity", action="store_true", help="downstream utility only")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of the summary")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (default: CUDA when available)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -32,6 +34,10 @@ def cmd_evaluate(args) -> int:
     from dpgen.evaluation.stage import EvalOptions, evaluate_stage, format_summary
     from dpgen.rundir import RunDir
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
     rd = RunDir(args.run_dir)
     config = rd.load_config()
     opts = EvalOptions(fidelity=not args.no_fidelity, utility=not args.no_utility)

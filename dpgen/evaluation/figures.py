@@ -33,9 +33,15 @@ def _save(fig, path: Path) -> Path:
 def utility_figure(rows: dict, path: str | Path, title: str = "") -> Path:
     """ROC-AUC and balanced accuracy (mean +- std over seeds) of the utility rows."""
     plt = _plt()
+    import textwrap
+
     names = list(rows)
-    labels = [rows[r]["label"].replace(" (", "\n(") for r in names]
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    labels = []
+    for r in names:
+        eps = rows[r].get("privacy", {}).get("epsilon")
+        eps_s = "unknown" if eps is None else eps if isinstance(eps, str) else f"{eps:.3g}"
+        labels.append(textwrap.fill(rows[r]["label"], 24) + f"\nepsilon = {eps_s}")
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
     x = np.arange(len(names))
     for j, (metric, color) in enumerate((("roc_auc", "#3b6ea8"), ("balanced_accuracy", "#d08c2c"))):
         mean = [rows[r][metric]["mean"] if rows[r][metric]["mean"] is not None else np.nan for r in names]
@@ -47,7 +53,7 @@ def utility_figure(rows: dict, path: str | Path, title: str = "") -> Path:
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylim(0, 1.0)
     ax.set_ylabel("tested on private test split")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(title or "downstream utility (mean +- std over seeds)", fontsize=9)
     return _save(fig, Path(path))
 

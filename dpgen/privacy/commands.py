@@ -1,9 +1,11 @@
-"""``dpgen privacy``: calibrate noise, read a run's privacy ledger, bound reconstruction.
+"""``dpgen privacy``: calibrate noise, read a run's privacy ledger, bound reconstruction, audit.
 
 These commands exist so that privacy numbers can be checked *without* training:
 a data owner can ask what sigma a budget implies, what a finished run actually
 spent (recomputed from its ledger, not copied from a log), and what an epsilon
-means as a reconstruction risk.  Every subcommand has ``--json`` for scripts.
+means as a reconstruction risk.  ``audit`` is the exception that trains: a small canary model
+through the real DP-SGD engine, giving an empirical lower bound on epsilon to set beside the
+claim (see :mod:`dpgen.privacy.audit`).  Every subcommand has ``--json`` for scripts.
 
 The lead's ``dpgen/cli.py`` calls :func:`register` with its subparsers; each leaf
 parser sets ``func`` to a handler ``handler(args) -> int`` (exit code).
@@ -16,7 +18,7 @@ import json
 import math
 import sys
 
-__all__ = ["register", "cmd_calibrate", "cmd_report", "cmd_bound"]
+__all__ = ["register", "cmd_calibrate", "cmd_report", "cmd_bound", "cmd_audit"]
 
 
 def _float(text: str) -> float:
@@ -128,14 +130,32 @@ def cmd_bound(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    """Train a canary model through the DP-SGD engine; exit 1 if the lower bound beats the claim."""
+    from dpgen.data import DataError
+    from dpgen.privacy import audit
+
+    try:
+        result = audit.run_audit(
+            variant=args.variant, epsilon=args.epsilon, delta=args.delta, m=args.canaries, steps=args.steps,
+            seed=args.seed, sample_rate=args.sample_rate, guesses=args.guesses,
+            noise_multiplicity=args.noise_multiplicity, grad_sample_mode=args.grad_sample_mode,
+            confidence=args.confidence, dataset=args.dataset,
+        )
+    except (ValueError, DataError) as err:
+        return _error("audit", str(err))
+    print(_dump(result) if args.json else audit.format_audit(result))
+    return 0 if result["passed"] else 1
+
+
 def register(subparsers) -> None:
     """Add the ``privacy`` command and its subcommands to ``subparsers``."""
     p = subparsers.add_parser(
         "privacy",
-        help="privacy accounting: calibrate sigma, report a run's ledger, reconstruction bounds",
-        description="Privacy accounting tools (no training needed).",
+        help="privacy accounting: calibrate sigma, report a run's ledger, reconstruction bounds, audit",
+        description="Privacy accounting tools (no training needed), and an empirical audit of DP-SGD.",
     )
-    sub = p.add_subparsers(dest="privacy_command", metavar="{calibrate,report,bound}", required=True)
+    sub = p.add_subparsers(dest="privacy_command", metavar="{calibrate,report,bound,audit}", required=True)
 
     c = sub.add_parser("calibrate", help="smallest DP-SGD noise multiplier for a target epsilon")
     c.add_argument("--epsilon", type=_float, required=True, help="target epsilon (inf = non-private)")
@@ -161,3 +181,28 @@ def register(subparsers) -> None:
     b.add_argument("--method", choices=("tight", "gdp", "both"), default="both")
     b.add_argument("--json", action="store_true", help="machine-readable output")
     b.set_defaults(func=cmd_bound)
+
+    a = sub.add_parser(
+        "audit",
+        help="empirical lower bound on epsilon from a canary run through the DP-SGD engine (exit 1 = violation)",
+        description="One-run privacy audit (Steinke, Nasr & Jagielski 2023): trains a small model with "
+        "gradient canaries through dpgen's DP-SGD engine and prints the claimed epsilon next to an empirical "
+        "lower bound. FAIL (exit 1) means the lower bound is above the claim. The variants no_noise and "
+        "no_clipping break the engine on purpose and should FAIL. Audits the DP-SGD code path on a small "
+        "model, not the diffusion model.",
+    )
+    a.add_argument("--epsilon", type=_float, default=2.0, help="claimed epsilon; sigma is calibrated to it (default 2)")
+    a.add_argument("--delta", type=_float, default=1e-5, help="delta (default 1e-5)")
+    a.add_argument("--variant", choices=("real", "no_noise", "no_clipping"), default="real",
+                   help="real = the engine as shipped; the others disable noise or clipping (default real)")
+    a.add_argument("--canaries", type=int, default=1000, help="number of canaries m (default 1000)")
+    a.add_argument("--guesses", type=int, default=100, help="canaries guessed in, and as many out (default 100)")
+    a.add_argument("--steps", type=int, default=40, help="DP-SGD steps T (default 40)")
+    a.add_argument("--sample-rate", type=_float, default=0.25, help="Poisson sampling rate q (default 0.25)")
+    a.add_argument("--noise-multiplicity", type=int, default=1, help="draws K per row (default 1)")
+    a.add_argument("--grad-sample-mode", choices=("hooks", "functorch"), default="hooks")
+    a.add_argument("--confidence", type=_float, default=0.95, help="confidence of the lower bound (default 0.95)")
+    a.add_argument("--dataset", default="breastmnist", help="real images trained beside the canaries (default breastmnist)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.set_defaults(func=cmd_audit)
