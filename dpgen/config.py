@@ -40,6 +40,10 @@ class DataSource(_Section):
     split_column: str | None = None
     attribute_columns: list[str] = Field(default_factory=list)
     max_images: int | None = Field(default=None, gt=0)  # a fixed-size prefix (tests, quick runs)
+    # Float images (NIfTI, DICOM): a fixed intensity window [low, high] mapped to the model's
+    # range, e.g. a CT window. Without it each image is min-max scaled on its own (a per-record
+    # map; a dataset-wide statistic of private data would leak).
+    intensity_range: tuple[float, float] | None = None
 
 
 class DataConfig(_Section):

@@ -150,3 +150,36 @@ def test_nifti_with_nan_is_refused(tmp_path):
     (tmp_path / "labels.csv").write_text("image,label\nv.nii.gz,0\n")
     with pytest.raises(DataError, match="NaN or inf"):
         load_folder(tmp_path)
+
+
+def _write_dicom(path, arr):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "OT", "anon"
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = arr.astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def test_dicom_through_monai_and_intensity_scaling(tmp_path):
+    rows = ["image,label"]
+    for i in range(2):
+        _write_dicom(tmp_path / f"s{i}.dcm", (np.arange(32 * 32).reshape(32, 32) % 1000) * (i + 1))
+        rows.append(f"s{i}.dcm,{i}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    ds = load_folder(tmp_path)
+    assert ds.images.shape == (2, 1, 32, 32) and ds.images.max() == 1998
+    x = ds.model_tensor()  # per-image min-max: each image spans [-1, 1] on its own
+    assert x.min() == -1 and x.max() == 1
+    ds.intensity_range = (0.0, 1998.0)  # a fixed (public) window keeps relative intensities
+    x = ds.model_tensor()
+    assert x[0].max() < 0 and x[1].max() == 1

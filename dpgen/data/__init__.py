@@ -38,4 +38,6 @@ def load_dataset(spec, split: str | None = None, download: bool = True) -> Image
             image_column=spec.image_column, label_column=spec.label_column, subject_column=spec.subject_column,
             split_column=spec.split_column, attribute_columns=spec.attribute_columns,
         )
-    return ds.subset(spec.max_images)
+    ds = ds.subset(spec.max_images)
+    ds.intensity_range = tuple(spec.intensity_range) if spec.intensity_range else None
+    return ds

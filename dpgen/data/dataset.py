@@ -30,6 +30,7 @@ class ImageDataset:
     subjects: np.ndarray | None = None  # (N,) unit of privacy when present
     attributes: np.ndarray | None = None  # (N, A) float32
     attribute_names: list[str] = field(default_factory=list)
+    intensity_range: tuple[float, float] | None = None  # fixed window for float images
 
     def __post_init__(self) -> None:
         check_arrays(self.images, self.labels, self.path, self.split)
@@ -72,7 +73,7 @@ class ImageDataset:
         )
 
     def model_tensor(self) -> torch.Tensor:
-        return to_model_range(self.images)
+        return to_model_range(self.images, self.intensity_range)
 
     def info(self) -> dict:
         return {
@@ -101,16 +102,24 @@ def check_arrays(images: np.ndarray, labels: np.ndarray, path: str, split: str) 
         raise DataError(f"{where}: negative labels")
 
 
-def to_model_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1]. Floats are assumed to be in [0, 1] already.
+def to_model_range(images: np.ndarray | torch.Tensor, intensity_range: tuple[float, float] | None = None) -> torch.Tensor:
+    """Images -> float in [-1, 1], by a map that uses no dataset statistic.
 
-    A fixed map: using private min/max or mean/std here would leak private statistics.
+    uint8: [0, 255]. Floats: the user's fixed window `intensity_range`, else each image's own
+    min and max (a per-record map). Using private dataset-wide min/max or mean/std here would
+    release a statistic of the private data outside DP.
     """
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
+    elif intensity_range is not None:
+        lo, hi = intensity_range
+        x = ((x.float() - lo) / (hi - lo)).clamp(0, 1)
     else:
-        x = x.float().clamp(0, 1)
+        flat = x.float().flatten(1)
+        lo = flat.min(1, keepdim=True).values
+        hi = flat.max(1, keepdim=True).values
+        x = ((flat - lo) / (hi - lo).clamp_min(1e-12)).view(x.shape)
     return x * 2 - 1
 
 
