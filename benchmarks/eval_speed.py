@@ -33,7 +33,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.environ.setdefault("DPGEN_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    os.environ["DPGEN_DATA_DIR"] = os.environ.get("DPGEN_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
 
     from dpgen.config import config_from_dict
     from dpgen.data import load_npz, resolve_source

@@ -40,6 +40,24 @@ class DataSource(_Section):
     split_column: str | None = None
     attribute_columns: list[str] = Field(default_factory=list)
     max_images: int | None = Field(default=None, gt=0)  # a fixed-size prefix (tests, quick runs)
+    # Rows skipped before `max_images` is applied: lets two roles use disjoint parts of one
+    # file (e.g. a stand-in "public" half of a dataset in a demo config).
+    skip_images: int = Field(default=0, ge=0)
+
+
+class AttributeRange(_Section):
+    """The fixed range of a conditioning attribute: public knowledge or a clinical convention
+    chosen by the user, never a statistic of the private data. Values are mapped to [-1, 1]
+    with it (private values outside it are clipped), and sampling refuses values outside it."""
+
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _order(self) -> "AttributeRange":
+        if not (math.isfinite(self.min) and math.isfinite(self.max) and self.max > self.min):
+            raise ValueError(f"attribute range [{self.min}, {self.max}] must be finite with max > min")
+        return self
     # Float images (NIfTI, DICOM): a fixed intensity window [low, high] mapped to the model's
     # range, e.g. a CT window. Without it each image is min-max scaled on its own (a per-record
     # map; a dataset-wide statistic of private data would leak).
@@ -53,10 +71,39 @@ class DataConfig(_Section):
     # dataset's published metadata), never counted from the private labels.
     num_classes: int = Field(gt=0)
     class_names: list[str] | None = None
+    # Continuous conditioning attributes: CSV column name -> fixed range (see AttributeRange).
+    # Read from the sources' labels CSV (folder sources); empty: label-conditional only.
+    attributes: dict[str, AttributeRange] = Field(default_factory=dict)
+
+
+class GANConfig(_Section):
+    """Architecture of `model.generator: cgan` (DCGAN-style, 2D or 3D)."""
+
+    latent_dim: int = Field(default=64, gt=0)
+    # Generator: channels per grid, coarsest first; the grid doubles between entries.
+    generator_channels: list[int] = Field(default_factory=lambda: [128, 64, 32])
+    # Discriminator: channels per grid, finest first; stride-2 convs between entries.
+    discriminator_channels: list[int] = Field(default_factory=lambda: [32, 64, 128])
+    norm_num_groups: int = Field(default=8, gt=0)
+
+    @model_validator(mode="after")
+    def _groups(self) -> "GANConfig":
+        for key in ("generator_channels", "discriminator_channels"):
+            chans = getattr(self, key)
+            if not chans:
+                raise ValueError(f"model.gan.{key} must not be empty")
+            for c in chans:
+                if c <= 0 or c % min(self.norm_num_groups, c):
+                    raise ValueError(f"model.gan.{key} entry {c} must be positive and divisible by "
+                                     f"model.gan.norm_num_groups={self.norm_num_groups}")
+        return self
 
 
 class ModelConfig(_Section):
-    generator: Literal["diffusion"] = "diffusion"
+    # diffusion: pixel space (small images); latent_diffusion: UNet on the latents of an
+    # autoencoder trained on public data (section `autoencoder`); cgan: conditional GAN whose
+    # discriminator alone sees private data (section `model.gan`).
+    generator: Literal["diffusion", "latent_diffusion", "cgan"] = "diffusion"
     channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
     attention_levels: list[bool] = Field(default_factory=lambda: [False, False, True])
     num_res_blocks: int = Field(default=1, gt=0)
@@ -66,6 +113,7 @@ class ModelConfig(_Section):
     # Probability of replacing the label by the "null" class in training (classifier-free
     # guidance needs an unconditional model too).
     cond_drop_prob: float = Field(default=0.1, ge=0, lt=1)
+    gan: GANConfig = Field(default_factory=GANConfig)
 
     @model_validator(mode="after")
     def _levels_match(self) -> "ModelConfig":
@@ -80,6 +128,58 @@ class ModelConfig(_Section):
                     f"model.channels entry {c} must be positive and divisible by "
                     f"model.norm_num_groups={self.norm_num_groups}"
                 )
+        return self
+
+
+class AutoencoderPretrain(_Section):
+    steps: int = Field(default=1000, ge=0)
+    batch_size: int = Field(default=32, gt=0)
+    lr: float = Field(default=5e-4, gt=0)
+    checkpoint_every: int = Field(default=250, gt=0)
+
+
+class AutoencoderFinetune(_Section):
+    """`frozen` (default): the public autoencoder is used as is. `dp`: it is fine-tuned on the
+    private data with DP-SGD, a second mechanism in the same ledger: it is calibrated to spend
+    `epsilon_fraction` of privacy.epsilon on its own, then the UNet's noise is calibrated so
+    that both (and any DP label histogram) compose (PLD) to at most privacy.epsilon."""
+
+    mode: Literal["frozen", "dp"] = "frozen"
+    steps: int = Field(default=50, ge=0)
+    batch_size: int = Field(default=64, gt=0)
+    physical_batch_size: int = Field(default=32, gt=0)
+    lr: float = Field(default=1e-4, gt=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    epsilon_fraction: float = Field(default=0.25, gt=0, lt=1)
+    ema_decay: float = Field(default=0.0, ge=0, lt=1)
+    checkpoint_every: int = Field(default=25, gt=0)
+
+
+class AutoencoderConfig(_Section):
+    """The autoencoder of `model.generator: latent_diffusion` (MONAI AutoencoderKL)."""
+
+    channels: list[int] = Field(default_factory=lambda: [32, 64])
+    latent_channels: int = Field(default=3, gt=0)
+    num_res_blocks: int = Field(default=1, gt=0)
+    norm_num_groups: int = Field(default=16, gt=0)
+    attention: bool = False
+    kl_weight: float = Field(default=1e-6, ge=0)
+    # Optional: the latent shape you expect (C, *spatial); checked against what the
+    # autoencoder produces for the private images.
+    latent_shape: list[int] | None = None
+    pretrain: AutoencoderPretrain = Field(default_factory=AutoencoderPretrain)
+    finetune: AutoencoderFinetune = Field(default_factory=AutoencoderFinetune)
+
+    @model_validator(mode="after")
+    def _groups(self) -> "AutoencoderConfig":
+        if not self.channels:
+            raise ValueError("autoencoder.channels must not be empty")
+        for c in self.channels:
+            if c <= 0 or c % self.norm_num_groups:
+                raise ValueError(f"autoencoder.channels entry {c} must be positive and divisible by "
+                                 f"autoencoder.norm_num_groups={self.norm_num_groups}")
+        if self.finetune.physical_batch_size > self.finetune.batch_size:
+            raise ValueError("autoencoder.finetune.physical_batch_size is larger than autoencoder.finetune.batch_size")
         return self
 
 
@@ -104,6 +204,16 @@ class FinetuneConfig(_Section):
     ema_decay: float = Field(default=0.99, ge=0, lt=1)
     checkpoint_every: int = Field(default=50, gt=0)
     grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
+    # What DP-SGD updates (the rest stays at its public-pretrained value). Fewer trainable
+    # parameters: less noise in total. `attention`: the UNet's attention blocks;
+    # `attention+conditioning`: plus the label/attribute embedding; `lora`: low-rank
+    # adapters on the Linear layers named in `lora_targets`. cgan: `all` or `lora`.
+    trainable: Literal["all", "attention", "attention+conditioning", "lora"] = "all"
+    lora_rank: int = Field(default=4, gt=0)
+    lora_alpha: float | None = Field(default=None, gt=0)  # default: the rank (scale 1)
+    lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "out_proj"])
+    # cgan: learning rate of the (non-private) generator updates; default finetune.lr.
+    generator_lr: float | None = Field(default=None, gt=0)
 
 
 class PrivacyConfig(_Section):
@@ -150,14 +260,41 @@ class ClassCounts(_Section):
         return self
 
 
+class AttributeSampling(_Section):
+    """Which attributes the cohort's images are generated with (never the private table).
+
+    - "none": attributes left unspecified (the model's attribute-dropped mode); the cohort
+      holds no attribute columns.
+    - "fixed": `values`, given by the user: one value per attribute, or a list of
+      `num_images` values.
+    - "uniform": independent uniform draws in each attribute's fixed range.
+    - "public": rows of the public dataset's attribute columns, drawn with replacement.
+    """
+
+    mode: Literal["none", "fixed", "uniform", "public"] = "none"
+    values: dict[str, float | list[float]] | None = None
+
+
 class SampleConfig(_Section):
     num_images: int = Field(default=500, gt=0)
     class_counts: ClassCounts = Field(default_factory=ClassCounts)
-    sampler: Literal["ddim", "ddpm"] = "ddim"
+    attributes: AttributeSampling = Field(default_factory=AttributeSampling)
+    sampler: Literal["ddim", "ddpm", "dpmsolver++"] = "ddim"
     steps: int = Field(default=50, gt=0)
-    batch_size: int = Field(default=256, gt=0)
+    # Images per batch; "auto" fills the GPU (256 on CPU). A cohort depends on the seed, not
+    # on the batch size: every image has its own noise stream.
+    batch_size: int | Literal["auto"] = 256
     guidance_scale: float = Field(default=1.0, ge=0)
     seed: int = 0
+    # Also write every image as NIfTI (+ labels.csv); default: for 3D volumes only.
+    nifti: bool | None = None
+
+    @field_validator("batch_size")
+    @classmethod
+    def _bs(cls, v):
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("must be > 0 or 'auto'")
+        return v
 
 
 class RunConfig(_Section):
@@ -165,6 +302,7 @@ class RunConfig(_Section):
     seed: int = 0
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
@@ -182,6 +320,8 @@ class RunConfig(_Section):
             raise ValueError(
                 f"data.class_names has {len(self.data.class_names)} names for data.num_classes={self.data.num_classes}"
             )
+        self._check_families()
+        self._check_attributes()
         counts = self.sample.class_counts.counts
         if counts:
             bad = [k for k in counts if not 0 <= k < self.data.num_classes]
@@ -190,6 +330,53 @@ class RunConfig(_Section):
                     f"sample.class_counts.counts names class {bad[0]}, but classes are 0..{self.data.num_classes - 1}"
                 )
         return self
+
+    def _check_families(self) -> None:
+        gen, ft = self.model.generator, self.finetune
+        if gen == "cgan" and ft.trainable in ("attention", "attention+conditioning"):
+            raise ValueError(
+                f"finetune.trainable = {ft.trainable!r} needs attention blocks, which the cgan discriminator does not "
+                f"have; use 'all' or 'lora'"
+            )
+        if gen != "cgan" and ft.trainable in ("attention", "attention+conditioning") and not any(self.model.attention_levels):
+            raise ValueError(
+                f"finetune.trainable = {ft.trainable!r} but model.attention_levels has no attention level; "
+                f"turn one on or use 'all' / 'lora'"
+            )
+        if self.autoencoder.finetune.mode == "dp" and gen != "latent_diffusion":
+            raise ValueError("autoencoder.finetune.mode = 'dp' applies only to model.generator = 'latent_diffusion'")
+        if gen == "cgan" and self.sample.guidance_scale != 1.0:
+            raise ValueError("sample.guidance_scale applies to diffusion models; a cgan samples with 1.0")
+
+    def _check_attributes(self) -> None:
+        names = list(self.data.attributes)
+        mode = self.sample.attributes.mode
+        if mode != "none" and not names:
+            raise ValueError(f"sample.attributes.mode = {mode!r} but data.attributes names no attribute")
+        values = self.sample.attributes.values
+        if mode == "fixed":
+            if not values:
+                raise ValueError("sample.attributes.values is required when sample.attributes.mode is 'fixed'")
+            unknown = sorted(set(values) - set(names))
+            if unknown:
+                raise ValueError(f"sample.attributes.values names {unknown[0]!r}, which is not in data.attributes ({', '.join(names)})")
+            missing = [n for n in names if n not in values]
+            if missing:
+                raise ValueError(f"sample.attributes.values lacks attribute {missing[0]!r}")
+            for name, v in values.items():
+                vs = v if isinstance(v, list) else [v]
+                if isinstance(v, list) and len(v) != self.sample.num_images:
+                    raise ValueError(f"sample.attributes.values.{name} has {len(v)} values for sample.num_images={self.sample.num_images}")
+                r = self.data.attributes[name]
+                bad = [x for x in vs if not r.min <= x <= r.max]
+                if bad:
+                    raise ValueError(f"sample.attributes.values.{name} = {bad[0]} is outside data.attributes.{name} = [{r.min}, {r.max}]")
+        for role in ("public", "private"):
+            src = getattr(self.data, role)
+            if src is not None and src.attribute_columns and names:
+                missing = [n for n in names if n not in src.attribute_columns]
+                if missing and role == "private":
+                    raise ValueError(f"data.attributes names {missing[0]!r}, which data.private.attribute_columns does not list")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -26,7 +26,7 @@ from dpgen.evaluation.stage import EvalOptions, evaluate_stage, format_summary
 from dpgen.evaluation.utility import ROWS, UtilityOptions, classification_metrics
 from dpgen.rundir import RunDir
 
-DATA = Path(os.environ.get("DPGEN_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = Path(os.environ.get("DPGEN_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 needs_data = pytest.mark.skipif(not (DATA / "breastmnist.npz").is_file(), reason=f"no MedMNIST files in {DATA}")
 ENCODER_EPOCHS = 2  # tests only; the default is larger
 

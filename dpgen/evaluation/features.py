@@ -92,17 +92,20 @@ def extract_features(
     device: str | torch.device = "cpu",
     progress: bool = True,
     desc: str = "features",
+    intensity_range: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """Features of uint8 images (N, C, *spatial), streamed in batches; float64 (N, D) on CPU.
+    """Features of images (N, C, *spatial), streamed in batches; float64 (N, D) on CPU.
 
-    Only one batch of images is in float form at a time, so memory stays flat for large cohorts.
+    Images are mapped to [-1, 1] exactly as `ImageDataset.model_tensor` does (uint8: /255; float
+    images: the source's fixed `intensity_range`). Only one batch is in float form at a time,
+    so memory stays flat for large cohorts.
     """
     module = extractor.module.to(device).eval()
     n = len(images)
     out = []
     bar = tqdm(total=n, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
     for start in range(0, n, batch_size):
-        x = to_model_range(images[start:start + batch_size]).to(device)
+        x = to_model_range(images[start:start + batch_size], intensity_range).to(device)
         f = module(x)
         if f.ndim != 2 or f.shape[0] != len(x):
             raise EvaluationError(
@@ -190,7 +193,8 @@ def train_public_encoder(
         correct = seen = 0
         for i in range(steps_per_epoch):
             idx = perm[i * ENCODER_BATCH:(i + 1) * ENCODER_BATCH]
-            x = adapt_images(to_model_range(public.images[idx.numpy()]), image_shape)
+            x = adapt_images(to_model_range(public.images[idx.numpy()], getattr(public, "intensity_range", None)),
+                             image_shape)
             rot = torch.randint(0, ROTATIONS, (len(idx),), generator=g)
             x = _rotate(x, rot)
             y = labels[idx] * ROTATIONS + rot

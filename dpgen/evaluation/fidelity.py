@@ -127,12 +127,13 @@ def fidelity_metrics(real, fake, k: int = DEFAULT_K, kid_subsets: int = 50, kid_
                      seed: int = 0) -> dict[str, float]:
     """All metrics of one (real, fake) pair of feature sets."""
     real, fake = _as_features(real), _as_features(fake)
-    out = {"FD": frechet_distance(real, fake)}
-    out["KID"], out["KID_subset_std"] = kernel_distance(real, fake, kid_subsets, kid_subset_size, seed)
-    if len(real) > k and len(fake) > k:
+    out: dict = {m: None for m in METRICS}
+    out["KID_subset_std"] = None
+    if min(len(real), len(fake)) >= 2:  # FD and KID are undefined for a single sample
+        out["FD"] = frechet_distance(real, fake)
+        out["KID"], out["KID_subset_std"] = kernel_distance(real, fake, kid_subsets, kid_subset_size, seed)
+    if len(real) > k and len(fake) > k:  # k-NN radii need k neighbours
         out.update(prdc(real, fake, k))
-    else:
-        out.update({m: None for m in ("precision", "recall", "density", "coverage")})
     return out
 
 

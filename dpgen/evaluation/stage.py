@@ -18,6 +18,7 @@ custodian's evidence for the release review, and the JSON says so.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -131,7 +132,7 @@ def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, 
                    options: EvalOptions | None = None, write: bool = True) -> dict:
     """Evaluate the run's cohort; writes RUN/metrics/evaluation.json + figures; returns the metrics."""
     rd = rd if isinstance(rd, RunDir) else RunDir(Path(rd))
-    opts = options or EvalOptions()
+    opts = copy.deepcopy(options) if options is not None else EvalOptions()
     if seeds is not None:
         opts.utility_options.seeds = int(seeds)
     if opts.utility_options.seeds < 1:
@@ -176,7 +177,8 @@ def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, 
         t = time.time()
         kw = {"batch_size": opts.feature_batch_size, "device": dev, "progress": progress}
         f_cohort = extract_features(extractor, cohort.images, desc="features: cohort", **kw)
-        f_train = extract_features(extractor, train.images, desc="features: private train", **kw)
+        f_train = extract_features(extractor, train.images, desc="features: private train",
+                                   intensity_range=getattr(train, "intensity_range", None), **kw)
         timing["features_s"] = time.time() - t
 
     # 3. utility classifiers (trained and frozen before the test split is read)
@@ -209,7 +211,8 @@ def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, 
     figures = []
     if opts.fidelity:
         f_test = extract_features(extractor, test.images, desc="features: private test",
-                                  batch_size=opts.feature_batch_size, device=dev, progress=progress)
+                                  batch_size=opts.feature_batch_size, device=dev, progress=progress,
+                                  intensity_range=getattr(test, "intensity_range", None))
         timing["features_s"] += time.time() - t
         t = time.time()
         kw = {"repeats": opts.fidelity_repeats, "k": opts.prdc_k, "seed": opts.seed, "kid_subsets": opts.kid_subsets}

@@ -1,8 +1,10 @@
-"""Class-conditional diffusion: MONAI's DiffusionModelUNet (2D or 3D) + diffusers schedulers.
+"""Conditional diffusion: MONAI's DiffusionModelUNet (2D or 3D) + diffusers schedulers.
 
-The UNet predicts the noise added to an image at a timestep. Labels enter through MONAI's
-class embedding; index `num_classes` is the "null" label used for classifier-free guidance
-(labels are dropped to it with probability `cond_drop_prob` in training).
+The UNet predicts the noise added to an image (or a latent) at a timestep. Labels enter
+through MONAI's class embedding; index `num_classes` is the "null" label used for
+classifier-free guidance (labels are dropped to it with probability `cond_drop_prob` in
+training). Continuous attributes, when the model has them, enter through the same added
+embedding (`ConditionEmbedding`: label embedding + an MLP of the attributes).
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
+
+from dpgen.models.conditioning import AttributeSpace, ConditionEmbedding, pack_condition
+
+SAMPLERS = ("ddim", "ddpm", "dpmsolver++")
 
 
 @dataclass
@@ -28,18 +34,32 @@ class DiffusionSpec:
     num_head_channels: int = 32
     norm_num_groups: int = 16
     num_train_timesteps: int = 1000
-    image_shape: list[int] = field(default_factory=list)  # (C, *spatial) of the training data
+    image_shape: list[int] = field(default_factory=list)  # (C, *spatial) of what the UNet sees
+    attribute_names: list[str] = field(default_factory=list)
+    attribute_ranges: list[list[float]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def attributes(self) -> AttributeSpace:
+        return AttributeSpace(list(self.attribute_names), [list(r) for r in self.attribute_ranges])
+
 
 class ConditionalDiffusion(nn.Module):
-    """Noise-prediction UNet with a class embedding (+1 row for the null label)."""
+    """Noise-prediction UNet with a class embedding (+1 row for the null label) and, when
+    the spec names attributes, an attribute MLP added to it."""
 
     def __init__(self, spec: DiffusionSpec):
         super().__init__()
         self.spec = spec
+        levels = len(spec.channels) - 1
+        for size in spec.image_shape[1:]:
+            if size % (2 ** levels):
+                raise ValueError(
+                    f"the UNet halves its input {levels} time(s) (len(model.channels) - 1), so every spatial size "
+                    f"must be divisible by {2 ** levels}; got {tuple(spec.image_shape[1:])}"
+                )
         self.unet = DiffusionModelUNet(
             spatial_dims=spec.spatial_dims,
             in_channels=spec.in_channels,
@@ -51,12 +71,22 @@ class ConditionalDiffusion(nn.Module):
             num_head_channels=spec.num_head_channels,
             num_class_embeds=spec.num_classes + 1,
         )
+        self.n_attributes = len(spec.attribute_names)
+        if self.n_attributes:
+            dim = self.unet.class_embedding.embedding_dim
+            self.unet.class_embedding = ConditionEmbedding(spec.num_classes + 1, self.n_attributes, dim)
 
     @property
     def null_label(self) -> int:
         return self.spec.num_classes
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor,
+                attributes: torch.Tensor | None = None, attr_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attributes`: normalized (B, A) in [-1, 1]; `attr_mask`: 1 where given, 0 where
+        dropped (classifier-free guidance) or unknown."""
+        if self.n_attributes:
+            cond = pack_condition(labels, attributes, attr_mask, self.n_attributes, x.dtype)
+            return self.unet(x, timesteps, class_labels=cond)
         return self.unet(x, timesteps, class_labels=labels)
 
 
@@ -66,12 +96,15 @@ def make_train_scheduler(spec: DiffusionSpec) -> DDPMScheduler:
 
 
 def make_sample_scheduler(spec: DiffusionSpec, kind: str = "ddim"):
+    """A sampler built from the training scheduler's config, so the noise schedule matches."""
     train = make_train_scheduler(spec)
     if kind == "ddim":
         return DDIMScheduler.from_config(train.config)
     if kind == "ddpm":
         return DDPMScheduler.from_config(train.config)
-    raise ValueError(f"unknown sampler {kind!r}; choose ddim or ddpm")
+    if kind in ("dpmsolver++", "dpm++", "dpmsolver"):
+        return DPMSolverMultistepScheduler.from_config(train.config, algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"unknown sampler {kind!r}; choose one of {', '.join(SAMPLERS)}")
 
 
 def diffusion_loss(
@@ -83,11 +116,7 @@ def diffusion_loss(
     cond_drop_prob: float = 0.0,
     null_label: int | None = None,
 ) -> torch.Tensor:
-    """Per-sample epsilon-prediction MSE (shape (B,)), with one (t, noise) draw per row.
-
-    Randomness comes from `generator`, so a step is a deterministic function of its seed
-    (what makes a killed-and-resumed run identical to an uninterrupted one).
-    """
+    """Per-sample epsilon-prediction MSE (shape (B,)), with one (t, noise) draw per row."""
     b = x0.shape[0]
     dev = x0.device
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device="cpu").to(dev)

@@ -69,44 +69,87 @@ def _unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
     opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
 
 
-def save_training_state(
-    path: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None
-) -> None:
+# A training state is one or more parts (model, EMA, optimizer), each under its own key
+# prefix ("" for the main part, e.g. "g." for a GAN's generator), saved in one atomic file so a
+# crash can never leave the parts from different steps.
+Part = tuple[nn.Module, EMA, torch.optim.Optimizer]
+
+
+def save_state(path: Path, parts: dict[str, Part], step: int, extra: dict | None = None) -> None:
     """Everything needed to resume a loop exactly, in one atomic safetensors file."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-    tensors.update(opt_tensors)
-    meta = {"step": str(step), "optimizer": opt_meta, "extra": json.dumps(extra or {})}
+    tensors, meta = {}, {"step": str(step), "extra": json.dumps(extra or {})}
+    for prefix, (model, ema, optimizer) in parts.items():
+        tensors.update({f"{prefix}model.{k}": v for k, v in model.state_dict().items()})
+        tensors.update({f"{prefix}ema.{k}": v for k, v in ema.state_dict().items()})
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+        tensors.update({prefix + k: v for k, v in opt_tensors.items()})
+        meta[f"{prefix}optimizer"] = opt_meta
     save_tensors_atomic(path, tensors, metadata=meta)
 
 
-def load_training_state(path: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+def load_state(path: Path, parts: dict[str, Part]) -> tuple[int, dict]:
     from safetensors import safe_open
 
     tensors = load_tensors(path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    _unflatten_optimizer(optimizer, tensors, meta["optimizer"])
+    for prefix, (model, ema, optimizer) in parts.items():
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)} if prefix else tensors
+        model.load_state_dict({k[6:]: v for k, v in own.items() if k.startswith("model.")})
+        ema.load_state_dict({k[4:]: v for k, v in own.items() if k.startswith("ema.")})
+        _unflatten_optimizer(optimizer, own, meta[f"{prefix}optimizer"])
     return int(meta["step"]), json.loads(meta["extra"])
 
 
-def save_weights(path: Path, state: dict[str, torch.Tensor], spec: dict, info: dict | None = None) -> None:
-    """Release-style weights: safetensors + the spec that rebuilds the network (JSON sidecar
-    in the file's metadata, so one file is self-describing and loading never unpickles)."""
-    save_tensors_atomic(path, state, metadata={"spec": json.dumps(spec), "info": json.dumps(info or {})})
+def save_training_state(
+    path: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None
+) -> None:
+    save_state(path, {"": (model, ema, optimizer)}, step, extra)
+
+
+def load_training_state(path: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+    return load_state(path, {"": (model, ema, optimizer)})
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor], spec: dict, info: dict | None = None,
+                 family: str = "diffusion") -> None:
+    """Release-style weights: safetensors + the generator family and the spec that rebuilds
+    the network (JSON in the file's metadata, so one file is self-describing and loading
+    never unpickles)."""
+    save_tensors_atomic(path, state, metadata={"family": family, "spec": json.dumps(spec),
+                                               "info": json.dumps(info or {})})
+
+
+def load_checkpoint(path: Path) -> tuple[str, dict[str, torch.Tensor], dict, dict]:
+    """(family, tensors, spec, info) of a weights file written by `save_weights`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # not a safetensors file at all
+        raise ValueError(f"{path}: not a safetensors checkpoint ({err})") from None
+    if "spec" not in meta:
+        raise ValueError(f"{path}: not a dpgen checkpoint (no model spec in its metadata)")
+    return meta.get("family", "diffusion"), load_tensors(path), json.loads(meta["spec"]), json.loads(meta.get("info", "{}"))
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    from safetensors import safe_open
+    _, tensors, spec, info = load_checkpoint(path)
+    return tensors, spec, info
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "spec" not in meta:
-        raise ValueError(f"{path}: not a dpgen checkpoint (no model spec in its metadata)")
-    return load_tensors(path), json.loads(meta["spec"]), json.loads(meta.get("info", "{}"))
+
+def build_from_checkpoint(path: Path, family: str | None = None):
+    """Rebuild the model a weights file describes and load its tensors (never unpickles)."""
+    from dpgen.models import build_model, spec_from_dict
+
+    fam, tensors, spec_dict, info = load_checkpoint(path)
+    if family is not None and fam != family:
+        raise ValueError(f"{path} holds a {fam!r} model, expected {family!r}")
+    spec = spec_from_dict(fam, spec_dict)
+    model = build_model(fam, spec)
+    model.load_state_dict(tensors)
+    return fam, model, spec, info
 
 
 class TBLogger:

@@ -1,34 +1,66 @@
 """Training objectives, written so that DP-SGD can check and use them.
 
 An objective splits a training step in two: `draw` makes every random input of a batch
-(timesteps, noise, dropped labels) from a generator, and `loss` maps a model and such a
-batch to one loss per row. The split is what lets the privacy preflight replay the same
-rows one at a time, and what makes a step a deterministic function of its seed.
+(timesteps, noise, dropped conditions, GAN latents and fakes) from a generator, and `loss`
+maps a model and such a batch to one loss per row. The split is what lets the privacy
+preflight replay the same rows one at a time, and what makes a step a deterministic function
+of its seed. Every objective has the same three methods the DP loop uses:
+
+- `draw_rows(rows, generator)`: rows = {"x", "labels", optional "attributes", "attr_mask"}
+- `loss(model, batch)` -> (B,)
+- `preflight_batch(n, generator)`: random inputs of the shape the DP-trained network sees
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from dpgen.models.autoencoder import AutoencoderSpec, autoencoder_loss_rows, latent_shape
 from dpgen.models.diffusion import ConditionalDiffusion, make_train_scheduler
 
 
+def _random_condition(n: int, num_classes: int, n_attr: int, generator: torch.Generator) -> dict:
+    out = {"labels": torch.randint(0, num_classes + 1, (n,), generator=generator)}
+    if n_attr:
+        out["attributes"] = torch.rand((n, n_attr), generator=generator) * 2 - 1
+        out["attr_mask"] = (torch.rand(n, generator=generator) < 0.7).float()
+    return out
+
+
 class DiffusionObjective:
+    """Epsilon-prediction MSE with classifier-free condition dropout (pixels or latents)."""
+
     def __init__(self, model: ConditionalDiffusion, cond_drop_prob: float = 0.1):
         self.spec = model.spec
         self.scheduler = make_train_scheduler(model.spec)
         self.cond_drop_prob = cond_drop_prob
         self.null_label = model.null_label
+        self.n_attributes = len(model.spec.attribute_names)
 
-    def draw(self, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> dict:
+    def draw(self, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+             attributes: torch.Tensor | None = None, attr_mask: torch.Tensor | None = None) -> dict:
         b = x0.shape[0]
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         drop = torch.rand(b, generator=generator) < self.cond_drop_prob
-        labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
+        labels = torch.where(drop, torch.full_like(labels, self.null_label), labels.cpu())
         dev = x0.device
-        return {"x0": x0, "labels": labels.to(dev), "t": t.to(dev), "noise": noise.to(dev, x0.dtype)}
+        batch = {"x0": x0, "labels": labels.to(dev), "t": t.to(dev), "noise": noise.to(dev, x0.dtype)}
+        if self.n_attributes:
+            # The label and the attributes are dropped together: the guided direction is
+            # "this condition" vs "no condition".
+            if attributes is None:
+                attributes = torch.zeros(b, self.n_attributes)
+                attr_mask = torch.zeros(b)
+            keep = (torch.ones(b) if attr_mask is None else attr_mask.cpu().float()) * (~drop).float()
+            batch["attributes"] = attributes.to(dev, x0.dtype)
+            batch["attr_mask"] = keep.to(dev, x0.dtype)
+        return batch
+
+    def draw_rows(self, rows: dict, generator: torch.Generator) -> dict:
+        return self.draw(rows["x"], rows["labels"], generator, rows.get("attributes"), rows.get("attr_mask"))
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         x0, noise, t = batch["x0"], batch["noise"], batch["t"]
@@ -37,13 +69,102 @@ class DiffusionObjective:
         ac = self.scheduler.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t]
         shape = (-1,) + (1,) * (x0.ndim - 1)
         xt = ac.sqrt().view(shape) * x0 + (1 - ac).sqrt().view(shape) * noise
-        pred = model(xt, t, batch["labels"])
+        if "attributes" in batch:
+            pred = model(xt, t, batch["labels"], batch["attributes"], batch["attr_mask"])
+        else:
+            pred = model(xt, t, batch["labels"])
         return (pred - noise).pow(2).flatten(1).mean(1)
 
     def random_batch(self, image_shape: tuple[int, ...], num_classes: int, n: int, generator: torch.Generator) -> dict:
         """Random data of the private data's shape, for the preflight (spends no privacy)."""
         x0 = torch.rand((n, *image_shape), generator=generator) * 2 - 1
-        labels = torch.randint(0, num_classes + 1, (n,), generator=generator)
-        batch = self.draw(x0, labels, generator)
-        batch["labels"] = labels  # keep the null label in the mix too
+        cond = _random_condition(n, num_classes, self.n_attributes, generator)
+        batch = self.draw(x0, cond["labels"], generator, cond.get("attributes"), cond.get("attr_mask"))
+        batch["labels"] = cond["labels"]  # keep the null label in the mix too
+        if self.n_attributes:
+            batch["attr_mask"] = cond["attr_mask"]
         return batch
+
+    def preflight_batch(self, n: int, generator: torch.Generator) -> dict:
+        return self.random_batch(tuple(self.spec.image_shape), self.spec.num_classes, n, generator)
+
+
+class AutoencoderObjective:
+    """Per-row VAE loss (L1 + kl_weight * KL) with the posterior noise drawn from the generator."""
+
+    def __init__(self, spec: AutoencoderSpec, kl_weight: float):
+        self.spec = spec
+        self.kl_weight = kl_weight
+        self.latent_shape = latent_shape(spec)
+
+    def draw_rows(self, rows: dict, generator: torch.Generator) -> dict:
+        x = rows["x"]
+        eps = torch.randn((x.shape[0], *self.latent_shape), generator=generator)
+        return {"x": x, "eps": eps.to(x.device, x.dtype)}
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return autoencoder_loss_rows(model, batch["x"], batch["eps"], self.kl_weight)
+
+    def preflight_batch(self, n: int, generator: torch.Generator) -> dict:
+        x = torch.rand((n, *self.spec.image_shape), generator=generator) * 2 - 1
+        return self.draw_rows({"x": x}, generator)
+
+
+def discriminator_rows(d: nn.Module, x: torch.Tensor, batch: dict) -> torch.Tensor:
+    return d(x, batch["labels"], batch.get("attributes"), batch.get("attr_mask"))
+
+
+class DiscriminatorObjective:
+    """The private step of a conditional GAN.
+
+    Every real (private) row is paired with one fake row drawn with the same condition; the
+    row's loss is softplus(-D(real)) + softplus(D(fake)) (non-saturating logistic loss), so the
+    fake's gradient is part of the same per-unit gradient and is clipped with it. Fakes carry
+    no private information of their own; clipping them with the real row keeps the
+    sensitivity of a step at one clipped gradient per privacy unit. D runs once on the real
+    rows and once on the fakes (Opacus sums the two per-sample gradients of a row); there
+    is one backward pass and one optimizer step per privacy step.
+    """
+
+    def __init__(self, generator_model: nn.Module, spec):
+        self.g = generator_model
+        self.spec = spec
+        self.n_attributes = len(spec.attribute_names)
+
+    @torch.no_grad()
+    def fakes(self, labels: torch.Tensor, generator: torch.Generator, attributes=None, attr_mask=None,
+              dtype=torch.float32) -> torch.Tensor:
+        dev = labels.device
+        z = torch.randn((labels.shape[0], self.spec.latent_dim), generator=generator).to(dev)
+        p = next(self.g.parameters())
+        a = None if attributes is None else attributes.to(dev, p.dtype)
+        m = None if attr_mask is None else attr_mask.to(dev, p.dtype)
+        return self.g(z.to(p.dtype), labels, a, m).to(dtype)
+
+    def draw_rows(self, rows: dict, generator: torch.Generator) -> dict:
+        x = rows["x"]
+        batch = {"real": x, "labels": rows["labels"]}
+        if self.n_attributes:
+            b = x.shape[0]
+            batch["attributes"] = (rows["attributes"] if rows.get("attributes") is not None
+                                   else torch.zeros(b, self.n_attributes, device=x.device)).to(x.dtype)
+            batch["attr_mask"] = (rows["attr_mask"] if rows.get("attr_mask") is not None
+                                  else torch.zeros(b, device=x.device)).to(x.dtype)
+        batch["fake"] = self.fakes(rows["labels"], generator, batch.get("attributes"), batch.get("attr_mask"), x.dtype)
+        return batch
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return F.softplus(-discriminator_rows(model, batch["real"], batch)) + \
+            F.softplus(discriminator_rows(model, batch["fake"], batch))
+
+    def preflight_batch(self, n: int, generator: torch.Generator) -> dict:
+        x = torch.rand((n, *self.spec.image_shape), generator=generator) * 2 - 1
+        cond = _random_condition(n, self.spec.num_classes, self.n_attributes, generator)
+        return self.draw_rows({"x": x, **cond}, generator)
+
+    def generator_loss(self, d: nn.Module, cond: dict, generator: torch.Generator) -> torch.Tensor:
+        """Non-saturating generator loss on fresh fakes (gradients flow into G only)."""
+        labels = cond["labels"]
+        z = torch.randn((labels.shape[0], self.spec.latent_dim), generator=generator).to(labels.device)
+        fake = self.g(z, labels, cond.get("attributes"), cond.get("attr_mask"))
+        return F.softplus(-discriminator_rows(d, fake, cond)).mean()

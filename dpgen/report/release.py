@@ -1,0 +1,395 @@
+"""`dpgen release RUN_DIR OUT`: the shareable bundle of a run, and nothing else.
+
+What goes in (every file is written by this module; nothing is copied from the run directory
+except through the allow-list):
+
+    OUT/
+      images/00000.png ...     the synthetic images (PNG for 2D, NIfTI .nii.gz for 3D)
+      labels.csv               image, label, class_name (+ attribute columns); a dpgen folder source
+      cohort.npz               the same cohort in MedMNIST layout (train_images, train_labels)
+      dataset_card.md / .json  how it was made, epsilon/delta, unit, bound, probes, utility, uses, limits,
+                               the release checklist, and what was left out (with the reason)
+      weights/finetune.safetensors   only with --include-weights (DP weights; post-processing is free)
+      SHA256SUMS               sha256sum-compatible, covering every other file in OUT
+
+The allow-list is built from the ledger's "artifact" entries: an artifact is releasable when its
+privacy source is a DP mechanism, post-processing of one, or public data, and its path is not under
+internal/. The only source of the synthetic images is the allow-listed cohort/cohort.npz. Every
+other file of the run directory is listed in the card's "left out" section with its reason.
+
+The release is refused (ReleaseError, nothing written) when the run is not finished, the preflight
+failed or is missing, the spent epsilon exceeds the target or is infinite, or the ledger does not
+allow-list the cohort. OUT must not exist or be empty, unless `overwrite`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from dpgen.report.checklist import checklist, overall
+from dpgen.report.runinfo import COHORT_FILE, RunInfo, fmt_num, load_run
+
+CHECKSUMS = "SHA256SUMS"
+CARD_MD = "dataset_card.md"
+CARD_JSON = "dataset_card.json"
+NPZ_KEYS = ("train_images", "train_labels", "train_attributes", "attribute_names")
+
+
+class ReleaseError(RuntimeError):
+    """The run cannot be released (the message says why and what to do)."""
+
+
+# ----------------------------------------------------------------------------- the allow-list
+
+
+def classify_source(source: str | None) -> tuple[bool, str]:
+    """Is an artifact with this ledger privacy_source releasable? (ok, reason)."""
+    if not source:
+        return False, "the ledger records no privacy source for it"
+    s = str(source).strip()
+    low = s.lower()
+    if any(w in low for w in ("non-dp", "non dp", "without dp", "not dp", "internal", "raw private", "private data (")):
+        return False, f"privacy source {s!r} is not DP"
+    if low.startswith("post-processing of "):
+        ok, why = classify_source(s[len("post-processing of "):])
+        return ok, (f"post-processing of {why}" if ok else f"post-processing of a non-releasable source ({why})")
+    if low.startswith("dp_") or low.startswith("dp-") or low in ("gaussian_histogram", "dp label histogram"):
+        return True, f"DP ({s})"
+    if "public" in low and "private" not in low:
+        return True, f"public ({s})"
+    if low in ("user-fixed", "user choice", "user-chosen"):
+        return True, "user choice (no data)"
+    return False, f"privacy source {s!r} is neither DP, post-processing of DP, nor public"
+
+
+def _safe_relpath(path: str | None) -> str | None:
+    if not path:
+        return None
+    p = PurePosixPath(str(path).replace("\\", "/"))
+    if p.is_absolute() or ".." in p.parts:
+        return None
+    return str(p)
+
+
+def allow_list(info: RunInfo) -> tuple[dict[str, dict], list[dict]]:
+    """({relpath: artifact entry} releasable, [{"path", "reason"}] refused), from the ledger."""
+    latest: dict[str, dict] = {}
+    for e in info.all("artifact"):
+        latest[str(e.get("name"))] = e
+    allowed, refused = {}, []
+    for name, e in latest.items():
+        rel = _safe_relpath(e.get("path"))
+        if rel is None:
+            refused.append({"path": str(e.get("path")), "reason": f"artifact {name!r}: path is absolute or leaves the run directory"})
+            continue
+        if PurePosixPath(rel).parts[0] == "internal":
+            refused.append({"path": rel, "reason": f"artifact {name!r} is under internal/ (never released)"})
+            continue
+        ok, why = classify_source(e.get("privacy_source"))
+        if not ok:
+            refused.append({"path": rel, "reason": f"artifact {name!r}: {why}"})
+            continue
+        if not (info.root / rel).exists():
+            refused.append({"path": rel, "reason": f"artifact {name!r} is in the ledger but missing on disk"})
+            continue
+        allowed[rel] = {**e, "release_reason": why}
+    return allowed, refused
+
+
+_LEFT_OUT_RULES = (
+    ("internal/", "internal: derived from private data without DP, or secrets (never released)"),
+    ("logs/", "training logs: losses and statistics of private batches are not DP"),
+    ("metrics/", "evaluation/probe outputs: non-DP statistics of the private data; the card quotes the headline aggregates"),
+    ("report/", "the release review report is reviewed on its own (dpgen report), not part of the dataset"),
+    ("privacy/", "the full privacy ledger (run bookkeeping); the card states its summary"),
+    ("checkpoints/", "model checkpoints are not part of the cohort bundle"),
+    ("cohort/grid_", "preview grids are not allow-listed; the bundle's images are re-derived from cohort/cohort.npz"),
+    ("manifest.json", "holds fingerprints (sha256) of the private data files"),
+    ("summary.json", "run summary with losses on private data (not DP)"),
+    ("state.json", "run bookkeeping"),
+    ("config.yaml", "the run config may name private data locations; the card states the settings"),
+)
+
+
+def _left_out_reason(rel: str, refused: dict[str, str], allowed: dict[str, dict]) -> str:
+    if rel in refused:
+        return refused[rel]
+    if rel in allowed:
+        if rel.startswith("checkpoints/"):
+            return f"DP weights ({allowed[rel].get('privacy_source')}), not requested (--include-weights)"
+        return f"allow-listed ({allowed[rel]['release_reason']}) but not part of the bundle layout"
+    for prefix, reason in _LEFT_OUT_RULES:
+        if rel.startswith(prefix):
+            if prefix == "checkpoints/" and "_state" in rel:
+                return "training state (optimizer moments, step counter): not allow-listed"
+            return reason
+    return "not in the ledger's allow-list of releasable artifacts"
+
+
+def left_out(info: RunInfo, used: set[str], allowed: dict[str, dict], refused: list[dict],
+             skip: Path | None = None) -> list[dict]:
+    """Every file of the run directory not used for the bundle, with the reason."""
+    ref = {r["path"]: r["reason"] for r in refused}
+    out, seen = [], set()
+    skip = skip.resolve() if skip is not None else None
+    for path in sorted(info.root.rglob("*")):
+        if not path.is_file() and not path.is_symlink():
+            continue
+        if skip is not None and (path.resolve() == skip or skip in path.resolve().parents):
+            continue
+        rel = path.relative_to(info.root).as_posix()
+        if rel in used:
+            continue
+        seen.add(rel)
+        out.append({"path": rel, "reason": _left_out_reason(rel, ref, allowed)})
+    for r in refused:  # refused artifacts that are not files (missing, absolute paths)
+        if r["path"] not in seen and r["path"] not in used:
+            out.append(dict(r))
+    return out
+
+
+def summarize_left_out(items: list[dict], max_per_folder: int = 5) -> list[dict]:
+    """Group long folders (internal/, logs/) so the card stays readable; counts are kept."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for it in items:
+        top = it["path"].split("/", 1)[0] if "/" in it["path"] else ""
+        groups.setdefault((top, it["reason"]), []).append(it["path"])
+    out = []
+    for (top, reason), paths in groups.items():
+        if top and len(paths) > max_per_folder:
+            out.append({"path": f"{top}/ ({len(paths)} files)", "reason": reason})
+        else:
+            out.extend({"path": p, "reason": reason} for p in paths)
+    return out
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def release_problems(info: RunInfo, items: list[dict] | None = None) -> list[str]:
+    """Why this run cannot be released (empty: it can)."""
+    problems = []
+    if info.config is None:
+        problems.append(f"the run's config cannot be read ({info.config_note})")
+    problems.extend(f"the run is not finished: {p}" for p in info.unfinished())
+    items = items if items is not None else checklist(info)
+    by_id = {i["id"]: i for i in items}
+    if by_id["preflight"]["status"] == "fail":
+        problems.append(f"the per-sample-gradient preflight did not pass: {by_id['preflight']['reason']}")
+    if by_id["epsilon"]["status"] == "fail":
+        problems.append(f"privacy: {by_id['epsilon']['reason']}")
+    return problems
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(out: Path) -> Path:
+    """SHA256SUMS over every file in `out` (but itself), sorted, in `sha256sum -c` format."""
+    out = Path(out)
+    lines = []
+    for p in sorted(out.rglob("*")):
+        if p.is_file() and p.name != CHECKSUMS:
+            rel = p.relative_to(out).as_posix()
+            if "\n" in rel or "\\" in rel:
+                raise ReleaseError(f"{rel!r}: file names with newlines or backslashes cannot be listed in {CHECKSUMS}")
+            lines.append(f"{sha256_file(p)}  {rel}\n")
+    target = out / CHECKSUMS
+    target.write_text("".join(lines))
+    return target
+
+
+def verify_bundle(out: str | Path) -> list[str]:
+    """Problems with a bundle's checksums (empty list: every file is listed and matches)."""
+    out = Path(out)
+    sums = out / CHECKSUMS
+    if not sums.is_file():
+        return [f"{sums}: missing"]
+    problems, listed = [], set()
+    for n, line in enumerate(sums.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        digest, sep, rel = line.partition("  ")
+        if not sep or len(digest) != 64:
+            problems.append(f"{CHECKSUMS} line {n}: not '<sha256>  <path>'")
+            continue
+        listed.add(rel)
+        p = out / rel
+        if _safe_relpath(rel) is None:
+            problems.append(f"{rel}: path leaves the bundle")
+        elif not p.is_file():
+            problems.append(f"{rel}: listed but missing")
+        elif sha256_file(p) != digest:
+            problems.append(f"{rel}: checksum mismatch (modified after release)")
+    for p in sorted(out.rglob("*")):
+        if p.is_file() and p.name != CHECKSUMS and p.relative_to(out).as_posix() not in listed:
+            problems.append(f"{p.relative_to(out).as_posix()}: not covered by {CHECKSUMS}")
+    return problems
+
+
+def read_cohort(path: Path) -> dict[str, np.ndarray]:
+    """The cohort's arrays (known keys only; never unpickles)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in NPZ_KEYS if k in z.files}
+    except Exception as err:  # noqa: BLE001
+        raise ReleaseError(f"{path}: cannot read the cohort ({type(err).__name__}: {err})") from None
+    if "train_images" not in arrays or "train_labels" not in arrays:
+        raise ReleaseError(f"{path}: not a MedMNIST-layout cohort (needs train_images and train_labels)")
+    if len(arrays["train_images"]) != len(arrays["train_labels"]):
+        raise ReleaseError(f"{path}: {len(arrays['train_images'])} images but {len(arrays['train_labels'])} labels")
+    return arrays
+
+
+def is_volume(images: np.ndarray) -> bool:
+    """MedMNIST layout: (N,H,W) grey and (N,H,W,3) RGB are 2D; (N,D,H,W) is 3D."""
+    return images.ndim == 4 and images.shape[-1] not in (3, 4) or images.ndim == 5
+
+
+def _write_images(folder: Path, images: np.ndarray, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if is_volume(images):
+        import nibabel as nib
+
+        for img, name in zip(images, names):
+            vol = img[..., 0] if img.ndim == 4 and img.shape[-1] == 1 else img
+            # MedMNIST 3D is (D, H, W); NIfTI is (x, y, z): store (W, H, D), identity affine (1 mm voxels)
+            data = np.ascontiguousarray(np.transpose(vol, (2, 1, 0)) if vol.ndim == 3 else vol)
+            nib.save(nib.Nifti1Image(data, np.eye(4)), str(folder / name))
+    else:
+        from PIL import Image
+
+        for img, name in zip(images, names):
+            Image.fromarray(img if img.ndim == 2 or img.shape[-1] != 1 else img[..., 0]).save(folder / name, format="PNG")
+
+
+def _class_name(k: int, names: list[str] | None) -> str:
+    return names[k] if names and 0 <= k < len(names) else str(k)
+
+
+def write_cohort_files(out: Path, arrays: dict[str, np.ndarray], class_names: list[str] | None) -> dict:
+    images, labels = arrays["train_images"], np.asarray(arrays["train_labels"]).reshape(len(arrays["train_images"]), -1)[:, 0]
+    volume = is_volume(images)
+    ext = ".nii.gz" if volume else ".png"
+    width = max(5, len(str(len(images))))
+    names = [f"{i:0{width}d}{ext}" for i in range(len(images))]
+    _write_images(out / "images", images, names)
+    attrs = arrays.get("train_attributes")
+    attr_names = [str(a) for a in arrays.get("attribute_names", [])] if attrs is not None else []
+    if attrs is not None and len(attr_names) != attrs.shape[1]:
+        attr_names = [f"attribute_{j}" for j in range(attrs.shape[1])]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image", "label", "class_name", *attr_names])
+    for i, (name, lab) in enumerate(zip(names, labels)):
+        w.writerow([f"images/{name}", int(lab), _class_name(int(lab), class_names),
+                    *([f"{float(x):.6g}" for x in attrs[i]] if attrs is not None else [])])
+    (out / "labels.csv").write_text(buf.getvalue())
+    with open(out / "cohort.npz", "wb") as f:
+        np.savez_compressed(f, **arrays)
+    counts = {_class_name(int(k), class_names): int((labels == k).sum()) for k in np.unique(labels)}
+    return {"n": int(len(images)), "image_shape": list(images.shape[1:]), "dims": "3D" if volume else "2D",
+            "image_format": "NIfTI (.nii.gz)" if volume else "PNG", "class_counts": counts,
+            "attributes": attr_names}
+
+
+def _check_out(out: Path, run_root: Path, overwrite: bool) -> None:
+    out_r, run_r = out.resolve(), run_root.resolve()
+    if out_r == run_r or out_r in run_r.parents:
+        raise ReleaseError(f"OUT {out} is the run directory or contains it; choose another folder")
+    if (run_r / "internal") == out_r or (run_r / "internal") in out_r.parents:
+        raise ReleaseError(f"OUT {out} is inside the run's internal/ folder; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise ReleaseError(f"OUT {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ReleaseError(f"OUT {out} exists and is not empty; choose a new folder or pass --overwrite")
+
+
+def release(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, include_weights: bool = False) -> dict:
+    """Write the bundle; return {"out", "files", "left_out", "checklist", "card"}. Raises ReleaseError."""
+    from dpgen.report.card import build_card, card_markdown
+
+    info = load_run(run_dir)
+    out = Path(out)
+    _check_out(out, info.root, overwrite)
+    items = checklist(info)
+    problems = release_problems(info, items)
+    allowed, refused = allow_list(info)
+    cohort_rel = COHORT_FILE.as_posix()
+    if cohort_rel not in allowed and not problems:
+        why = next((r["reason"] for r in refused if r["path"] == cohort_rel), "no 'artifact' entry for it")
+        problems.append(f"the ledger does not allow-list {cohort_rel}: {why}")
+    if problems:
+        raise ReleaseError("refusing to release " + str(info.root) + ":\n  - " + "\n  - ".join(problems))
+    used = {cohort_rel}
+    weights_rel = "checkpoints/finetune.safetensors"
+    if include_weights:
+        if weights_rel not in allowed:
+            raise ReleaseError(f"--include-weights: the ledger does not allow-list {weights_rel}")
+        used.add(weights_rel)
+
+    arrays = read_cohort(info.root / cohort_rel)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        cohort = write_cohort_files(stage, arrays, info.config.data.class_names)
+        files = {"images": f"images/ ({cohort['n']} {cohort['image_format']} files)", "labels": "labels.csv",
+                 "npz": "cohort.npz", "card": [CARD_MD, CARD_JSON], "checksums": CHECKSUMS}
+        if include_weights:
+            (stage / "weights").mkdir()
+            shutil.copyfile(info.root / weights_rel, stage / "weights" / "finetune.safetensors")
+            files["weights"] = "weights/finetune.safetensors"
+        gone = left_out(info, used, allowed, refused, skip=out)
+        card = build_card(info, items, cohort, files, gone, allowed, include_weights=include_weights)
+        (stage / CARD_JSON).write_text(json.dumps(card, indent=2, ensure_ascii=False, default=str) + "\n")
+        (stage / CARD_MD).write_text(card_markdown(card))
+        write_checksums(stage)
+        for p in [stage, *stage.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        if out.exists():
+            shutil.rmtree(out) if any(out.iterdir()) else out.rmdir()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+    bad = verify_bundle(out)
+    if bad:  # pragma: no cover - would be a bug in this module
+        raise ReleaseError("the written bundle does not verify: " + "; ".join(bad))
+    return {"out": str(out), "files": sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()),
+            "left_out": gone, "checklist": items, "overall": overall(items), "card": card}
+
+
+def format_release(result: dict) -> str:
+    lines = [f"release bundle: {result['out']} ({len(result['files'])} files, checksums in {CHECKSUMS})"]
+    card = result["card"]
+    p = card["privacy"]
+    lines.append(f"privacy: ε = {fmt_num(p['epsilon'], 4)} at δ = {fmt_num(p['delta'])}, {p['unit']}"
+                 + (f"; reconstruction bound {fmt_num(p['reconstruction_bound']['bound'])} at κ = "
+                    f"{fmt_num(p['reconstruction_bound']['kappa'])}" if p.get("reconstruction_bound") else ""))
+    for it in result["checklist"]:
+        lines.append(f"  [{it['status'].upper():4}] {it['title']}: {it['reason']}")
+    lines.append(f"left out ({len(result['left_out'])} files of the run directory; reasons in {CARD_MD}):")
+    for it in summarize_left_out(result["left_out"]):
+        lines.append(f"  - {it['path']}: {it['reason']}")
+    return "\n".join(lines)
+
+
+__all__ = ["ReleaseError", "release", "verify_bundle", "write_checksums", "allow_list", "classify_source",
+           "release_problems", "format_release", "CHECKSUMS", "CARD_MD", "CARD_JSON"]

@@ -1,0 +1,192 @@
+"""Everything the release review reads from a run directory, read defensively.
+
+The release bundle, the report and the sweep all start from `load_run(RUN_DIR)`. Other stages
+write their outputs as files (the ledger, RUN/metrics/evaluation.json, RUN/metrics/probes_summary.json);
+this module reads those files and never imports the code that wrote them, so a stage that has
+not run (or a file another version of dpgen wrote) shows as "not run" / "unreadable" with a
+one-line note, never as a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpgen.privacy.ledger import PrivacyLedger
+from dpgen.rundir import RunDir
+
+EVALUATION_FILE = Path("metrics") / "evaluation.json"
+PROBES_FILE = Path("metrics") / "probes_summary.json"
+COHORT_FILE = Path("cohort") / "cohort.npz"
+DP_MECHANISM_PREFIX = "dp_"
+
+
+def read_json(path: Path, what: str) -> tuple[Any, str | None]:
+    """(object, None) or (None, a one-line note saying why there is none)."""
+    path = Path(path)
+    if not path.is_file():
+        return None, f"not run ({what}: no {path.name})"
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        return None, f"unreadable ({path.name}: {type(err).__name__}: {err})"
+    if not isinstance(obj, dict):
+        return None, f"unreadable ({path.name}: not a JSON object)"
+    return obj, None
+
+
+def as_float(v: Any) -> float | None:
+    """Numbers, and the strings "inf"/"-inf"/"nan" that strict-JSON writers use, as floats."""
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
+
+
+def fmt_num(v: Any, digits: int = 3) -> str:
+    f = as_float(v)
+    if f is None:
+        return "-" if v is None else str(v)
+    if math.isinf(f):
+        return "∞" if f > 0 else "-∞"
+    if math.isnan(f):
+        return "nan"
+    if f.is_integer() and abs(f) < 1e15:
+        return str(int(f))
+    if abs(f) >= 10 ** digits and abs(f) < 1e15:
+        return f"{f:.0f}"
+    return f"{f:.{digits}g}"
+
+
+@dataclass
+class RunInfo:
+    """A run directory as the release review sees it."""
+
+    root: Path
+    config: Any = None  # RunConfig or None
+    config_note: str | None = None
+    state: dict = field(default_factory=dict)
+    entries: list[dict] = field(default_factory=list)
+    privacy: dict | None = None  # PrivacyLedger.summary()
+    privacy_note: str | None = None
+    evaluation: dict | None = None
+    evaluation_note: str | None = None
+    probes: dict | None = None
+    probes_note: str | None = None
+    manifest: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------ ledger views
+    @property
+    def rd(self) -> RunDir:
+        return RunDir(self.root)
+
+    def latest(self, kind: str, **match) -> dict | None:
+        for e in reversed(self.entries):
+            if e.get("kind") == kind and all(e.get(k) == v for k, v in match.items()):
+                return e
+        return None
+
+    def all(self, kind: str) -> list[dict]:
+        return [e for e in self.entries if e.get("kind") == kind]
+
+    @property
+    def plans(self) -> dict[str, dict]:
+        return {str(e.get("mechanism")): e for e in self.all("dp_plan")}
+
+    def preflights(self) -> dict[str, dict]:
+        return {str(e.get("mechanism")): e for e in self.all("preflight")}
+
+    def bound(self) -> dict | None:
+        """The latest reconstruction bound entry: {"tight": {...}, "gdp": {...}, "unit", "mechanism"}."""
+        b = self.latest("bound")
+        if b is None:
+            return None
+        tight = b.get("bound") if isinstance(b.get("bound"), dict) else {k: v for k, v in b.items() if k not in ("kind", "seq", "time")}
+        gdp = b.get("bound_gdp") if isinstance(b.get("bound_gdp"), dict) else None
+        return {"mechanism": b.get("mechanism"), "unit": b.get("unit"), "tight": tight, "gdp": gdp}
+
+    @property
+    def epsilon(self) -> float | None:
+        return None if self.privacy is None else as_float(self.privacy.get("epsilon"))
+
+    @property
+    def delta(self) -> float | None:
+        if self.privacy is not None:
+            return as_float(self.privacy.get("delta"))
+        return None if self.config is None else float(self.config.privacy.delta)
+
+    @property
+    def target_epsilon(self) -> float | None:
+        if self.privacy is not None and self.privacy.get("target_epsilon") is not None:
+            return as_float(self.privacy["target_epsilon"])
+        return None if self.config is None else float(self.config.privacy.epsilon)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.config, "name", None) or self.root.name
+
+    def is_done(self, stage: str) -> bool:
+        return stage in (self.state.get("completed") or {})
+
+    def unfinished(self) -> list[str]:
+        """Why the run is not finished (empty when it is): stages, DP mechanisms, the cohort."""
+        problems = []
+        for stage in ("pretrain", "finetune", "sample"):
+            if not self.is_done(stage):
+                problems.append(f"stage {stage!r} has not finished (state.json)")
+        if not (self.root / COHORT_FILE).is_file():
+            problems.append(f"no cohort at {COHORT_FILE}")
+        if self.privacy is not None:
+            for name, m in (self.privacy.get("mechanisms") or {}).items():
+                if not m.get("complete"):
+                    problems.append(f"DP mechanism {name!r} is not complete in the ledger "
+                                    f"({m.get('steps_done')}/{m.get('planned_steps')} steps)")
+        elif self.plans:
+            problems.append(f"the privacy ledger cannot be summarised ({self.privacy_note})")
+        return problems
+
+
+def load_run(run_dir: str | Path) -> RunInfo:
+    """Read a run directory; raise FileNotFoundError only if it is not one at all."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such run directory")
+    rd = RunDir(root)
+    info = RunInfo(root=root)
+    if not rd.config_path.is_file() and not rd.ledger_path.is_file():
+        raise FileNotFoundError(f"{root}: not a dpgen run directory (no config.yaml, no privacy/ledger.jsonl)")
+    try:
+        info.config = rd.load_config()
+    except Exception as err:  # noqa: BLE001 - any config problem becomes a note
+        info.config_note = f"config.yaml unreadable: {err}"
+    info.state, _ = read_json(rd.state_path, "state")
+    info.state = info.state or {"completed": {}}
+    info.manifest, _ = read_json(rd.manifest_path, "manifest")
+    info.manifest = info.manifest or {}
+    ledger = PrivacyLedger(rd.ledger_path)
+    info.entries = ledger.entries()
+    if not info.entries:
+        info.privacy_note = "no privacy ledger entries"
+    else:
+        delta = None
+        if not info.plans and info.config is not None:
+            delta = float(info.config.privacy.delta)
+        try:
+            info.privacy = ledger.summary(delta)
+        except Exception as err:  # noqa: BLE001
+            info.privacy_note = f"ledger summary failed: {err}"
+    info.evaluation, info.evaluation_note = read_json(root / EVALUATION_FILE, "dpgen evaluate")
+    info.probes, info.probes_note = read_json(root / PROBES_FILE, "dpgen audit")
+    return info
+
+
+__all__ = ["RunInfo", "load_run", "read_json", "as_float", "fmt_num", "EVALUATION_FILE", "PROBES_FILE", "COHORT_FILE"]

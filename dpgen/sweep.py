@@ -1,0 +1,300 @@
+"""`dpgen sweep CONFIG --epsilons 1,3,10,inf`: one public pretraining, one DP fine-tune per epsilon.
+
+    SWEEP/
+      pretrain/            a run directory holding only the public pretraining (done once)
+      eps_1/ eps_3/ ...    one full run directory per epsilon: checkpoints/pretrain.safetensors is a
+                           hard link to (or a copy of) the shared one, state.json marks pretrain done,
+                           then finetune -> sample -> evaluate ran in it as in `dpgen run`
+      eps_inf/             epsilon = inf: non-private fine-tuning (sigma 0, clipping still on)
+      sweep.json           per-epsilon results (spent epsilon, fidelity, the four utility rows)
+      curve.png            fidelity (FD) and downstream ROC-AUC vs epsilon (log x, inf at the right end),
+                           with the non-private ceiling and the DP-SGD baseline as lines
+
+Public pretraining costs no privacy, so sharing it across the epsilons changes nothing in any
+run's ledger; each run's ledger holds only its own fine-tuning. Each epsilon is a separate
+release candidate: the epsilons of different runs do not compose unless you release several.
+
+The evaluation stage runs when `dpgen.evaluation` is importable (else each run is marked
+"not evaluated" and the curve shows what there is).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from dpgen.config import ConfigError, RunConfig, config_from_dict, load_config
+from dpgen.rundir import RunDir, RunDirError, default_run_dir, write_json_atomic
+
+SWEEP_JSON = "sweep.json"
+CURVE_PNG = "curve.png"
+PRETRAIN_DIR = "pretrain"
+PRETRAIN_WEIGHTS = "pretrain.safetensors"
+
+
+def parse_epsilons(text: str | list) -> list[float]:
+    """"1,3,10,inf" -> [1.0, 3.0, 10.0, inf] (sorted, unique; "inf", "∞" and ".inf" mean non-private)."""
+    items = text if isinstance(text, list) else str(text).split(",")
+    out = []
+    for raw in items:
+        s = str(raw).strip().lower()
+        if not s:
+            continue
+        if s in ("inf", ".inf", "∞", "infinity", "+inf"):
+            v = math.inf
+        else:
+            try:
+                v = float(s)
+            except ValueError:
+                raise ConfigError(f"--epsilons: {raw!r} is not a number (use e.g. 1,3,10,inf)") from None
+        if not v > 0 or math.isnan(v):
+            raise ConfigError(f"--epsilons: {raw!r}: every epsilon must be > 0 (inf = non-private)")
+        out.append(v)
+    out = sorted(set(out))
+    if not out:
+        raise ConfigError("--epsilons: give at least one epsilon, e.g. 1,3,10,inf")
+    return out
+
+
+def eps_label(eps: float) -> str:
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+def eps_dirname(eps: float) -> str:
+    return f"eps_{eps_label(eps)}"
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else "-inf" if obj < 0 else "nan"
+    return obj
+
+
+def _f(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def point_from_evaluation(epsilon: float | None, evaluation: dict | None) -> dict:
+    """One point of the curve from a run's evaluation.json (None where a number is missing)."""
+    p: dict = {"epsilon": epsilon}
+    ev = evaluation if isinstance(evaluation, dict) else {}
+    rows = ((ev.get("utility") or {}).get("rows") or {}) if isinstance(ev.get("utility"), dict) else {}
+    for rid, key in (("synthetic", "tstr"), ("dp_real", "dp_sgd"), ("synthetic_then_dp_real", "ft"), ("real", "ceiling")):
+        r = rows.get(rid) if isinstance(rows, dict) else None
+        auc = (r or {}).get("roc_auc") if isinstance(r, dict) else None
+        p[f"{key}_auc"] = _f(auc.get("mean")) if isinstance(auc, dict) else _f(auc)
+        p[f"{key}_std"] = _f(auc.get("std")) if isinstance(auc, dict) else None
+        if key == "dp_sgd" and isinstance(r, dict) and isinstance(r.get("privacy"), dict):
+            p["dp_sgd_epsilon"] = _f(r["privacy"].get("epsilon"))
+    fid = ev.get("fidelity") if isinstance(ev.get("fidelity"), dict) else {}
+    metrics = ((fid.get("overall") or {}).get("metrics") or {}) if fid else {}
+    fd = next(((k, v) for k, v in metrics.items() if str(k).upper().startswith("FD") and isinstance(v, dict)), None)
+    p["fd_name"] = fd[0] if fd else None
+    p["fd"] = _f(fd[1].get("cohort")) if fd else None
+    p["fd_real"] = _f(fd[1].get("real_vs_real")) if fd else None
+    return p
+
+
+def _link_or_copy(src: Path, dst: Path) -> str:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+        return "hard link"
+    except OSError:
+        shutil.copy2(src, dst)
+        return "copy"
+
+
+def _open_sweep_dir(root: Path, resume: bool, overwrite: bool) -> None:
+    exists = root.exists() and any(root.iterdir())
+    if exists and overwrite:
+        if not (root / SWEEP_JSON).is_file() and not (root / PRETRAIN_DIR).is_dir():
+            raise RunDirError(f"--overwrite: {root} does not look like a sweep directory (no {SWEEP_JSON}, no "
+                              f"{PRETRAIN_DIR}/); remove it yourself if you mean it")
+        shutil.rmtree(root)
+        exists = False
+    if exists and not resume:
+        raise RunDirError(f"sweep directory {root} already exists and is not empty; pass --resume to continue it "
+                          f"or --overwrite to replace it")
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def _evaluator():
+    try:
+        from dpgen.evaluation import evaluate_stage
+    except ImportError as err:
+        return None, f"dpgen.evaluation is not available ({err})"
+    return evaluate_stage, None
+
+
+def sweep(
+    config: RunConfig | str | Path,
+    epsilons: list[float] | str,
+    sweep_dir: str | Path | None = None,
+    *,
+    overrides: list[str] | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    evaluate: bool = True,
+    eval_options: Any = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    log=print,
+) -> dict:
+    """Run the sweep; returns (and writes) the sweep.json dict."""
+    from dpgen.pipeline import check_sources, finetune_stage, pretrain_stage, sample_stage
+
+    if not isinstance(config, RunConfig):
+        config = load_config(config, overrides)
+    eps_list = parse_epsilons(epsilons) if not isinstance(epsilons, list) else parse_epsilons([str(e) for e in epsilons])
+    check_sources(config)
+    root = Path(sweep_dir or default_run_dir(f"{config.name}-sweep"))
+    _open_sweep_dir(root, resume, overwrite)
+    t_all = time.time()
+
+    # 1. the public pretraining, once
+    pre = RunDir.create(root / PRETRAIN_DIR, config, resume=resume)
+    timing: dict[str, float] = {}
+    if not pre.is_done("pretrain"):
+        t = time.time()
+        pretrain_stage(config, pre, device=device, progress=progress)
+        timing["pretrain_s"] = round(time.time() - t, 2)
+        log(f"sweep: public pretraining done ({timing['pretrain_s']} s) -> {pre.root}")
+    pre_info = pre.state()["completed"]["pretrain"]
+    weights = pre.checkpoints / PRETRAIN_WEIGHTS
+    pre_datasets = {k: v for k, v in ((RunDir.read_json(pre.manifest_path) or {}).get("datasets") or {}).items()
+                    if k.startswith("public/")}
+
+    evaluate_stage, eval_note = _evaluator() if evaluate else (None, "evaluation skipped (--no-evaluate)")
+    runs = []
+    for eps in eps_list:
+        raw = config.to_dict()
+        raw["privacy"]["epsilon"] = eps
+        raw["name"] = f"{config.name}-{eps_dirname(eps)}"
+        cfg = config_from_dict(raw)
+        rd = RunDir.create(root / eps_dirname(eps), cfg, resume=resume)
+        rec: dict = {"epsilon": eps, "run_dir": eps_dirname(eps), "timing": {}}
+        if not rd.is_done("pretrain"):
+            how = _link_or_copy(weights, rd.checkpoints / PRETRAIN_WEIGHTS)
+            if pre_datasets:
+                rd.record_datasets(pre_datasets)
+            rd.mark_done("pretrain", {k: v for k, v in pre_info.items() if k != "time"} |
+                         {"shared_from": f"../{PRETRAIN_DIR}/checkpoints/{PRETRAIN_WEIGHTS}", "shared_as": how})
+        for name, fn in (("finetune", finetune_stage), ("sample", sample_stage)):
+            if rd.is_done(name):
+                continue
+            t = time.time()
+            fn(cfg, rd, device=device, progress=progress)
+            rec["timing"][f"{name}_s"] = round(time.time() - t, 2)
+        evaluation = None
+        if evaluate_stage is not None:
+            if rd.is_done("evaluate") and (rd.root / "metrics" / "evaluation.json").is_file():
+                evaluation = RunDir.read_json(rd.root / "metrics" / "evaluation.json")
+            else:
+                t = time.time()
+                kwargs = {"options": eval_options} if eval_options is not None else {}
+                evaluation = evaluate_stage(cfg, rd, device=device, progress=progress, **kwargs)
+                rec["timing"]["evaluate_s"] = round(time.time() - t, 2)
+            rec["evaluated"] = True
+        else:
+            rec["evaluated"] = False
+            rec["note"] = f"not evaluated: {eval_note}"
+        spent = _spent_epsilon(rd, cfg)
+        rec["spent_epsilon"] = spent
+        rec["point"] = {**point_from_evaluation(eps, evaluation), "spent_epsilon": spent}
+        runs.append(rec)
+        log(f"sweep: epsilon {eps_label(eps)}: spent {eps_label(spent) if spent is not None else '?'}"
+            + (f", TSTR AUC {rec['point']['tstr_auc']:.3f}, DP-SGD AUC {rec['point']['dp_sgd_auc']:.3f}"
+               if rec["point"].get("tstr_auc") is not None and rec["point"].get("dp_sgd_auc") is not None else "")
+            + f" -> {rd.root}")
+
+    points = [r["point"] for r in runs]
+    ceilings = [p["ceiling_auc"] for p in points if p.get("ceiling_auc") is not None]
+    ceiling = sum(ceilings) / len(ceilings) if ceilings else None
+    result = {
+        "config": config.name,
+        "sweep_dir": str(root),
+        "epsilons": eps_list,
+        "delta": config.privacy.delta,
+        "pretrain": {"run_dir": PRETRAIN_DIR, "steps": pre_info.get("steps"), "shared_as": "hard link or copy of "
+                     f"{PRETRAIN_DIR}/checkpoints/{PRETRAIN_WEIGHTS}"},
+        "runs": runs,
+        "points": points,
+        "ceiling_auc": ceiling,
+        "evaluation": "run" if evaluate_stage is not None else eval_note,
+        "timing": {**timing, "total_s": round(time.time() - t_all, 2)},
+        "curve": CURVE_PNG,
+        "note": ("each epsilon is its own release candidate (its own ledger); releasing several cohorts of this "
+                 "sweep composes their epsilons"),
+    }
+    draw_curve(result, root / CURVE_PNG)
+    write_json_atomic(root / SWEEP_JSON, _jsonable(result))
+    return result
+
+
+def _spent_epsilon(rd: RunDir, cfg: RunConfig) -> float | None:
+    from dpgen.privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger(rd.ledger_path)
+    if not ledger.exists():
+        return None
+    try:
+        return float(ledger.summary(cfg.privacy.delta)["epsilon"])
+    except Exception:  # noqa: BLE001 - a summary problem must not lose the sweep
+        return None
+
+
+def _points(result: dict) -> list[dict]:
+    pts = []
+    for p in result.get("points") or []:
+        q = dict(p)
+        q["epsilon"] = _f(p.get("epsilon"))
+        pts.append(q)
+    return pts
+
+
+def draw_curve(result: dict, path: str | Path) -> Path:
+    from dpgen.report.figures import privacy_utility_curve
+    from dpgen.rundir import atomic_path
+
+    png = privacy_utility_curve(_points(result), _f(result.get("ceiling_auc")),
+                                title=f"{result.get('config')}: privacy-utility sweep (δ = {result.get('delta')})")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png)
+    return Path(path)
+
+
+def format_sweep(result: dict) -> str:
+    def num(v, d=3):
+        v = _f(v)
+        return "-" if v is None else ("∞" if math.isinf(v) else f"{v:.{d}f}")
+
+    lines = [f"sweep: {result['sweep_dir']} (public pretraining once, {len(result['runs'])} fine-tunes)",
+             f"  {'epsilon':>8} {'spent':>8} {'FD':>10} {'FD real':>10} {'TSTR AUC':>9} {'DP-SGD AUC':>11} {'synth+DP AUC':>13}  run"]
+    for r in result["runs"]:
+        p = r["point"]
+        lines.append(f"  {num(r['epsilon'], 2):>8} {num(r.get('spent_epsilon'), 3):>8} {num(p.get('fd'), 4):>10} "
+                     f"{num(p.get('fd_real'), 4):>10} {num(p.get('tstr_auc')):>9} {num(p.get('dp_sgd_auc')):>11} "
+                     f"{num(p.get('ft_auc')):>13}  {r['run_dir']}" + ("" if r.get("evaluated") else f"  ({r.get('note')})"))
+    lines.append(f"  non-private ceiling AUC: {num(result.get('ceiling_auc'))}")
+    lines.append(f"curve: {Path(result['sweep_dir']) / CURVE_PNG}; results: {Path(result['sweep_dir']) / SWEEP_JSON}")
+    return "\n".join(lines)
+
+
+__all__ = ["sweep", "parse_epsilons", "eps_dirname", "point_from_evaluation", "draw_curve", "format_sweep",
+           "SWEEP_JSON", "CURVE_PNG"]

@@ -1,0 +1,169 @@
+"""Conditional GAN with a private discriminator.
+
+Pretraining: both networks on public data (ordinary GAN training, no privacy cost).
+DP fine-tuning: only the discriminator D sees private data. Each privacy step is one DP-SGD
+step of D (one forward on the real rows and one on their paired fakes, one backward, one
+clipped-and-noised optimizer step: `DiscriminatorObjective`), followed by one generator
+update that runs with D's Opacus hooks disabled and computes gradients for G's parameters
+only (torch.autograd.grad), so it neither touches D's per-sample gradients nor the DP
+optimizer. The generator's conditions in that update are drawn uniformly (never from the
+private table). G is then a function of D's DP outputs and public randomness: its privacy
+follows by post-processing, and the ledger says so.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from dpgen.data import ImageDataset
+from dpgen.models import ConditionalGAN, gan_spec_from_config
+from dpgen.models.lora import merge_lora
+from dpgen.privacy.engine import PrivacyUnits, step_generator
+from dpgen.privacy.ledger import PrivacyLedger
+from dpgen.rundir import RunDir
+from dpgen.training.common import EMA, TBLogger, build_from_checkpoint, load_state, save_state, save_weights
+from dpgen.training.dp import (
+    MECHANISM, DPJob, DPSettings, histogram_events, plan_mechanism, register_plan, release_histogram_once, run_dp_job,
+)
+from dpgen.training.families.diffusion import summary
+from dpgen.training.families.shared import (
+    FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, private_rows, public_rows,
+)
+from dpgen.training.loop import run_steps
+from dpgen.training.objectives import DiscriminatorObjective
+from dpgen.training.trainable import select_trainable
+
+NAME = "cgan"
+GENERATOR_SOURCE = f"post-processing of {MECHANISM} (discriminator)"
+ADAM_BETAS = (0.5, 0.999)  # the DCGAN setting
+
+
+def uniform_conditions(spec, n: int, g: torch.Generator, device) -> dict:
+    """Conditions for generator updates: uniform labels and attributes (public: no data)."""
+    cond = {"labels": torch.randint(0, spec.num_classes, (n,), generator=g).to(device)}
+    if spec.attribute_names:
+        cond["attributes"] = (torch.rand((n, len(spec.attribute_names)), generator=g) * 2 - 1).to(device)
+        cond["attr_mask"] = torch.ones(n, device=device)
+    return cond
+
+
+def generator_step(objective: DiscriminatorObjective, d, g_model, g_opt, g_ema, spec, n: int, gen: torch.Generator,
+                   device) -> float:
+    loss = objective.generator_loss(d, uniform_conditions(spec, n, gen, device), gen)
+    params = [p for p in g_model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params)  # G only: D's .grad and per-sample state untouched
+    for p, gr in zip(params, grads):
+        p.grad = gr
+    g_opt.step()
+    g_opt.zero_grad(set_to_none=True)
+    g_ema.update(g_model)
+    return loss.item()
+
+
+def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, device, progress: bool = True) -> dict:
+    torch.manual_seed(config.seed)
+    spec = gan_spec_from_config(config, tuple(image_shape))
+    gan = ConditionalGAN(spec).to(device)
+    ft = config.finetune
+    select_trainable(copy.deepcopy(gan.discriminator), ft.trainable, lora_rank=ft.lora_rank,
+                     lora_alpha=ft.lora_alpha, lora_targets=ft.lora_targets)  # fail early
+    cfg = config.pretrain
+    steps = cfg.steps if public is not None else 0
+    G, D = gan.generator, gan.discriminator
+    g_ema, d_ema = EMA(G, cfg.ema_decay), EMA(D, 0.0)
+    last = float("nan")
+    if steps:
+        check_public(public, image_shape)
+        rows = public_rows(public, spec.num_classes, spec.attributes)
+        objective = DiscriminatorObjective(G, spec)
+        g_opt = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=ADAM_BETAS)
+        d_opt = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=ADAM_BETAS)
+        parts = {"g.": (G, g_ema, g_opt), "d.": (D, d_ema, d_opt)}
+        state_path = rd.checkpoints / "pretrain_state.safetensors"
+        start = load_state(state_path, parts)[0] if state_path.is_file() else 0
+        logger = TBLogger(rd.logs / "pretrain")
+        n = len(rows["x"])
+
+        def step_fn(step: int) -> float:
+            g = step_generator(config.seed, step, "pretrain")
+            idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
+            batch = objective.draw_rows({k: v[idx].to(device) for k, v in rows.items()}, g)
+            d_loss = objective.loss(D, batch).mean()
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
+            d_ema.update(D)
+            g_loss = generator_step(objective, D, G, g_opt, g_ema, spec, cfg.batch_size, g, device)
+            logger.scalar("pretrain/generator_loss", g_loss, step + 1)
+            return d_loss.item()
+
+        last = run_steps(start=start, total=steps, step_fn=step_fn, checkpoint_every=cfg.checkpoint_every,
+                         desc="pretrain", checkpoint_fn=lambda done: save_state(state_path, parts, done),
+                         log_fn=logger.scalar, progress=progress)
+        logger.close()
+    g_ema.copy_to(G)
+    info = {"stage": "pretrain", "steps": steps, "data": public.info() if public is not None and steps else None,
+            "privacy": "public data only" if steps else "random initialisation"}
+    save_weights(rd.checkpoints / PRETRAIN_WEIGHTS, gan.state_dict(), spec.to_dict(), info, family=NAME)
+    return {"steps": steps, "final_loss": last, "parameters": sum(p.numel() for p in G.parameters()),
+            "discriminator_parameters": sum(p.numel() for p in D.parameters())}
+
+
+def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool = True) -> dict:
+    _, gan, spec, _ = build_from_checkpoint(rd.checkpoints / PRETRAIN_WEIGHTS, NAME)
+    check_private(private, spec.image_shape, spec.num_classes)
+    gan.to(device)
+    G, D = gan.generator, gan.discriminator
+    ft = config.finetune
+    units = PrivacyUnits.from_subjects(private.subjects, len(private))
+    ledger = PrivacyLedger(rd.ledger_path)
+    torch.manual_seed(config.seed)
+    try:
+        trainable = select_trainable(D, ft.trainable, lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha,
+                                     lora_targets=ft.lora_targets)
+    except ValueError as err:
+        from dpgen.config import ConfigError
+
+        raise ConfigError(f"config error: {err}") from None
+    settings = DPSettings.from_finetune(ft)
+    plan = register_plan(ledger, plan_mechanism(
+        config, settings, len(units), units.kind, mechanism=MECHANISM, budget=config.privacy.epsilon,
+        other_events=histogram_events(config), trains="cGAN discriminator (the generator never sees private data)",
+        trainable=trainable,
+    ))
+    objective = DiscriminatorObjective(G, spec)
+    g_opt = torch.optim.Adam(G.parameters(), lr=ft.generator_lr or ft.lr, betas=ADAM_BETAS)
+    g_ema = EMA(G, ft.ema_decay)
+    logger = TBLogger(rd.logs / "finetune_generator")
+
+    def after_step(step: int, dp) -> None:
+        # The generator update: D's hooks off, gradients for G only, conditions uniform.
+        dp.gsm.disable_hooks()
+        try:
+            gen = step_generator(config.seed, step, "generator")
+            loss = generator_step(objective, dp.gsm, G, g_opt, g_ema, spec, ft.batch_size, gen, device)
+        finally:
+            dp.gsm.enable_hooks()
+        logger.scalar("finetune/generator_loss", loss, step + 1)
+
+    job = DPJob(MECHANISM, D, objective, private_rows(private, spec.attributes), settings, plan,
+                rd.checkpoints / "finetune_state.safetensors", extra_parts={"g.": (G, g_ema, g_opt)},
+                after_step=after_step)
+    result = run_dp_job(config, rd, ledger, job, units, device, progress,
+                        before_steps=lambda: release_histogram_once(config, rd, ledger, private.labels, units,
+                                                                    spec.num_classes))
+    logger.close()
+    result["ema"].copy_to(D)
+    merge_lora(D)
+    g_ema.copy_to(G)
+    info = {"stage": "finetune", "privacy": result["complete"], "preflight": result["report"].to_dict(),
+            "trainable": trainable, "generator_privacy": GENERATOR_SOURCE, "cohort_privacy_source": GENERATOR_SOURCE}
+    save_weights(rd.checkpoints / FINETUNE_WEIGHTS, gan.state_dict(), spec.to_dict(), info, family=NAME)
+    if ledger.latest("artifact", name="finetune_weights") is None:
+        ledger.append({"kind": "artifact", "name": "finetune_weights", "path": f"checkpoints/{FINETUNE_WEIGHTS}",
+                       "privacy_source": f"{MECHANISM} (discriminator weights); generator weights: {GENERATOR_SOURCE}"})
+        ledger.append({"kind": "artifact", "name": "generator_weights", "path": f"checkpoints/{FINETUNE_WEIGHTS}",
+                       "tensors": "generator.*", "privacy_source": GENERATOR_SOURCE})
+    return summary(config, result, units, trainable)

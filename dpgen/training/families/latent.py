@@ -1,0 +1,184 @@
+"""Latent diffusion: an AutoencoderKL trained on public data (then frozen, by default) and a
+conditional diffusion UNet trained on its scaled latents.
+
+Privacy: the DP-trained network is the UNet; private images reach it only as latents from the
+frozen public encoder (a fixed map), and DP-SGD clips each unit's gradient of the UNet loss on
+its latents. The scale factor is estimated on public latents only. If the user asks for
+`autoencoder.finetune.mode: dp`, the autoencoder is fine-tuned on the private images with
+DP-SGD first: a second mechanism (`dp_sgd:autoencoder`) with its own plan, preflight and
+progress in the same ledger, calibrated to `epsilon_fraction` of the budget on its own; the
+UNet's noise is then calibrated so that everything composes to at most privacy.epsilon.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from dpgen.data import ImageDataset
+from dpgen.models import LatentDiffusion, LatentDiffusionSpec, autoencoder_spec_from_config, diffusion_spec_from_config
+from dpgen.models.autoencoder import LatentAutoencoder, encode_dataset
+from dpgen.privacy.engine import PrivacyUnits
+from dpgen.privacy.ledger import PrivacyLedger
+from dpgen.rundir import RunDir
+from dpgen.training.common import build_from_checkpoint, load_checkpoint, save_weights
+from dpgen.training.dp import (
+    AE_MECHANISM, MECHANISM, DPJob, DPSettings, dp_event, histogram_events, plan_mechanism, register_plan,
+    release_histogram_once, run_dp_job,
+)
+from dpgen.training.families.diffusion import released_state, summary, unet_job
+from dpgen.training.families.shared import (
+    FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, private_rows, public_rows, train_public,
+)
+from dpgen.training.objectives import AutoencoderObjective, DiffusionObjective
+from dpgen.training.trainable import select_trainable
+
+NAME = "latent_diffusion"
+AE_WEIGHTS = "autoencoder.safetensors"  # public autoencoder + scale factor
+AE_DP_WEIGHTS = "autoencoder_dp.safetensors"  # after DP fine-tuning (optional)
+SCALE_SAMPLE = 512  # public images used to estimate the latent scale
+
+
+def build_spec(config, image_shape) -> LatentDiffusionSpec:
+    """The two networks' specs; raises (with the shapes) when the autoencoder cannot produce
+    a latent grid the UNet accepts."""
+    ae = autoencoder_spec_from_config(config, tuple(image_shape))
+    unet = diffusion_spec_from_config(config, tuple(ae.latent_shape))
+    return LatentDiffusionSpec(unet=unet, autoencoder=ae, scale_factor=1.0)
+
+
+def _pretrain_autoencoder(config, rd, spec: LatentDiffusionSpec, public, device, progress) -> tuple[LatentAutoencoder, float, dict]:
+    path = rd.checkpoints / AE_WEIGHTS
+    ae = LatentAutoencoder(spec.autoencoder).to(device)
+    if path.is_file():  # a resumed run: the public autoencoder is done
+        _, tensors, _, info = load_checkpoint(path)
+        ae.load_state_dict(tensors)
+        return ae, float(info["scale_factor"]), info
+    a = config.autoencoder
+    steps = a.pretrain.steps if public is not None else 0
+    objective = AutoencoderObjective(spec.autoencoder, a.kl_weight)
+    ema, last = train_public(
+        config, rd, model=ae, objective=objective, rows={"x": public.model_tensor()} if steps else {}, steps=steps,
+        batch_size=a.pretrain.batch_size, lr=a.pretrain.lr, ema_decay=0.0, checkpoint_every=a.pretrain.checkpoint_every,
+        state_name="autoencoder_state.safetensors", stream="autoencoder-pretrain", desc="autoencoder_pretrain",
+        device=device, progress=progress,
+    )
+    if public is not None:
+        # Scale factor on PUBLIC latents only (Rombach et al.): 1 / std of the latents.
+        sample = public.model_tensor()[:SCALE_SAMPLE]
+        z = encode_dataset(ae, sample, device)
+        scale = float(1.0 / z.std().clamp_min(1e-6))
+        scale_source = f"1/std of {len(sample)} public latents"
+    else:
+        scale, scale_source = 1.0, "no public data: 1.0"
+    info = {"stage": "autoencoder_pretrain", "steps": steps, "final_loss": last, "scale_factor": scale,
+            "scale_source": scale_source, "privacy": "public data only" if steps else "random initialisation"}
+    save_weights(path, ae.state_dict(), spec.autoencoder.to_dict(), info, family="autoencoder")
+    return ae, scale, info
+
+
+def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, device, progress: bool = True) -> dict:
+    torch.manual_seed(config.seed)
+    spec = build_spec(config, image_shape)
+    if public is not None:
+        check_public(public, image_shape)
+    # Fail now, not after pretraining, if the fine-tuning selection cannot be built.
+    model = LatentDiffusion(spec)
+    ft = config.finetune
+    select_trainable(copy.deepcopy(model.unet), ft.trainable, lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha,
+                     lora_targets=ft.lora_targets)
+    ae, scale, ae_info = _pretrain_autoencoder(config, rd, spec, public, device, progress)
+    spec.scale_factor = scale
+    model.autoencoder.load_state_dict(ae.state_dict())
+    unet = model.unet.to(device)
+    cfg = config.pretrain
+    steps = cfg.steps if public is not None else 0
+    rows = {}
+    if steps:
+        latents = encode_dataset(ae, public.model_tensor(), device) * scale
+        rows = public_rows(public, spec.num_classes, spec.attributes, x=latents)
+    ema, last = train_public(
+        config, rd, model=unet, objective=DiffusionObjective(unet, config.model.cond_drop_prob), rows=rows,
+        steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, ema_decay=cfg.ema_decay,
+        checkpoint_every=cfg.checkpoint_every, state_name="pretrain_state.safetensors", stream="pretrain",
+        desc="pretrain", device=device, progress=progress,
+    )
+    ema.copy_to(unet)
+    info = {"stage": "pretrain", "steps": steps, "data": public.info() if public is not None and steps else None,
+            "autoencoder": ae_info, "privacy": "public data only" if steps else "random initialisation"}
+    save_weights(rd.checkpoints / PRETRAIN_WEIGHTS, model.state_dict(), spec.to_dict(), info, family=NAME)
+    return {"steps": steps, "final_loss": last, "autoencoder_steps": ae_info["steps"],
+            "autoencoder_final_loss": ae_info.get("final_loss"), "scale_factor": scale,
+            "latent_shape": list(spec.unet.image_shape),
+            "parameters": sum(p.numel() for p in unet.parameters()),
+            "autoencoder_parameters": sum(p.numel() for p in ae.parameters())}
+
+
+def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool = True) -> dict:
+    _, model, spec, _ = build_from_checkpoint(rd.checkpoints / PRETRAIN_WEIGHTS, NAME)
+    check_private(private, spec.image_shape, spec.num_classes)
+    units = PrivacyUnits.from_subjects(private.subjects, len(private))
+    ledger = PrivacyLedger(rd.ledger_path)
+    ae_cfg = config.autoencoder.finetune
+    ae_dp = ae_cfg.mode == "dp"
+    other = histogram_events(config)
+    result_ae = None
+    model.to(device)
+    if ae_dp:
+        # Plan both mechanisms before any private data is read: the autoencoder's sigma spends
+        # epsilon_fraction of the budget alone; the UNet's sigma is calibrated with it (and
+        # any histogram) as other events, so the composition stays within privacy.epsilon.
+        ae_settings = DPSettings.from_autoencoder(ae_cfg, config.finetune.grad_sample_mode)
+        ae_plan = register_plan(ledger, plan_mechanism(
+            config, ae_settings, len(units), units.kind, mechanism=AE_MECHANISM,
+            budget=config.privacy.epsilon * ae_cfg.epsilon_fraction, other_events=[], trains="autoencoder",
+            epsilon_fraction=ae_cfg.epsilon_fraction,
+        ))
+        other = [dp_event(ae_plan["sigma"], ae_plan["sample_rate"], ae_plan["planned_steps"]), *other]
+    rows_img = private_rows(private, spec.attributes)
+    job, trainable = unet_job(config, rd, ledger, model.unet, {}, units, other, "latent diffusion UNet")
+
+    if ae_dp:
+        ae_path = rd.checkpoints / AE_DP_WEIGHTS
+        if ae_path.is_file():
+            model.autoencoder.load_state_dict(load_checkpoint(ae_path)[1])
+        else:
+            ae = model.autoencoder
+            for p in ae.parameters():
+                p.requires_grad_(True)
+            ae_job = DPJob(AE_MECHANISM, ae, AutoencoderObjective(spec.autoencoder, config.autoencoder.kl_weight),
+                           {"x": rows_img["x"]}, ae_settings, ae_plan, rd.checkpoints / "autoencoder_dp_state.safetensors",
+                           stream="autoencoder:", log_name="autoencoder_finetune")
+            result_ae = run_dp_job(config, rd, ledger, ae_job, units, device, progress)
+            result_ae["ema"].copy_to(ae)
+            save_weights(ae_path, ae.state_dict(), spec.autoencoder.to_dict(),
+                         {"stage": "autoencoder_finetune", "privacy": result_ae["complete"],
+                          "preflight": result_ae["report"].to_dict()}, family="autoencoder")
+            if ledger.latest("artifact", name="autoencoder_dp_weights") is None:
+                ledger.append({"kind": "artifact", "name": "autoencoder_dp_weights",
+                               "path": f"checkpoints/{AE_DP_WEIGHTS}", "privacy_source": AE_MECHANISM})
+    for p in model.autoencoder.parameters():
+        p.requires_grad_(False)
+
+    # The private images as latents of the (frozen) encoder, scaled with the public factor.
+    latents = encode_dataset(model.autoencoder, rows_img["x"], device) * spec.scale_factor
+    job.rows = {**rows_img, "x": latents}
+    result = run_dp_job(config, rd, ledger, job, units, device, progress,
+                        before_steps=lambda: release_histogram_once(config, rd, ledger, private.labels, units,
+                                                                    spec.num_classes))
+    released_state(model.unet, result["ema"])
+    source = MECHANISM + (f" and {AE_MECHANISM}" if ae_dp else "")
+    info = {"stage": "finetune", "privacy": result["complete"], "preflight": result["report"].to_dict(),
+            "trainable": trainable, "autoencoder": "DP fine-tuned" if ae_dp else "public, frozen",
+            "cohort_privacy_source": f"post-processing of {source}"}
+    save_weights(rd.checkpoints / FINETUNE_WEIGHTS, model.state_dict(), spec.to_dict(), info, family=NAME)
+    if ledger.latest("artifact", name="finetune_weights") is None:
+        ledger.append({"kind": "artifact", "name": "finetune_weights", "path": f"checkpoints/{FINETUNE_WEIGHTS}",
+                       "privacy_source": source if ae_dp else f"{MECHANISM} (UNet); autoencoder: public data only"})
+    out = summary(config, result, units, trainable)
+    out["latent_shape"] = list(spec.unet.image_shape)
+    if ae_dp:
+        out["autoencoder_sigma"] = ae_plan["sigma"]
+        out["autoencoder_steps"] = ae_plan["planned_steps"]
+    return out

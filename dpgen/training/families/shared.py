@@ -1,0 +1,101 @@
+"""What the family trainers share: turning datasets into row tensors, checks, the public loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from dpgen.data import DataError, ImageDataset
+from dpgen.models.conditioning import AttributeSpace
+from dpgen.privacy.engine import step_generator
+from dpgen.rundir import RunDir
+from dpgen.training.common import EMA, TBLogger, load_state, save_state
+from dpgen.training.loop import run_steps
+
+PRETRAIN_WEIGHTS = "pretrain.safetensors"
+FINETUNE_WEIGHTS = "finetune.safetensors"
+
+
+def attribute_rows(ds: ImageDataset, space: AttributeSpace, role: str, required: bool) -> dict:
+    """Normalized attributes (fixed public ranges) and a mask saying which rows have them."""
+    n = len(ds)
+    if not len(space):
+        return {}
+    have = list(ds.attribute_names or [])
+    missing = [a for a in space.names if a not in have]
+    if missing:
+        if required:
+            raise DataError(
+                f"{ds.path}: the {role} data has no attribute column {missing[0]!r} (the model is conditioned on "
+                f"{', '.join(space.names)}); give it in the labels CSV and data.{role}.attribute_columns"
+            )
+        return {"attributes": torch.zeros(n, len(space)), "attr_mask": torch.zeros(n)}
+    cols = [have.index(a) for a in space.names]
+    raw = torch.as_tensor(np.asarray(ds.attributes)[:, cols], dtype=torch.float32)
+    return {"attributes": space.normalize(raw), "attr_mask": torch.ones(n)}
+
+
+def public_rows(public: ImageDataset, num_classes: int, space: AttributeSpace, x: torch.Tensor | None = None) -> dict:
+    """Public labels condition the model where they fit the private label space; others train
+    the unconditional ("null") embedding. Attributes are used when the public data has them."""
+    labels = torch.as_tensor(public.labels)
+    labels = torch.where(labels < num_classes, labels, torch.full_like(labels, num_classes))
+    return {"x": public.model_tensor() if x is None else x, "labels": labels,
+            **attribute_rows(public, space, "public", required=False)}
+
+
+def private_rows(private: ImageDataset, space: AttributeSpace, x: torch.Tensor | None = None) -> dict:
+    return {"x": private.model_tensor() if x is None else x, "labels": torch.as_tensor(private.labels),
+            **attribute_rows(private, space, "private", required=True)}
+
+
+def check_private(private: ImageDataset, image_shape, num_classes: int) -> None:
+    if list(private.image_shape) != list(image_shape):
+        raise DataError(
+            f"private data {private.path} has images of shape {private.image_shape}, the model was built for "
+            f"{tuple(image_shape)}"
+        )
+    if private.labels.max() >= num_classes:
+        raise DataError(f"{private.path}: label {int(private.labels.max())} is outside data.num_classes={num_classes}")
+
+
+def check_public(public: ImageDataset, image_shape) -> None:
+    if tuple(public.image_shape) != tuple(image_shape):
+        raise DataError(
+            f"public data {public.path} has images of shape {public.image_shape} but the private data has "
+            f"{tuple(image_shape)}; pretraining needs the same channels and size"
+        )
+
+
+def train_public(config, rd: RunDir, *, model: nn.Module, objective, rows: dict, steps: int, batch_size: int,
+                 lr: float, ema_decay: float, checkpoint_every: int, state_name: str, stream: str, desc: str,
+                 device, progress: bool) -> tuple[EMA, float]:
+    """Non-private training on public rows (random minibatches, per-step seeded, resumable)."""
+    ema = EMA(model, ema_decay)
+    if steps <= 0:
+        return ema, float("nan")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    state_path = rd.checkpoints / state_name
+    parts = {"": (model, ema, optimizer)}
+    start = load_state(state_path, parts)[0] if state_path.is_file() else 0
+    logger = TBLogger(rd.logs / desc)
+    n = len(rows["x"])
+    model.train()
+
+    def step_fn(step: int) -> float:
+        g = step_generator(config.seed, step, stream)
+        idx = torch.randint(0, n, (batch_size,), generator=g)
+        batch = objective.draw_rows({k: v[idx].to(device) for k, v in rows.items()}, g)
+        loss = objective.loss(model, batch).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.update(model)
+        return loss.item()
+
+    last = run_steps(start=start, total=steps, step_fn=step_fn, checkpoint_every=checkpoint_every, desc=desc,
+                     checkpoint_fn=lambda done: save_state(state_path, parts, done), log_fn=logger.scalar,
+                     progress=progress)
+    logger.close()
+    return ema, last
