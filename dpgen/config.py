@@ -43,6 +43,10 @@ class DataSource(_Section):
     # Rows skipped before `max_images` is applied: lets two roles use disjoint parts of one
     # file (e.g. a stand-in "public" half of a dataset in a demo config).
     skip_images: int = Field(default=0, ge=0)
+    # Float images (NIfTI, DICOM): a fixed intensity window [low, high] mapped to the model's
+    # range, e.g. a CT window. Without it each image is min-max scaled on its own (a per-record
+    # map; a dataset-wide statistic of private data would leak).
+    intensity_range: tuple[float, float] | None = None
 
 
 class AttributeRange(_Section):
@@ -58,10 +62,6 @@ class AttributeRange(_Section):
         if not (math.isfinite(self.min) and math.isfinite(self.max) and self.max > self.min):
             raise ValueError(f"attribute range [{self.min}, {self.max}] must be finite with max > min")
         return self
-    # Float images (NIfTI, DICOM): a fixed intensity window [low, high] mapped to the model's
-    # range, e.g. a CT window. Without it each image is min-max scaled on its own (a per-record
-    # map; a dataset-wide statistic of private data would leak).
-    intensity_range: tuple[float, float] | None = None
 
 
 class DataConfig(_Section):

@@ -38,8 +38,41 @@ def check_sources(config: RunConfig) -> None:
 
 
 def load_role(config: RunConfig, role: str, split: str | None = None) -> ImageDataset | None:
+    """The dataset of a role, with the conditioning attribute columns and `skip_images` applied."""
     spec = getattr(config.data, role)
-    return None if spec is None else load_dataset(spec, split=split)
+    if spec is None:
+        return None
+    updates: dict = {}
+    names = list(config.data.attributes)
+    if names and not spec.attribute_columns:
+        path = resolve_source(spec.source)
+        if not (path.is_file() and path.suffix == ".npz"):
+            updates["attribute_columns"] = names
+        elif role == "private":
+            raise DataError(
+                f"{path}: data.attributes names {names}, but a .npz source carries no attribute columns; "
+                f"use a folder with a labels CSV"
+            )
+    if spec.skip_images:
+        updates["max_images"] = None
+    ds = load_dataset(spec.model_copy(update=updates) if updates else spec, split=split)
+    if spec.skip_images:
+        ds = _skip_rows(ds, spec.skip_images, spec.max_images, role)
+    return ds
+
+
+def _skip_rows(ds: ImageDataset, skip: int, limit: int | None, role: str) -> ImageDataset:
+    if skip >= len(ds):
+        raise DataError(f"{ds.path}: data.{role}.skip_images = {skip}, but split {ds.split!r} has only {len(ds)} images")
+    end = len(ds) if limit is None else min(len(ds), skip + limit)
+    cut = slice(skip, end)
+    import dataclasses
+
+    return dataclasses.replace(
+        ds, images=ds.images[cut], labels=ds.labels[cut], fingerprint=f"{ds.fingerprint}[{skip}:{end}]",
+        subjects=None if ds.subjects is None else ds.subjects[cut],
+        attributes=None if ds.attributes is None else ds.attributes[cut], attribute_names=list(ds.attribute_names),
+    )
 
 
 def _record(rd: RunDir, role: str, ds: ImageDataset | None) -> None:
@@ -102,26 +135,66 @@ def cohort_class_counts(config: RunConfig, rd: RunDir, n: int) -> tuple[dict[int
     return counts_from_histogram(np.asarray(release["values"]), n), "DP label histogram (Gaussian mechanism, in the ledger)"
 
 
+def cohort_attributes(config: RunConfig, n: int, seed: int) -> tuple[dict | None, str]:
+    """The attributes the cohort is generated with, and where they come from (never the
+    private table: user values, the fixed ranges, or the public dataset)."""
+    from dpgen.privacy.engine import step_generator
+
+    a = config.sample.attributes
+    names = list(config.data.attributes)
+    if a.mode == "none":
+        return None, "none (attributes unspecified)"
+    if a.mode == "fixed":
+        return {k: a.values[k] for k in names}, "fixed by the user"
+    g = step_generator(seed, 0, "attributes")
+    if a.mode == "uniform":
+        u = torch.rand((n, len(names)), generator=g, dtype=torch.float64).numpy()
+        return ({k: (r.min + u[:, j] * (r.max - r.min)).tolist() for j, (k, r) in enumerate(config.data.attributes.items())},
+                "uniform over the configured ranges (public: uses no data)")
+    public = load_role(config, "public")
+    if public is None or public.attributes is None or any(k not in public.attribute_names for k in names):
+        raise ConfigError(
+            f"config error: sample.attributes.mode = 'public' needs public data with the attribute columns "
+            f"{names} (data.public, a folder with a labels CSV)"
+        )
+    cols = [public.attribute_names.index(k) for k in names]
+    rows = torch.randint(0, len(public), (n,), generator=g).numpy()
+    vals = np.asarray(public.attributes)[rows][:, cols]
+    lo = np.array([config.data.attributes[k].min for k in names])
+    hi = np.array([config.data.attributes[k].max for k in names])
+    vals = np.clip(vals, lo, hi)  # the model was trained on the fixed ranges
+    return {k: vals[:, j].tolist() for j, k in enumerate(names)}, f"public data ({public.name}, rows drawn with replacement)"
+
+
 def sample_stage(config: RunConfig, rd: RunDir, device="auto", progress: bool = True,
                  num_images: int | None = None, seed: int | None = None) -> dict:
     from dpgen.sampling import load
 
     s = config.sample
     n = num_images or s.num_images
+    seed = s.seed if seed is None else seed
     counts, source = cohort_class_counts(config, rd, n)
     labels = np.concatenate([np.full(c, k) for k, c in counts.items()]).astype(np.int64)
+    attributes, attr_source = cohort_attributes(config, len(labels), seed)
     gen = load(rd.root, device=str(resolve_device(device)))
-    images, labels_t = gen.generate(
-        labels=labels, seed=s.seed if seed is None else seed, sampler=s.sampler, steps=s.steps,
-        guidance_scale=s.guidance_scale, batch_size=s.batch_size, progress=progress,
+    result = gen.sample_cohort(
+        rd.cohort, labels=labels, attributes=attributes, seed=seed, sampler=s.sampler, steps=s.steps,
+        guidance_scale=s.guidance_scale, batch_size=s.batch_size, class_names=config.data.class_names,
+        nifti=s.nifti, progress=progress,
     )
-    result = gen.save_cohort(rd.cohort, images, labels_t, config.data.class_names)
     result["class_counts_source"] = source
+    result["attributes_source"] = attr_source
     ledger = PrivacyLedger(rd.ledger_path)
-    dp_source = "post-processing of dp_sgd:finetune" if (rd.checkpoints / "finetune.safetensors").is_file() \
-        else "public data only (no fine-tuning)"
-    ledger.append({"kind": "artifact", "name": "cohort", "path": "cohort/cohort.npz", "privacy_source": dp_source,
-                   "n": len(labels), "class_counts": result["class_counts"], "class_counts_source": source})
+    if (rd.checkpoints / "finetune.safetensors").is_file():
+        dp_source = gen.info.get("cohort_privacy_source", "post-processing of dp_sgd:finetune")
+    else:
+        dp_source = "public data only (no fine-tuning)"
+    entry = {"kind": "artifact", "name": "cohort", "path": "cohort/cohort.npz", "privacy_source": dp_source,
+             "n": len(labels), "class_counts": result["class_counts"], "class_counts_source": source,
+             "generator": gen.family, "attributes_source": attr_source}
+    if "nifti" in result:
+        entry["nifti"] = "cohort/nifti"
+    ledger.append(entry)
     rd.mark_done("sample", {"n": result["n"], "class_counts": result["class_counts"]})
     return result
 
@@ -159,6 +232,8 @@ def run(
         summary["stages"][name] = result
     ledger = PrivacyLedger(rd.ledger_path)
     summary["privacy"] = ledger.summary(config.privacy.delta) if ledger.path.is_file() else None
+    summary["target_epsilon"] = config.privacy.epsilon
+    summary["generator"] = config.model.generator
     write_json_atomic(rd.root / "summary.json", summary)
     return summary
 
@@ -168,7 +243,8 @@ def format_summary(summary: dict) -> str:
     st = summary["stages"]
     if "pretrain" in st:
         p = st["pretrain"]
-        lines.append(f"pretrain: {p.get('steps')} steps on public data ({p.get('seconds', '-')} s)")
+        ae = f"; autoencoder {p['autoencoder_steps']} steps, latents {p.get('latent_shape')}" if "autoencoder_steps" in p else ""
+        lines.append(f"pretrain: {p.get('steps')} steps on public data{ae} ({p.get('seconds', '-')} s)")
     if "finetune" in st:
         f = st["finetune"]
         if f.get("sigma") is not None:
@@ -185,6 +261,11 @@ def format_summary(summary: dict) -> str:
         lines.append(f"cohort: {s.get('n')} images, class counts {s.get('class_counts')} -> {summary['run_dir']}/cohort")
     priv = summary.get("privacy")
     if priv and priv.get("epsilon") is not None:
+        if priv.get("within_target") is None and priv.get("target_epsilon") is None:
+            # several mechanisms (e.g. a DP autoencoder too): compare with the run's target
+            target = summary.get("target_epsilon")
+            priv = {**priv, "target_epsilon": target,
+                    "within_target": None if target is None else priv["epsilon"] <= target * (1 + 1e-9)}
         lines.append(
             f"privacy: epsilon {priv['epsilon']:.3f} (PLD; RDP {priv.get('epsilon_rdp', float('nan')):.3f}) at delta "
             f"{priv['delta']:g}, {priv.get('unit')}, target {priv.get('target_epsilon')}: "

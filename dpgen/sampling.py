@@ -1,43 +1,89 @@
 """Sampling a labeled cohort from a trained generator.
 
-`dpgen.load(run_dir)` returns a `DiffusionGenerator`; `.generate(n, labels=..., seed=...)`
-gives tensors and `.save_cohort(path, ...)` writes files. Batches come from per-batch seeded
-generators, so the same (seed, labels, batch size) reproduces a cohort bit for bit.
+`dpgen.load(run_dir)` returns the generator of a run (a `DiffusionGenerator`,
+`LatentDiffusionGenerator` or `GANGenerator`, looked up by the family stored in the
+checkpoint); `.generate(n, labels=..., attributes=..., seed=...)` gives tensors,
+`.save_cohort(folder, images, labels)` writes them, and `.sample_cohort(folder, ...)` generates
+and streams batches to disk (cohorts larger than memory).
+
+Reproducibility: every image i has its own noise stream, seeded from (seed, i), used for its
+starting noise and for any stochastic sampler step. So the same seed, labels and attributes
+give the same cohort bit for bit on the same device and batch size, and the noise an image
+gets does not depend on the batch it falls in.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpgen.data.cohort import write_class_grids, write_cohort_npz
+from dpgen.data.cohort import CohortWriter, write_class_grids, write_cohort_npz, write_nifti
 from dpgen.data.dataset import from_model_range
-from dpgen.models import ConditionalDiffusion, DiffusionSpec
-from dpgen.models.diffusion import make_sample_scheduler
+from dpgen.models import LatentDiffusion
+from dpgen.models.conditioning import AttributeSpace
+from dpgen.models.diffusion import SAMPLERS, make_sample_scheduler
 from dpgen.privacy.engine import step_generator
-from dpgen.training.common import load_weights, resolve_device
+from dpgen.training.common import build_from_checkpoint, resolve_device
+
+CPU_BATCH = 256
 
 
-class DiffusionGenerator:
-    def __init__(self, model: ConditionalDiffusion, info: dict | None = None, device: torch.device | str = "cpu"):
+class Samples(tuple):
+    """(images, labels), as a tuple, with `.attributes` (raw values, or None) alongside."""
+
+    def __new__(cls, images: torch.Tensor, labels: torch.Tensor, attributes: torch.Tensor | None = None):
+        obj = super().__new__(cls, (images, labels))
+        obj.attributes = attributes
+        return obj
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self[1]
+
+
+def image_generators(seed: int, start: int, n: int) -> list[torch.Generator]:
+    return [step_generator(seed, i, "sample") for i in range(start, start + n)]
+
+
+def _randn(shape, gens: list[torch.Generator]) -> torch.Tensor:
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens])
+
+
+class Generator:
+    """What every family shares: condition checks, batching, per-image seeds, cohort files."""
+
+    family = "?"
+
+    def __init__(self, model: torch.nn.Module, spec, info: dict | None = None, device: torch.device | str = "cpu"):
         self.model = model.to(device).eval()
-        self.spec: DiffusionSpec = model.spec
+        self.spec = spec
         self.info = info or {}
         self.device = torch.device(device)
 
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, device="auto") -> "DiffusionGenerator":
-        weights, spec, info = load_weights(Path(path))
-        model = ConditionalDiffusion(DiffusionSpec(**spec))
-        model.load_state_dict(weights)
-        return cls(model, info, resolve_device(device))
-
+    # ------------------------------------------------------------------ what it knows
     @property
     def num_classes(self) -> int:
         return self.spec.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.spec.image_shape)
+
+    @property
+    def attribute_space(self) -> AttributeSpace:
+        return self.spec.attributes
+
+    @property
+    def attribute_names(self) -> list[str]:
+        return list(self.attribute_space.names)
 
     def _check_labels(self, labels) -> torch.Tensor:
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
@@ -48,23 +94,7 @@ class DiffusionGenerator:
             )
         return labels
 
-    @torch.no_grad()
-    def generate(
-        self,
-        n: int | None = None,
-        labels=None,
-        seed: int = 0,
-        sampler: str = "ddim",
-        steps: int = 50,
-        guidance_scale: float = 1.0,
-        batch_size: int = 256,
-        progress: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images in [-1, 1], shape (n, C, *spatial), and their labels.
-
-        `labels`: one label per image; default: classes in turn. `guidance_scale` 1 is the
-        plain conditional model; > 1 is classifier-free guidance towards the label.
-        """
+    def _conditions(self, n, labels, attributes) -> tuple[torch.Tensor, torch.Tensor | None]:
         if labels is None:
             if n is None:
                 raise ValueError("give n or labels")
@@ -72,43 +102,187 @@ class DiffusionGenerator:
         labels = self._check_labels(labels)
         if n is not None and n != len(labels):
             raise ValueError(f"n={n} but {len(labels)} labels given")
-        out = []
-        scheduler = make_sample_scheduler(self.spec, sampler)
+        attrs = None
+        if attributes is not None:
+            attrs = self.attribute_space.check(attributes, len(labels))
+        return labels, attrs
+
+    def resolve_batch_size(self, batch_size: int | str) -> int:
+        """'auto': fill the GPU (measured on a small batch); CPU_BATCH on a CPU."""
+        if batch_size != "auto":
+            return int(batch_size)
+        if self.device.type != "cuda":
+            return CPU_BATCH
+        probe = 4
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self._sample_batch(torch.zeros(probe, dtype=torch.long), None, image_generators(0, 0, probe), "ddim", 1, 2.0)
+        per_image = max(1, (torch.cuda.max_memory_allocated(self.device) - base) / probe)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(max(probe, min(4096, 0.7 * free / per_image)))
+
+    # ------------------------------------------------------------------ sampling
+    def iter_batches(self, labels: torch.Tensor, attributes: torch.Tensor | None, *, seed: int, sampler: str, steps: int,
+                     guidance_scale: float, batch_size: int | str, progress: bool = False
+                     ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yields (start index, images in [-1, 1] on the CPU) batch by batch."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        bs = self.resolve_batch_size(batch_size)
+        normed = None if attributes is None else self.attribute_space.normalize(attributes)
         bar = tqdm(total=len(labels), desc="sample", disable=not progress, dynamic_ncols=True)
-        for b, start in enumerate(range(0, len(labels), batch_size)):
-            y = labels[start:start + batch_size].to(self.device)
-            g = step_generator(seed, b, "sample")
-            x = torch.randn((len(y), *self.spec.image_shape), generator=g).to(self.device)
-            scheduler.set_timesteps(steps)
-            null = torch.full_like(y, self.spec.num_classes)
-            for t in scheduler.timesteps:
-                tt = torch.full((len(y),), int(t), device=self.device, dtype=torch.long)
-                eps = self.model(x, tt, y)
-                if guidance_scale != 1.0:
-                    eps_u = self.model(x, tt, null)
-                    eps = eps_u + guidance_scale * (eps - eps_u)
-                x = scheduler.step(eps, t, x, generator=g if sampler == "ddpm" else None).prev_sample
-            out.append(x.clamp(-1, 1).cpu())
+        for start in range(0, len(labels), bs):
+            y = labels[start:start + bs]
+            a = None if normed is None else normed[start:start + bs]
+            gens = image_generators(seed, start, len(y))
+            with torch.no_grad():
+                x = self._sample_batch(y, a, gens, sampler, steps, guidance_scale)
             bar.update(len(y))
+            yield start, x.clamp(-1, 1).cpu()
         bar.close()
-        return torch.cat(out), labels
+
+    def generate(self, n: int | None = None, labels=None, attributes=None, seed: int = 0, sampler: str = "ddim",
+                 steps: int = 50, guidance_scale: float = 1.0, batch_size: int | str = 256,
+                 progress: bool = False) -> Samples:
+        """Images in [-1, 1], shape (n, C, *spatial), their labels (and `.attributes`).
+
+        `labels`: one per image (default: classes in turn). `attributes`: a dict
+        {name: value or list of n values} or an (n, A) array, within the trained ranges;
+        default: unspecified. `guidance_scale` 1 is the plain conditional model; > 1 is
+        classifier-free guidance towards the condition (diffusion families).
+        """
+        labels, attrs = self._conditions(n, labels, attributes)
+        out = [x for _, x in self.iter_batches(labels, attrs, seed=seed, sampler=sampler, steps=steps,
+                                               guidance_scale=guidance_scale, batch_size=batch_size, progress=progress)]
+        images = torch.cat(out) if out else torch.zeros((0, *self.image_shape))
+        return Samples(images, labels, attrs)
+
+    def _sample_batch(self, labels, attributes, gens, sampler, steps, guidance_scale) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ files
+    def _nifti_default(self, nifti: bool | None) -> bool:
+        return len(self.image_shape) == 4 if nifti is None else bool(nifti)
 
     def save_cohort(self, folder: str | Path, images: torch.Tensor, labels: torch.Tensor,
-                    class_names: list[str] | None = None) -> dict:
+                    class_names: list[str] | None = None, attributes: torch.Tensor | None = None,
+                    nifti: bool | None = None) -> dict:
+        """Write tensors from `generate` as a cohort (npz + grids; NIfTI + labels.csv for 3D)."""
+        if isinstance(images, Samples):
+            images, labels, attributes = images[0], images[1], images.attributes
         folder = Path(folder)
         arr = from_model_range(images)
-        lab = labels.cpu().numpy()
-        npz = write_cohort_npz(folder / "cohort.npz", arr, lab)
-        grids = write_class_grids(folder, arr, lab, class_names)
-        return {"npz": str(npz), "grids": [str(g) for g in grids], "n": len(lab),
-                "class_counts": {int(k): int((lab == k).sum()) for k in np.unique(lab)}}
+        lab = torch.as_tensor(labels).cpu().numpy()
+        attrs = None if attributes is None else torch.as_tensor(attributes).cpu().numpy()
+        writer = CohortWriter(folder, len(lab), arr.shape[1:], self.attribute_names if attrs is not None else None,
+                              self._nifti_default(nifti), class_names)
+        writer.write(0, arr, lab, attrs)
+        return writer.close()
+
+    def sample_cohort(self, folder: str | Path, n: int | None = None, labels=None, attributes=None, *, seed: int = 0,
+                      sampler: str = "ddim", steps: int = 50, guidance_scale: float = 1.0,
+                      batch_size: int | str = 256, class_names: list[str] | None = None, nifti: bool | None = None,
+                      progress: bool = False) -> dict:
+        """Generate and stream a cohort to `folder` batch by batch (memory: one batch)."""
+        labels, attrs = self._conditions(n, labels, attributes)
+        lab = labels.numpy()
+        raw = None if attrs is None else attrs.numpy()
+        writer = CohortWriter(Path(folder), len(lab), self.image_shape, self.attribute_names if raw is not None else None,
+                              self._nifti_default(nifti), class_names)
+        for start, x in self.iter_batches(labels, attrs, seed=seed, sampler=sampler, steps=steps,
+                                          guidance_scale=guidance_scale, batch_size=batch_size, progress=progress):
+            b = len(x)
+            writer.write(start, from_model_range(x), lab[start:start + b], None if raw is None else raw[start:start + b])
+        return writer.close()
 
 
-def load(run_dir: str | Path, device: str = "auto", stage: str | None = None) -> DiffusionGenerator:
+def _denoise(unet, spec, shape, labels, attributes, gens, sampler, steps, guidance_scale, device) -> torch.Tensor:
+    """Reverse diffusion for one batch (pixels or latents), classifier-free guided."""
+    scheduler = make_sample_scheduler(spec, sampler)  # fresh per batch: multistep solvers keep history
+    scheduler.set_timesteps(steps)
+    y = labels.to(device)
+    x = _randn(shape, gens).to(device)
+    null = torch.full_like(y, spec.num_classes)
+    kw, kw_null = {}, {}
+    if spec.attribute_names:
+        b = len(y)
+        if attributes is None:
+            kw = {"attributes": torch.zeros(b, len(spec.attribute_names), device=device),
+                  "attr_mask": torch.zeros(b, device=device)}
+        else:
+            kw = {"attributes": attributes.to(device), "attr_mask": torch.ones(b, device=device)}
+        kw_null = {"attributes": torch.zeros_like(kw["attributes"]), "attr_mask": torch.zeros(b, device=device)}
+    x = x * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        tt = torch.full((len(y),), int(t), device=device, dtype=torch.long)
+        xin = scheduler.scale_model_input(x, t)
+        eps = unet(xin, tt, y, **kw)
+        if guidance_scale != 1.0:
+            eps_u = unet(xin, tt, null, **kw_null)
+            eps = eps_u + guidance_scale * (eps - eps_u)
+        x = scheduler.step(eps, t, x, generator=gens if sampler == "ddpm" else None).prev_sample
+    return x
+
+
+class DiffusionGenerator(Generator):
+    family = "diffusion"
+
+    def _sample_batch(self, labels, attributes, gens, sampler, steps, guidance_scale):
+        return _denoise(self.model, self.spec, self.spec.image_shape, labels, attributes, gens, sampler, steps,
+                        guidance_scale, self.device)
+
+
+class LatentDiffusionGenerator(Generator):
+    family = "latent_diffusion"
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.spec.unet.image_shape)
+
+    def _sample_batch(self, labels, attributes, gens, sampler, steps, guidance_scale):
+        model: LatentDiffusion = self.model
+        z = _denoise(model.unet, self.spec.unet, self.latent_shape, labels, attributes, gens, sampler, steps,
+                     guidance_scale, self.device)
+        return model.decode(z)
+
+
+class GANGenerator(Generator):
+    family = "cgan"
+
+    def _sample_batch(self, labels, attributes, gens, sampler, steps, guidance_scale):
+        if guidance_scale != 1.0:
+            raise ValueError("guidance_scale applies to diffusion models; a cGAN samples without guidance (1.0)")
+        g = self.model.generator
+        z = _randn((self.spec.latent_dim,), gens).to(self.device)
+        y = labels.to(self.device)
+        a = m = None
+        if attributes is not None:
+            a, m = attributes.to(self.device), torch.ones(len(y), device=self.device)
+        return g(z, y, a, m)
+
+
+GENERATORS: dict[str, type[Generator]] = {c.family: c for c in (DiffusionGenerator, LatentDiffusionGenerator, GANGenerator)}
+
+
+def from_checkpoint(path: str | Path, device="auto") -> Generator:
+    """The generator a weights file describes (safetensors + spec; never unpickles)."""
+    family, model, spec, info = build_from_checkpoint(Path(path))
+    return GENERATORS[family](model, spec, info, resolve_device(device))
+
+
+DiffusionGenerator.from_checkpoint = classmethod(lambda cls, path, device="auto": from_checkpoint(path, device))
+
+
+def load(run_dir: str | Path, device: str = "auto", stage: str | None = None) -> Generator:
     """The generator of a finished run (fine-tuned weights, else pretrained)."""
     ck = Path(run_dir) / "checkpoints"
     names = [f"{stage}.safetensors"] if stage else ["finetune.safetensors", "pretrain.safetensors"]
     for name in names:
         if (ck / name).is_file():
-            return DiffusionGenerator.from_checkpoint(ck / name, device=device)
+            return from_checkpoint(ck / name, device=device)
     raise FileNotFoundError(f"{run_dir}: no trained generator (looked for {', '.join(names)} in {ck})")
+
+
+__all__ = ["Generator", "DiffusionGenerator", "LatentDiffusionGenerator", "GANGenerator", "Samples", "load",
+           "from_checkpoint", "write_class_grids", "write_cohort_npz", "write_nifti"]

@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 from opacus import GradSampleModule
+from opacus.grad_sample.conv import compute_conv_grad_sample as _opacus_conv_grad_sample
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
@@ -80,6 +81,57 @@ def make_conv_inputs_contiguous(model: nn.Module) -> nn.Module:
             m.register_forward_pre_hook(_contiguous_input)
             m._dpgen_contiguous = True
     return model
+
+
+# ----------------------------------------------------------------------------- per-sample gradients
+
+
+def _conv_grad_sample(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    """Per-sample conv gradients as one grouped convolution backward (the batch folded into groups).
+
+    Opacus' conv sampler materialises the unfolded input (im2col, k^d times the activation)
+    and multiplies it per sample: measured on the quickstart UNet on CPU, more than half of
+    the extra time of a DP step. With the batch folded into the channel groups, the weight
+    gradient of one convolution *is* the stack of per-sample weight gradients, and the
+    convolution backend computes it without the unfold copy (2-5x faster per 2D layer, 4-13x
+    per 3D layer). The preflight checks it against autograd like any other sampler. Anything
+    else goes to Opacus' sampler unchanged: string padding, non-zero padding modes, empty
+    batches, and non-contiguous (channels-last) inputs, which `make_conv_inputs_contiguous`
+    (always installed by DPSGD) is what makes right, and which the preflight is there to catch.
+    """
+    x = activations[0]
+    n = x.shape[0]
+    if n == 0 or isinstance(layer.padding, str) or layer.padding_mode != "zeros" or not x.is_contiguous():
+        return _opacus_conv_grad_sample(layer, activations, backprops)
+    x = x.to(backprops.dtype)
+    ret = {}
+    w = layer.weight
+    if w.requires_grad:
+        dims = x.ndim - 2
+        size = (n * w.shape[0], *w.shape[1:])
+        grad_w = torch.ops.aten.convolution_backward(
+            backprops.reshape(1, n * backprops.shape[1], *backprops.shape[2:]),
+            x.reshape(1, n * x.shape[1], *x.shape[2:]),
+            backprops.new_empty(1).expand(size),  # only the shape is read
+            None, list(layer.stride), list(layer.padding), list(layer.dilation), False, [0] * dims,
+            n * layer.groups, (False, True, False),
+        )[1]
+        ret[w] = grad_w.view(n, *w.shape)
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = backprops.reshape(n, backprops.shape[1], -1).sum(dim=2)
+    return ret
+
+
+class DPGradSampleModule(GradSampleModule):
+    """Opacus' GradSampleModule with dpgen's conv sampler (hooks mode; functorch unchanged).
+
+    A subclass, not `register_grad_sampler`, so Opacus' global registry stays as shipped.
+    """
+
+    GRAD_SAMPLERS = {
+        **GradSampleModule.GRAD_SAMPLERS,
+        nn.Conv1d: _conv_grad_sample, nn.Conv2d: _conv_grad_sample, nn.Conv3d: _conv_grad_sample,
+    }
 
 
 def validate_model(model: nn.Module) -> None:
@@ -139,7 +191,7 @@ def preflight(
     n = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
     names = [name for name, p in base.named_parameters() if p.requires_grad]
 
-    gsm = GradSampleModule(copy.deepcopy(base), batch_first=True, loss_reduction="sum", force_functorch=mode == "functorch")
+    gsm = DPGradSampleModule(copy.deepcopy(base), batch_first=True, loss_reduction="sum", force_functorch=mode == "functorch")
     loss_fn(gsm, batch).sum().backward()
     opacus_grads = {}
     for name, p in gsm._module.named_parameters():
@@ -279,7 +331,7 @@ class DPSGD:
         grad_sample_mode: str = "hooks",
     ):
         make_conv_inputs_contiguous(model)
-        self.gsm = GradSampleModule(
+        self.gsm = DPGradSampleModule(
             model, batch_first=True, loss_reduction="sum", force_functorch=grad_sample_mode == "functorch"
         )
         # loss_reduction="mean": Opacus divides the noised sum by the *expected* batch size

@@ -346,7 +346,8 @@ def release(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, in
         used.add(weights_rel)
 
     arrays = read_cohort(info.root / cohort_rel)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # same filesystem: the final move is a rename
     try:
         cohort = write_cohort_files(stage, arrays, info.config.data.class_names)
         files = {"images": f"images/ ({cohort['n']} {cohort['image_format']} files)", "labels": "labels.csv",
@@ -364,7 +365,6 @@ def release(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, in
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
         if out.exists():
             shutil.rmtree(out) if any(out.iterdir()) else out.rmdir()
-        out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(stage, out)
     finally:
         if stage.exists():

@@ -189,7 +189,10 @@ def run_dp_job(config, rd: RunDir, ledger: PrivacyLedger, job: DPJob, units: Pri
     g = step_generator(config.seed, 0, f"{job.stream}preflight")
     batch = job.objective.preflight_batch(PREFLIGHT_BATCH, g)
     report = preflight(module, job.objective.loss, {k: v.to(device) for k, v in batch.items()}, mode=s.grad_sample_mode)
-    ledger.append({"kind": "preflight", "mechanism": job.mechanism, **report.to_dict()})
+    shapes = {k: list(v.shape[1:]) for k, v in batch.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+              and v.ndim > 2}
+    ledger.append({"kind": "preflight", "mechanism": job.mechanism, "trains": plan.get("trains"),
+                   "input_shapes": shapes, **report.to_dict()})
     require_preflight(report)
     if before_steps is not None:
         before_steps()

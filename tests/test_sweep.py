@@ -1,0 +1,136 @@
+"""`dpgen sweep`: one public pretraining shared by a DP fine-tune per epsilon, evaluated, drawn as a curve."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dpgen.cli import main
+from dpgen.config import ConfigError
+from dpgen.privacy.ledger import PrivacyLedger
+from dpgen.sweep import eps_dirname, parse_epsilons
+from tests.test_release import small_raw
+
+try:
+    import dpgen.evaluation  # noqa: F401
+
+    HAVE_EVAL = True
+except ImportError:
+    HAVE_EVAL = False
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared 2-core box: one thread is several times faster
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(small_raw()))
+    sweep_dir = root / "sweep"
+    args = ["sweep", str(cfg), "--epsilons", "2,inf", "--run-dir", str(sweep_dir), "--no-progress", "--device", "cpu"]
+    if HAVE_EVAL:
+        args += ["--eval-seeds", "1", "--eval-epochs", "1", "--encoder-epochs", "1"]
+    else:
+        args += ["--no-evaluate"]
+    assert main(args) == 0
+    return cfg, sweep_dir
+
+
+def test_sweep_shares_pretraining_and_fine_tunes_once_per_epsilon(swept):
+    _, d = swept
+    assert sorted(p.name for p in d.iterdir()) == ["curve.png", "eps_2", "eps_inf", "pretrain", "sweep.json"]
+    shared = d / "pretrain" / "checkpoints" / "pretrain.safetensors"
+    for name in ("eps_2", "eps_inf"):
+        run = d / name
+        w = run / "checkpoints" / "pretrain.safetensors"
+        assert w.read_bytes() == shared.read_bytes()
+        assert os.path.samefile(w, shared) or w.stat().st_nlink == 1  # a hard link where the filesystem allows
+        state = json.loads((run / "state.json").read_text())["completed"]
+        assert state["pretrain"]["shared_from"] == "../pretrain/checkpoints/pretrain.safetensors"
+        assert {"pretrain", "finetune", "sample"} <= set(state)
+        assert not (run / "logs" / "pretrain").exists()  # the public pretraining ran once, in pretrain/
+        assert (run / "cohort" / "cohort.npz").is_file()
+    assert (d / "pretrain" / "logs" / "pretrain").is_dir()
+    assert not (d / "pretrain" / "privacy" / "ledger.jsonl").exists()  # public pretraining spends nothing
+
+    # epsilon 2: DP within target; inf: non-private (sigma 0, clipping kept)
+    s2 = PrivacyLedger.for_run(d / "eps_2").summary()
+    assert s2["within_target"] and 0 < s2["epsilon"] <= 2
+    sinf = PrivacyLedger.for_run(d / "eps_inf").summary()
+    assert sinf["non_private"] and math.isinf(sinf["epsilon"])
+    plan = PrivacyLedger.for_run(d / "eps_inf").latest("dp_plan")
+    assert plan["sigma"] == 0 and plan["max_grad_norm"] > 0
+
+
+def test_sweep_writes_results_and_draws_the_curve(swept):
+    _, d = swept
+    res = json.loads((d / "sweep.json").read_text())
+    assert res["epsilons"] == [2.0, "inf"]
+    assert [r["run_dir"] for r in res["runs"]] == ["eps_2", "eps_inf"]
+    png = (d / "curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    from PIL import Image
+
+    with Image.open(d / "curve.png") as im:
+        assert im.width > 400 and im.height > 200
+    if HAVE_EVAL:
+        assert res["evaluation"] == "run"
+        for r in res["runs"]:
+            p = r["point"]
+            assert r["evaluated"] and (d / r["run_dir"] / "metrics" / "evaluation.json").is_file()
+            for key in ("tstr_auc", "dp_sgd_auc", "ceiling_auc", "fd", "fd_real"):
+                assert p[key] is not None, (r["run_dir"], key)
+            assert 0 <= p["tstr_auc"] <= 1 and 0 <= p["dp_sgd_auc"] <= 1
+        assert res["ceiling_auc"] is not None
+    else:
+        assert all(not r["evaluated"] and "not evaluated" in r["note"] for r in res["runs"])
+
+
+def test_sweep_resume_skips_finished_work_and_refuses_to_overwrite(swept, capsys):
+    cfg, d = swept
+    before = (d / "eps_2" / "privacy" / "ledger.jsonl").read_bytes()
+    base = ["sweep", str(cfg), "--epsilons", "2,inf", "--run-dir", str(d), "--no-progress", "--device", "cpu"]
+    assert main(base) == 2  # exists: needs --resume or --overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert main([*base, "--resume"] + ([] if HAVE_EVAL else ["--no-evaluate"])) == 0
+    assert (d / "eps_2" / "privacy" / "ledger.jsonl").read_bytes() == before  # nothing re-spent
+    res = json.loads((d / "sweep.json").read_text())
+    assert all(not r["timing"] for r in res["runs"])  # every stage was skipped
+
+
+def test_report_of_a_sweep_run_shows_the_curve(swept):
+    from dpgen.report.html import render
+    from dpgen.report.runinfo import load_run
+
+    _, d = swept
+    html_text = render(load_run(d / "eps_2"))
+    assert "From the privacy-utility sweep this run belongs to (sweep/sweep.json)" in html_text
+
+
+def test_parse_epsilons():
+    assert parse_epsilons("1,3,10,inf") == [1.0, 3.0, 10.0, math.inf]
+    assert parse_epsilons("inf, 0.5 ,∞,3") == [0.5, 3.0, math.inf]
+    assert eps_dirname(math.inf) == "eps_inf" and eps_dirname(0.5) == "eps_0.5" and eps_dirname(10.0) == "eps_10"
+    for bad in ("0", "-1", "abc", "", "nan"):
+        with pytest.raises(ConfigError):
+            parse_epsilons(bad)
+
+
+def test_sweep_cli_reports_bad_epsilons(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(small_raw()))
+    assert main(["sweep", str(cfg), "--epsilons", "1,zero", "--run-dir", str(tmp_path / "s")]) == 2
+    assert "--epsilons" in capsys.readouterr().err
+    assert not Path(tmp_path / "s").exists()
