@@ -60,7 +60,7 @@ class AttributeRange(_Section):
     @model_validator(mode="after")
     def _order(self) -> "AttributeRange":
         if not (math.isfinite(self.min) and math.isfinite(self.max) and self.max > self.min):
-            raise ValueError(f"attribute range [{self.min}, {self.max}] must be finite with max > min")
+            raise ValueError(f"attribute range [{self.min:g}, {self.max:g}] must be finite with max > min")
         return self
 
 
@@ -370,7 +370,7 @@ class RunConfig(_Section):
                 r = self.data.attributes[name]
                 bad = [x for x in vs if not r.min <= x <= r.max]
                 if bad:
-                    raise ValueError(f"sample.attributes.values.{name} = {bad[0]} is outside data.attributes.{name} = [{r.min}, {r.max}]")
+                    raise ValueError(f"sample.attributes.values.{name} = {bad[0]:g} is outside data.attributes.{name} = [{r.min:g}, {r.max:g}]")
         for role in ("public", "private"):
             src = getattr(self.data, role)
             if src is not None and src.attribute_columns and names:

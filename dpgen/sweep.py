@@ -181,6 +181,9 @@ def sweep(
                     if k.startswith("public/")}
 
     evaluate_stage, eval_note = _evaluator() if evaluate else (None, "evaluation skipped (--no-evaluate)")
+    old = (RunDir.read_json(root / SWEEP_JSON) or {}) if resume else {}
+    old_timing = {r.get("run_dir"): r.get("timing") or {} for r in old.get("runs") or [] if isinstance(r, dict)}
+    timing = {**(old.get("timing") or {}), **timing}
     runs = []
     for eps in eps_list:
         raw = config.to_dict()
@@ -214,6 +217,7 @@ def sweep(
         else:
             rec["evaluated"] = False
             rec["note"] = f"not evaluated: {eval_note}"
+        rec["timing"] = {**old_timing.get(rec["run_dir"], {}), **rec["timing"]}  # a resumed sweep keeps earlier timings
         spent = _spent_epsilon(rd, cfg)
         rec["spent_epsilon"] = spent
         rec["point"] = {**point_from_evaluation(eps, evaluation), "spent_epsilon": spent}
@@ -237,7 +241,7 @@ def sweep(
         "points": points,
         "ceiling_auc": ceiling,
         "evaluation": "run" if evaluate_stage is not None else eval_note,
-        "timing": {**timing, "total_s": round(time.time() - t_all, 2)},
+        "timing": {**timing, "total_s": round(time.time() - t_all, 2)},  # total_s: this invocation
         "curve": CURVE_PNG,
         "note": ("each epsilon is its own release candidate (its own ledger); releasing several cohorts of this "
                  "sweep composes their epsilons"),

@@ -366,7 +366,9 @@ def test_cli_json_reuses_cached_encoder_and_takes_a_custom_module(tmp_path, enco
     assert "FD[public-encoder]" in out["fidelity"]["overall"]["metrics"] and "utility" not in out
 
     module = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 16))
-    metrics = evaluate_stage(rd.load_config(), rd, progress=False, options=tiny_options(),
+    opts = tiny_options()
+    opts.utility = False
+    metrics = evaluate_stage(rd.load_config(), rd, progress=False, options=opts,
                              feature_extractor=FeatureExtractor.from_module(module, "mine"), write=False)
     assert "FD[mine]" in metrics["fidelity"]["overall"]["metrics"]
     assert metrics["fidelity"]["feature_extractor"]["feature_dim"] == 16

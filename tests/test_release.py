@@ -28,7 +28,7 @@ from dpgen.report.runinfo import load_run
 # A tiny config: a few steps of everything (this is a test of the release machinery, not of quality).
 SMALL = {"pretrain": {"steps": 2, "batch_size": 16, "checkpoint_every": 2},
          "finetune": {"steps": 2, "batch_size": 24, "physical_batch_size": 12, "checkpoint_every": 2},
-         "sample": {"num_images": 12, "steps": 2, "batch_size": 12, "class_counts": {"mode": "dp_histogram"}}}
+         "sample": {"num_images": 12, "steps": 2, "batch_size": 12, "class_counts": {"mode": "uniform"}}}
 
 def small_raw() -> dict:
     from tests.conftest import TINY

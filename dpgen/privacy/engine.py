@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -122,16 +123,56 @@ def _conv_grad_sample(layer: nn.Module, activations: list[torch.Tensor], backpro
     return ret
 
 
+_CONV_SAMPLED = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _conv_forward_weights_detached(self: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias):
+    return type(self)._conv_forward(self, x, weight.detach(), None if bias is None else bias.detach())
+
+
 class DPGradSampleModule(GradSampleModule):
     """Opacus' GradSampleModule with dpgen's conv sampler (hooks mode; functorch unchanged).
 
     A subclass, not `register_grad_sampler`, so Opacus' global registry stays as shipped.
+
+    In hooks mode the convs' weights are also taken out of autograd's graph: DP-SGD never
+    uses the batch gradient autograd would compute for them (their per-sample gradients come
+    from the sampler, from activations and output gradients alone), and on CPU that batch
+    weight gradient is a sizeable part of a UNet's backward pass. So that every conv still
+    gets its output gradient, floating-point inputs that do not require grad are made to
+    (`x + leaf` with a zero leaf: same values; inputs that already require grad are left alone,
+    so a GAN's generator still gets its gradient through the discriminator). `_close` undoes both.
     """
 
-    GRAD_SAMPLERS = {
-        **GradSampleModule.GRAD_SAMPLERS,
-        nn.Conv1d: _conv_grad_sample, nn.Conv2d: _conv_grad_sample, nn.Conv3d: _conv_grad_sample,
-    }
+    GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, **{c: _conv_grad_sample for c in _CONV_SAMPLED}}
+
+    def __init__(self, m: nn.Module, **kwargs):
+        super().__init__(m, **kwargs)
+        self._detached_convs = []
+        if not kwargs.get("force_functorch", False):
+            for mod in self._module.modules():
+                if (type(mod) in _CONV_SAMPLED and "_conv_forward" not in vars(mod)
+                        and any(p.requires_grad for p in mod.parameters(recurse=False))):
+                    mod._conv_forward = types.MethodType(_conv_forward_weights_detached, mod)
+                    self._detached_convs.append(mod)
+
+    @staticmethod
+    def _grad_input(a):
+        if isinstance(a, torch.Tensor) and a.is_floating_point() and not a.requires_grad:
+            return a + torch.zeros((), dtype=a.dtype, device=a.device, requires_grad=True)
+        return a
+
+    def forward(self, *args, **kwargs):
+        if self._detached_convs and self.hooks_enabled and torch.is_grad_enabled():
+            args = tuple(self._grad_input(a) for a in args)
+            kwargs = {k: self._grad_input(v) for k, v in kwargs.items()}
+        return super().forward(*args, **kwargs)
+
+    def _close(self):
+        for mod in self._detached_convs:
+            del mod._conv_forward
+        self._detached_convs = []
+        super()._close()
 
 
 def validate_model(model: nn.Module) -> None:

@@ -54,6 +54,8 @@ class InversionOptions:
     identification_trials: int = 500
     pool_size: int = 64  # private images whose clipped gradients the identification trials draw from
     diffusion_timestep_fraction: float = 0.05
+    # Cosine per parameter tensor, averaged (True), or of the whole flattened gradient (Geiping et al.).
+    layerwise: bool = True
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -112,6 +114,18 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return tv
 
 
+def cosine(g: torch.Tensor, obs: torch.Tensor, seg: torch.Tensor | None, n_seg: int) -> torch.Tensor:
+    """Cosine similarity of two flat gradients, whole-vector (seg None) or averaged per tensor."""
+    if seg is None:
+        return (g * obs).sum() / (g.norm().clamp_min(1e-12) * obs.norm().clamp_min(1e-12))
+    z = torch.zeros(n_seg, dtype=g.dtype)
+    dot = z.index_add(0, seg, g * obs)
+    gg = z.index_add(0, seg, g * g)
+    oo = z.index_add(0, seg, obs * obs)
+    live = oo > 0
+    return (dot[live] / (gg[live].sqrt() * oo[live].sqrt()).clamp_min(1e-12)).mean()
+
+
 def invert(loss_of_image: LossOfImage, params: list[nn.Parameter], observed: torch.Tensor, shape: tuple[int, ...],
            options: InversionOptions, generator: torch.Generator) -> tuple[torch.Tensor, float]:
     """Gradient inversion: (reconstruction in [-1, 1] of shape (1, *shape), final cosine distance)."""
@@ -119,11 +133,13 @@ def invert(loss_of_image: LossOfImage, params: list[nn.Parameter], observed: tor
     opt = torch.optim.Adam([x], lr=options.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, options.iterations))
     obs = observed.detach()
-    obs_norm = obs.norm().clamp_min(1e-12)
+    sizes = [p.numel() for p in params]
+    # segment id of every coordinate: per-tensor dot products and norms by index_add
+    seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)) if options.layerwise else None
     rec = float("nan")
     for _ in range(options.iterations):
         g = flat_grad(loss_of_image(x), params, create_graph=True)
-        cos = 1 - (g * obs).sum() / (g.norm().clamp_min(1e-12) * obs_norm)
+        cos = 1 - cosine(g, obs, seg, len(sizes))
         total = cos + options.tv_weight * total_variation(x)
         opt.zero_grad(set_to_none=True)
         x.grad = torch.autograd.grad(total, x)[0]

@@ -18,6 +18,7 @@ Order of events leaves the run directory consistent if the process dies at any p
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,22 @@ def release_histogram_once(config, rd: RunDir, ledger: PrivacyLedger, labels: np
     })
 
 
+def preflight_copy(module: nn.Module, generator: torch.Generator) -> tuple[nn.Module, int]:
+    """A copy of `module` for the preflight in which all-zero parameters (LoRA `up`
+    matrices, MONAI's zero-initialised output convolutions before any training) get small
+    random values: a zero weight makes every gradient behind it zero, and a check of zeros
+    against zeros proves nothing. The values of the weights do not change which per-sample
+    gradient code runs, so the check carries over to the real module."""
+    probe = copy.deepcopy(module)
+    n = 0
+    with torch.no_grad():
+        for p in probe.parameters():
+            if p.numel() and not p.detach().any():
+                p.copy_(torch.randn(p.shape, generator=generator).to(p) * 0.02)
+                n += 1
+    return probe, n
+
+
 @dataclass
 class DPJob:
     mechanism: str
@@ -188,11 +205,13 @@ def run_dp_job(config, rd: RunDir, ledger: PrivacyLedger, job: DPJob, units: Pri
 
     g = step_generator(config.seed, 0, f"{job.stream}preflight")
     batch = job.objective.preflight_batch(PREFLIGHT_BATCH, g)
-    report = preflight(module, job.objective.loss, {k: v.to(device) for k, v in batch.items()}, mode=s.grad_sample_mode)
+    probe, n_perturbed = preflight_copy(module, g)
+    report = preflight(probe, job.objective.loss, {k: v.to(device) for k, v in batch.items()}, mode=s.grad_sample_mode)
+    del probe
     shapes = {k: list(v.shape[1:]) for k, v in batch.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
               and v.ndim > 2}
     ledger.append({"kind": "preflight", "mechanism": job.mechanism, "trains": plan.get("trains"),
-                   "input_shapes": shapes, **report.to_dict()})
+                   "input_shapes": shapes, "zero_parameters_perturbed": n_perturbed, **report.to_dict()})
     require_preflight(report)
     if before_steps is not None:
         before_steps()

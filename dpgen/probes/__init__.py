@@ -1,0 +1,27 @@
+"""Privacy probes: does the DP guarantee hold in practice, with attacks that could have failed.
+
+    from dpgen.probes import audit_stage, format_summary
+    results = audit_stage(config, RunDir("runs/quick"))
+    print(format_summary(results))
+
+Modules: `memorization` (nearest private training images of each synthetic image, Carlini ratio,
+max correlation, with a held-out reference), `membership` (loss / reference-model attacks on the
+diffusion model, the non-DP overfit control, a discriminator attack for GANs), `reconstruction`
+(gradient inversion and gradient-matching identification on a DP-SGD update, next to the ReRo
+bound), `stats` (AUC, TPR at low FPR, bootstrap intervals, DP limits), `figures`, `stage` (the
+stage function, outputs), `commands` (`dpgen audit`).
+
+Everything per-image, and every figure, goes to RUN/internal/audit/ (never released); only an
+aggregate summary goes to RUN/metrics/probes_summary.json.
+"""
+
+__all__ = ["AuditOptions", "audit_stage", "format_summary", "releasable_summary"]
+
+
+def __getattr__(name: str):
+    # Lazy: `dpgen --help` imports dpgen.probes.commands, which should not load torch.
+    if name in __all__:
+        from dpgen.probes import stage
+
+        return getattr(stage, name)
+    raise AttributeError(f"module 'dpgen.probes' has no attribute {name!r}")

@@ -1,0 +1,333 @@
+"""Generator families end to end on real data (tiny models): pixel diffusion with attributes,
+latent diffusion (2D and 3D), conditional GAN; the errors users hit with bad input."""
+
+from __future__ import annotations
+
+import copy
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dpgen
+from dpgen.config import ConfigError, config_from_dict, load_config
+from dpgen.privacy.ledger import PrivacyLedger
+from tests.conftest import REPO, TINY
+
+FAST = {"pretrain": {"steps": 3, "batch_size": 8, "checkpoint_every": 3},
+        "finetune": {"steps": 3, "batch_size": 24, "physical_batch_size": 12, "checkpoint_every": 3},
+        "sample": {"num_images": 6, "steps": 3, "batch_size": 4, "class_counts": {"mode": "uniform"}}}
+
+
+def _tiny(**sections) -> dict:
+    raw = copy.deepcopy(TINY)
+    for key, val in {**FAST, **sections}.items():
+        if isinstance(val, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **val}
+        else:
+            raw[key] = val
+    return raw
+
+
+def _run(tmp_path_factory, name: str, raw: dict) -> Path:
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    dpgen.run(config_from_dict(raw), run_dir, progress=False)
+    return run_dir
+
+
+def _check_private_path(run_dir: Path, trains: str) -> PrivacyLedger:
+    """The privacy path every family keeps: plan -> preflight passed -> complete -> artifacts."""
+    ledger = PrivacyLedger(run_dir / "privacy" / "ledger.jsonl")
+    kinds = [e["kind"] for e in ledger.entries()]
+    assert kinds.index("dp_plan") < kinds.index("preflight") < kinds.index("dp_progress") < kinds.index("dp_complete")
+    pre = ledger.latest("preflight", mechanism="dp_sgd:finetune")
+    assert pre["passed"] and pre["max_relative_error"] < 1e-4 and trains in pre["trains"]
+    s = ledger.summary(1e-5)
+    assert 0 < s["epsilon"] <= 8.0
+    assert ledger.latest("artifact", name="cohort") is not None
+    assert (run_dir / "cohort" / "cohort.npz").is_file()
+    return ledger
+
+
+# ----------------------------------------------------------------------------- latent diffusion 2D
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory):
+    raw = _tiny(
+        model={**TINY["model"], "generator": "latent_diffusion", "channels": [16, 32]},
+        autoencoder={"channels": [8, 16], "latent_channels": 2, "norm_num_groups": 8,
+                     "pretrain": {"steps": 3, "batch_size": 8}},
+        finetune={**FAST["finetune"], "trainable": "attention"},
+        sample={**FAST["sample"], "sampler": "dpmsolver++"},
+    )
+    return _run(tmp_path_factory, "latent", raw)
+
+
+def test_latent_diffusion_end_to_end(latent_run):
+    ledger = _check_private_path(latent_run, "latent diffusion UNet")
+    pre = ledger.latest("preflight")
+    assert pre["input_shapes"]["x0"] == [2, 14, 14]  # the preflight ran on latents: what DP-SGD trains on
+    plan = ledger.latest("dp_plan")
+    assert plan["trainable"]["mode"] == "attention"
+    assert plan["trainable"]["trainable_parameters"] < plan["trainable"]["total_parameters"] / 2
+    art = ledger.latest("artifact", name="finetune_weights")
+    assert "autoencoder: public data only" in art["privacy_source"]
+    with np.load(latent_run / "cohort" / "cohort.npz") as z:
+        assert z["train_images"].shape == (6, 28, 28)
+
+
+def test_generate_reproduces_bit_for_bit(latent_run):
+    gen = dpgen.load(latent_run, device="cpu")
+    assert type(gen).__name__ == "LatentDiffusionGenerator" and gen.latent_shape == (2, 14, 14)
+    for sampler in ("dpmsolver++", "ddpm"):
+        a = gen.generate(labels=[0, 1, 1], seed=5, steps=3, sampler=sampler)
+        b = gen.generate(labels=[0, 1, 1], seed=5, steps=3, sampler=sampler)
+        c = gen.generate(labels=[0, 1, 1], seed=6, steps=3, sampler=sampler)
+        assert a.images.shape == (3, 1, 28, 28) and torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
+    with pytest.raises(ValueError, match="label 2 does not exist"):
+        gen.generate(labels=[2], steps=2)
+    with pytest.raises(ValueError, match="trained without attributes"):
+        gen.generate(labels=[0], attributes={"age": [50]}, steps=2)
+
+
+def test_sample_cohort_streams_and_matches_generate(latent_run, tmp_path):
+    gen = dpgen.load(latent_run, device="cpu")
+    out = gen.sample_cohort(tmp_path / "c", labels=[0, 1, 0, 1, 1], seed=2, steps=2, batch_size=2)
+    imgs, labels = gen.generate(labels=[0, 1, 0, 1, 1], seed=2, steps=2, batch_size=2)
+    with np.load(out["npz"]) as z:
+        assert np.array_equal(z["train_images"], dpgen.data.from_model_range(imgs)[:, 0])
+        assert z["train_labels"][:, 0].tolist() == [0, 1, 0, 1, 1]
+    assert not list((tmp_path / "c").glob(".*partial*"))  # the memmap is gone
+
+
+# ----------------------------------------------------------------------------- cGAN
+
+
+@pytest.fixture(scope="module")
+def gan_run(tmp_path_factory):
+    raw = _tiny(model={"generator": "cgan", "gan": {"latent_dim": 16, "generator_channels": [32, 16, 8],
+                                                     "discriminator_channels": [8, 16, 32]}})
+    return _run(tmp_path_factory, "cgan", raw)
+
+
+def test_cgan_private_discriminator_and_post_processing(gan_run):
+    ledger = _check_private_path(gan_run, "discriminator")
+    assert ledger.latest("artifact", name="generator_weights")["privacy_source"] == \
+        "post-processing of dp_sgd:finetune (discriminator)"
+    assert ledger.latest("artifact", name="cohort")["privacy_source"] == "post-processing of dp_sgd:finetune (discriminator)"
+    assert len([e for e in ledger.entries() if e["kind"] == "dp_plan"]) == 1  # one mechanism: D only
+    gen = dpgen.load(gan_run, device="cpu")
+    a, la = gen.generate(labels=[0, 1, 1, 0], seed=1)
+    b, _ = gen.generate(labels=[0, 1, 1, 0], seed=1)
+    assert a.shape == (4, 1, 28, 28) and torch.equal(a, b) and la.tolist() == [0, 1, 1, 0]
+    with pytest.raises(ValueError, match="guidance"):
+        gen.generate(labels=[0], guidance_scale=2.0)
+
+
+def test_gan_discriminator_step_keeps_generator_out_of_dp():
+    """The G update runs with D's hooks off: no per-sample gradients, D's .grad untouched."""
+    from dpgen.models.gan import ConditionalGAN, GANSpec
+    from dpgen.privacy.engine import DPSGD, PrivacyUnits, step_generator
+    from dpgen.training.common import EMA
+    from dpgen.training.families.gan import generator_step
+    from dpgen.training.objectives import DiscriminatorObjective
+
+    spec = GANSpec(2, 1, 2, [1, 8, 8], latent_dim=8, generator_channels=[16, 8], discriminator_channels=[8, 16])
+    gan = ConditionalGAN(spec)
+    obj = DiscriminatorObjective(gan.generator, spec)
+    dp = DPSGD(gan.discriminator, torch.optim.SGD(gan.discriminator.parameters(), lr=0.1), noise_multiplier=0.0,
+               max_grad_norm=1.0, expected_batch_size=4)
+    units = PrivacyUnits.from_subjects(None, 6)
+    x, y = torch.rand(6, 1, 8, 8) * 2 - 1, torch.randint(0, 2, (6,))
+    dp.step(units.physical_chunks(np.arange(6), 3),
+            lambda c, rows, k: obj.draw_rows({"x": x[rows], "labels": y[rows]}, step_generator(0, 0, str(c))),
+            obj.loss, 1, torch.Generator().manual_seed(0))
+    g_before = [p.detach().clone() for p in gan.generator.parameters()]
+    dp.gsm.disable_hooks()
+    generator_step(obj, dp.gsm, gan.generator, torch.optim.SGD(gan.generator.parameters(), lr=0.1),
+                   EMA(gan.generator, 0.0), spec, 4, torch.Generator().manual_seed(1), "cpu")
+    dp.gsm.enable_hooks()
+    for p in gan.discriminator.parameters():
+        assert p.grad is None and getattr(p, "grad_sample", None) is None
+    assert any(not torch.equal(a, b) for a, b in zip(g_before, gan.generator.parameters()))
+
+
+# ----------------------------------------------------------------------------- 3D
+
+
+@pytest.fixture(scope="module")
+def volume_run(tmp_path_factory):
+    raw = _tiny(
+        data={"public": {"source": "adrenalmnist3d", "skip_images": 16, "max_images": 16},
+              "private": {"source": "adrenalmnist3d", "max_images": 16}, "num_classes": 2},
+        model={"generator": "latent_diffusion", "channels": [8, 16], "attention_levels": [False, True],
+               "num_head_channels": 8, "norm_num_groups": 4, "num_train_timesteps": 50},
+        autoencoder={"channels": [4, 8], "latent_channels": 2, "norm_num_groups": 4,
+                     "pretrain": {"steps": 2, "batch_size": 4}},
+        pretrain={"steps": 2, "batch_size": 4, "checkpoint_every": 2},
+        finetune={"steps": 2, "batch_size": 8, "physical_batch_size": 8, "checkpoint_every": 2},
+        sample={"num_images": 3, "steps": 2, "batch_size": 3, "class_counts": {"mode": "uniform"}},
+    )
+    return _run(tmp_path_factory, "vol", raw)
+
+
+def test_3d_cohort_written_as_npz_and_nifti(volume_run):
+    import nibabel as nib
+
+    ledger = _check_private_path(volume_run, "latent diffusion UNet")
+    assert ledger.latest("preflight")["input_shapes"]["x0"] == [2, 14, 14, 14]
+    with np.load(volume_run / "cohort" / "cohort.npz") as z:
+        assert z["train_images"].shape == (3, 28, 28, 28)
+        first = z["train_images"][0]
+    rows = list(csv.DictReader(open(volume_run / "cohort" / "labels.csv")))
+    assert len(rows) == 3 and set(rows[0]) == {"image", "label"}
+    vol = np.asarray(nib.load(volume_run / "cohort" / rows[0]["image"]).dataobj)
+    assert vol.shape == (28, 28, 28) and np.array_equal(vol, first)
+
+
+# ----------------------------------------------------------------------------- attributes
+
+
+@pytest.fixture(scope="module")
+def attribute_folder(tmp_path_factory):
+    """BreastMNIST images as PNGs with a labels CSV holding two continuous attributes."""
+    from PIL import Image
+
+    from tests.conftest import data_dir
+
+    root = tmp_path_factory.mktemp("attrs")
+    with np.load(data_dir() / "breastmnist.npz") as z:
+        images, labels = z["train_images"][:40], z["train_labels"][:40, 0]
+    with open(root / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label", "age", "brightness"])
+        for i, (im, lab) in enumerate(zip(images, labels)):
+            Image.fromarray(im).save(root / f"{i}.png")
+            w.writerow([f"{i}.png", int(lab), 30 + (i * 7) % 50, f"{im.mean() / 2.55:.2f}"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def attribute_run(tmp_path_factory, attribute_folder):
+    raw = _tiny(
+        data={**TINY["data"], "private": {"source": str(attribute_folder)},
+              "attributes": {"age": {"min": 18, "max": 90}, "brightness": {"min": 0, "max": 100}}},
+        finetune={**FAST["finetune"], "trainable": "attention+conditioning"},
+        sample={**FAST["sample"], "attributes": {"mode": "uniform"}, "guidance_scale": 2.0},
+    )
+    return _run(tmp_path_factory, "attr", raw)
+
+
+def test_attribute_conditioning(attribute_run):
+    ledger = _check_private_path(attribute_run, "diffusion UNet")
+    assert "unet.class_embedding" in ledger.latest("dp_plan")["trainable"]["modules"]
+    with np.load(attribute_run / "cohort" / "cohort.npz") as z:
+        attrs, names = z["train_attributes"], list(z["attribute_names"])
+    assert names == ["age", "brightness"] and attrs.shape == (6, 2)
+    assert (attrs[:, 0] >= 18).all() and (attrs[:, 0] <= 90).all()
+    assert "uniform" in ledger.latest("artifact", name="cohort")["attributes_source"]
+
+    gen = dpgen.load(attribute_run, device="cpu")
+    s = gen.generate(labels=[0, 1], attributes={"age": [40, 70], "brightness": 50}, seed=0, steps=2, guidance_scale=2)
+    again = gen.generate(labels=[0, 1], attributes=np.array([[40, 50], [70, 50]]), seed=0, steps=2, guidance_scale=2)
+    other = gen.generate(labels=[0, 1], attributes={"age": [20, 20], "brightness": 50}, seed=0, steps=2, guidance_scale=2)
+    assert torch.equal(s.images, again.images) and not torch.equal(s.images, other.images)
+    assert s.attributes.tolist() == [[40, 50], [70, 50]]
+    with pytest.raises(ValueError, match=r"'age' = 120 is outside the trained range \[18, 90\]"):
+        gen.generate(labels=[0], attributes={"age": 120, "brightness": 50}, steps=2)
+    with pytest.raises(ValueError, match="'weight' is not one this generator was trained on"):
+        gen.generate(labels=[0], attributes={"age": 40, "brightness": 50, "weight": 3}, steps=2)
+    with pytest.raises(ValueError, match="label 7 does not exist"):
+        gen.generate(labels=[7], steps=2)
+
+
+def test_attribute_config_errors(tiny_raw):
+    tiny_raw["data"]["attributes"] = {"age": {"min": 18, "max": 90}}
+    tiny_raw["sample"]["attributes"] = {"mode": "fixed", "values": {"age": 95}}
+    with pytest.raises(ConfigError, match=r"sample.attributes.values.age = 95 is outside data.attributes.age"):
+        config_from_dict(tiny_raw)
+    tiny_raw["data"]["attributes"] = {"age": {"min": 90, "max": 18}}
+    with pytest.raises(ConfigError, match="max > min"):
+        config_from_dict(tiny_raw)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_latent_shape_errors(tiny_raw):
+    from dpgen.training.families.latent import build_spec
+
+    tiny_raw["model"].update({"generator": "latent_diffusion", "channels": [16, 32]})
+    tiny_raw["autoencoder"] = {"channels": [8, 8, 8, 8], "norm_num_groups": 8}  # 28 / 8: not a whole grid
+    with pytest.raises(ValueError, match=r"divisible by 8; images of shape \(28, 28\) cannot be encoded"):
+        build_spec(config_from_dict(tiny_raw), (1, 28, 28))
+    tiny_raw["autoencoder"] = {"channels": [8, 8, 8], "norm_num_groups": 8, "latent_shape": [4, 7, 7]}
+    with pytest.raises(ValueError, match=r"can only produce latents of shape \[3, 7, 7\]"):
+        build_spec(config_from_dict(tiny_raw), (1, 28, 28))
+    tiny_raw["autoencoder"] = {"channels": [8, 8, 8], "norm_num_groups": 8}  # 7x7 latents, UNet halves once
+    spec = build_spec(config_from_dict(tiny_raw), (1, 28, 28))
+    from dpgen.models import LatentDiffusion
+
+    with pytest.raises(ValueError, match=r"divisible by 2; got \(7, 7\)"):
+        LatentDiffusion(spec)
+    from dpgen.models import AutoencoderSpec, DiffusionSpec, LatentDiffusionSpec
+
+    with pytest.raises(ValueError, match=r"UNet expects latents of shape \(3, 8, 8\), but the autoencoder produces \(3, 7, 7\)"):
+        LatentDiffusionSpec(DiffusionSpec(2, 3, 2, image_shape=[3, 8, 8]),
+                            AutoencoderSpec(2, 1, [1, 28, 28], channels=[8, 8, 8], norm_num_groups=8), 1.0)
+
+
+def test_lora_errors_and_merge():
+    from dpgen.models import ConditionalDiffusion, DiffusionSpec
+    from dpgen.models.lora import merge_lora
+    from dpgen.privacy.engine import make_conv_inputs_contiguous, preflight
+    from dpgen.training.objectives import DiffusionObjective
+    from dpgen.training.trainable import select_trainable
+
+    spec = DiffusionSpec(2, 1, 2, channels=[8, 16], attention_levels=[False, True], num_head_channels=8,
+                         norm_num_groups=4, num_train_timesteps=50, image_shape=[1, 8, 8])
+    model = ConditionalDiffusion(spec)
+    with pytest.raises(ValueError, match=r"lora_targets = \['to_qq'\]: LoRA target\(s\) \['to_qq'\] match no nn.Linear"):
+        select_trainable(model, "lora", lora_targets=["to_qq"])
+    info = select_trainable(model, "lora", lora_rank=2, lora_targets=["to_q", "to_v"])
+    layers = info["lora_layers"]
+    assert len(layers) >= 6 and all(n.endswith((".to_q", ".to_v")) for n in layers)
+    assert info["trainable_parameters"] < 0.05 * info["total_parameters"]
+    make_conv_inputs_contiguous(model)
+    obj = DiffusionObjective(model, 0.1)
+    g = torch.Generator().manual_seed(0)
+    from dpgen.training.dp import preflight_copy
+
+    probe, n_zero = preflight_copy(model, g)  # LoRA `up` starts at zero: perturbed for the check
+    assert n_zero >= len(layers)
+    report = preflight(probe, obj.loss, obj.preflight_batch(3, g))
+    assert report.passed and all(n.endswith((".down.weight", ".up.weight")) for n in report.errors)
+    assert min(report.errors.values()) >= 0 and report.max_relative_error < 1e-6
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith((".up.weight", ".down.weight")):
+                p.add_(0.1)
+    batch = obj.preflight_batch(2, torch.Generator().manual_seed(1))
+    before = obj.loss(model, batch)
+    assert merge_lora(model) == len(layers)
+    torch.testing.assert_close(obj.loss(model, batch), before)
+    assert not any(n.endswith((".down.weight", ".up.weight")) for n, _ in model.named_parameters())
+
+
+def test_trainable_config_errors(tiny_raw):
+    tiny_raw["model"]["attention_levels"] = [False, False]
+    tiny_raw["finetune"]["trainable"] = "attention"
+    with pytest.raises(ConfigError, match="no attention level"):
+        config_from_dict(tiny_raw)
+    tiny_raw["model"]["generator"] = "cgan"
+    with pytest.raises(ConfigError, match="cgan discriminator does not have"):
+        config_from_dict(tiny_raw)
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_config_validates(path):
+    cfg = load_config(REPO / path)
+    assert cfg.privacy.epsilon > 0 and cfg.model.generator in ("diffusion", "latent_diffusion", "cgan")
