@@ -287,7 +287,7 @@ def main() -> int:
     os.environ.setdefault("DPGEN_OFFLINE", "1")
 
     m = machine()
-    head = [f"## Pipeline speed (`benchmarks/pipeline_speed.py`)", "",
+    head = ["## Pipeline speed (`benchmarks/pipeline_speed.py`)", "",
             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} thread(s)), "
             f"GPU: {m['gpu'] or 'none'}; python {m['python']}; 1-min load average at start "
             f"{_n(m['load'], '{:.1f}')} (other jobs share this machine: throughput here is a lower bound).",

@@ -188,3 +188,69 @@ def test_membership_auc_limit():
     vals = [membership_auc_limit(e, 1e-5) for e in (0.5, 1, 3, 10)]
     assert vals == sorted(vals) and vals[-1] < 1
     assert membership_auc_limit(math.inf, 1e-5) == 1.0 and membership_auc_limit(None, 1e-5) is None
+
+
+def _probes_layout(flagged=False, auc=0.528, auc_ci=(0.44, 0.61), tpr_ci=(0.0, 0.10), caught=True) -> dict:
+    """The layout `dpgen audit` writes to metrics/probes_summary.json (trimmed to what the review reads)."""
+    space = {"synthetic": {"n": 12, "near_copies": 3 if flagged else 0, "near_copy_fraction": 0.25 if flagged else 0.0},
+             "held_out": {"n": 78, "near_copies": 8, "near_copy_fraction": 0.10},
+             "comparison": {"near_copies": {"p_value_excess": 1e-4 if flagged else 1.0, "flagged": flagged}}}
+    attack = {"n_members": 78, "n_non_members": 78, "auc": auc, "auc_ci": list(auc_ci),
+              "tpr_at_fpr": {"1%": {"fpr": 0.01, "tpr": 0.04, "ci": list(tpr_ci)}}}
+    return {
+        "kind": "privacy_probes_summary", "contains_private_images": False, "internal": False,
+        "memorization": {"flagged": flagged, "n_train": 96, "spaces": {"pixel": space},
+                         "verdict": ("MEMORIZATION: more near-copies of training images than an independent real sample shows"
+                                     if flagged else "no more near-copies than an independent real sample (held-out reference) shows")},
+        "membership": {"attack": "denoising-error", "primary_score": "reference",
+                       "dp_limits": {"per_fpr": {"1%": {"fpr": 0.01, "eps_delta": 0.9997, "mechanism_pld": 0.123}},
+                                     "auc_eps_delta": 0.9997},
+                       "dp_model": {"loss": attack, "reference": attack},
+                       "overfit_control": {"scores": {"reference": {"auc": 0.99, "auc_ci": [0.97, 1.0]}}, "caught": caught,
+                                           "caught_criterion": "the overfit model's AUC interval lies entirely above the DP model's",
+                                           "n_images": 32, "steps": 300}},
+        "reconstruction": {"targets": {"classifier": {
+            "attack_bound": {"bound": 0.52, "kappa": 0.1},
+            "conditions": {"no_noise": {"identification_by_gradient": {"success_rate": 1.0}},
+                           "run_noise": {"identification_by_gradient": {"success_rate": 0.31, "success_ci": [0.27, 0.36],
+                                                                        "prior_kappa": 0.1}}}}}},
+    }
+
+
+def test_checklist_and_probe_rows_read_dpgen_audit_layout(run_copy, tmp_path):
+    from dpgen.report.checklist import probe_rows
+    from dpgen.report.release import release
+
+    _write(run_copy, "metrics/probes_summary.json", _probes_layout())
+    st = _status(run_copy)
+    assert st["near_copies"]["status"] == "pass" and "0/12 synthetic near-copies vs 8/78 held-out" in st["near_copies"]["reason"]
+    assert st["membership"]["status"] == "pass"  # the control (AUC 0.99, no DP) is not the DP model's AUC
+    assert "catches a non-DP overfit control" in st["membership"]["reason"]
+    rows = {r["probe"]: r for r in probe_rows(load_run(run_copy))}
+    assert rows["membership inference: TPR at 1% FPR (reference attack)"]["status"] == "pass"
+    assert "0.123" in rows["membership inference: TPR at 1% FPR (reference attack)"]["limit"]
+    assert rows["reconstruction attack: classifier (gradient matching)"]["status"] == "pass"
+    assert rows["attack power: non-DP overfit control"]["status"] == "pass"
+
+    # the card carries the rows and the aggregate fields; the report shows them
+    card = release(run_copy, tmp_path / "bundle")["card"]
+    assert card["probes"]["status"] == "run" and card["probes"]["summary"]["memorization.flagged"] is False
+    assert "reconstruction attack: classifier" in (tmp_path / "bundle" / "dataset_card.md").read_text()
+    assert "attack power: non-DP overfit control" in render(load_run(run_copy))
+
+    _write(run_copy, "metrics/probes_summary.json", _probes_layout(flagged=True, caught=False))
+    st = _status(run_copy)
+    assert st["near_copies"]["status"] == "fail" and st["near_copies"]["reason"].startswith("MEMORIZATION")
+    assert st["membership"]["status"] == "warn" and "little power" in st["membership"]["reason"]
+
+    _write(run_copy, "metrics/probes_summary.json", _probes_layout(auc=0.99995, auc_ci=(0.99990, 1.0)))
+    assert _status(run_copy)["membership"]["status"] == "fail"
+    _write(run_copy, "metrics/probes_summary.json", _probes_layout(tpr_ci=(0.2, 0.4)))
+    m = _status(run_copy)["membership"]
+    assert m["status"] == "fail" and "EXCEEDS the run's DP-SGD limit" in m["reason"]
+
+    layout = _probes_layout()
+    layout["memorization"]["flagged"] = None
+    layout["memorization"]["verdict"] = "no reference: verdict needs a held-out split"
+    _write(run_copy, "metrics/probes_summary.json", layout)
+    assert _status(run_copy)["near_copies"]["status"] == "warn"

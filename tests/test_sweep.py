@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -18,12 +19,7 @@ from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.sweep import eps_dirname, parse_epsilons
 from tests.test_release import small_raw
 
-try:
-    import dpgen.evaluation  # noqa: F401
-
-    HAVE_EVAL = True
-except ImportError:
-    HAVE_EVAL = False
+HAVE_EVAL = importlib.util.find_spec("dpgen.evaluation") is not None
 
 
 @pytest.fixture(scope="module", autouse=True)

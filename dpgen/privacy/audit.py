@@ -47,6 +47,7 @@ keeps independent of the real images.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -215,16 +216,19 @@ def run_audit(
     threads made the audit 5-20x slower (OpenMP threads spinning against other jobs), never
     faster.
     """
-    if threads is None:
+    with _torch_threads(threads):
         return _run_audit(variant, epsilon, delta, m, steps, seed, sample_rate, guesses, max_grad_norm, canary_norm,
                           noise_multiplicity, physical_batch_size, grad_sample_mode, confidence, dataset, n_real,
                           real_images)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    if n is not None:
+        torch.set_num_threads(n)
     try:
-        return _run_audit(variant, epsilon, delta, m, steps, seed, sample_rate, guesses, max_grad_norm, canary_norm,
-                          noise_multiplicity, physical_batch_size, grad_sample_mode, confidence, dataset, n_real,
-                          real_images)
+        yield
     finally:
         torch.set_num_threads(before)
 
@@ -293,6 +297,8 @@ def _run_audit(variant, epsilon, delta, m, steps, seed, sample_rate, guesses, ma
 
         return make_batch
 
+    # The noise seed derives from the audit seed for reproducibility; the auditor never uses it
+    # (scores are read from the weights alone).
     for step in range(steps):
         chosen = units.poisson_sample(q, step_generator(seed, step, "audit-poisson"))
         chunks = units.physical_chunks(chosen, physical_batch_size)

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dpgen.report.checklist import membership_auc_limit, row_auc, utility_rows
+from dpgen.report.checklist import membership_auc_limit, probe_rows, row_auc, utility_rows
 from dpgen.report.release import CHECKSUMS, summarize_left_out
 from dpgen.report.runinfo import RunInfo, as_float, fmt_num
 
@@ -120,7 +120,8 @@ def _scalars(obj: Any, prefix: str = "", out: dict | None = None) -> dict:
 def probes_section(info: RunInfo, items: list[dict]) -> dict:
     by = {i["id"]: i for i in items}
     sec = {"near_copies": {k: by["near_copies"][k] for k in ("status", "reason")},
-           "membership": {k: by["membership"][k] for k in ("status", "reason")}}
+           "membership": {k: by["membership"][k] for k in ("status", "reason")},
+           "rows": probe_rows(info, items)}
     if info.probes is None:
         sec["status"] = info.probes_note
         return sec
@@ -277,13 +278,14 @@ def card_markdown(card: dict) -> str:
 
     pr = card["probes"]
     L += ["", "## Probe results (aggregate)", ""]
-    L.append(f"- Near-copies of private training images: **{pr['near_copies']['status']}** — {pr['near_copies']['reason']}")
-    L.append(f"- Membership inference: **{pr['membership']['status']}** — {pr['membership']['reason']}")
+    L += ["| probe | status | result | theoretical limit / reference |", "|---|---|---|---|"]
+    L += [f"| {_md_escape(r['probe'])} | **{r['status']}** | {_md_escape(r['result'])} | {_md_escape(r['limit'])} |"
+          for r in pr.get("rows") or []]
     if pr.get("summary"):
-        L += ["", "| probe field | value |", "|---|---|"]
+        L += ["", "All aggregate fields of the probes summary:", "", "| probe field | value |", "|---|---|"]
         L += [f"| {_md_escape(k)} | {_md_escape(fmt_num(v, 4) if isinstance(v, float) else v)} |" for k, v in pr["summary"].items()]
     elif pr.get("status") != "run":
-        L.append(f"- Probes: {pr.get('status')}")
+        L += ["", f"Probes: {pr.get('status')}"]
 
     u = card["utility"]
     L += ["", "## Utility next to its baselines", ""]

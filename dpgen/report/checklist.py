@@ -121,11 +121,11 @@ def _verdict_of(section: dict) -> tuple[str | None, str]:
         elif isinstance(v, bool) and _FLAG_FALSE_FAILS.match(k):
             found.append(("pass" if v else "fail", f"{where} = {str(v).lower()}"))
         elif isinstance(v, str) and _VERDICT.match(k):
-            low = v.lower()
-            if any(w in low for w in ("fail", "flag", "memoriz", "exceed")):
-                found.append(("fail", f"{where} = {v!r}"))
-            elif any(w in low for w in ("pass", "ok", "within", "no ")):
+            low = v.lower().strip()
+            if low.startswith(("no ", "not ", "pass", "ok", "within")):
                 found.append(("pass", f"{where} = {v!r}"))
+            elif any(w in low for w in ("fail", "flagged", "memoriz", "exceed")):
+                found.append(("fail", f"{where} = {v!r}"))
     if not found:
         return None, ""
     worst = "fail" if any(s == "fail" for s, _ in found) else "pass"
@@ -146,6 +146,16 @@ def near_copies_check(info: RunInfo) -> dict:
     explicit = _explicit_check(info.probes, "near_copies")
     if explicit:
         return explicit
+    mem = info.probes.get("memorization")
+    if isinstance(mem, dict) and "flagged" in mem:  # dpgen.probes' layout
+        detail = "; ".join(_near_copy_counts(mem))
+        verdict = str(mem.get("verdict") or "")
+        text = f"{verdict} ({detail})" if detail else verdict
+        if mem["flagged"] is True:
+            return _item("near_copies", "fail", text or "memorization flagged", section="memorization")
+        if mem["flagged"] is False:
+            return _item("near_copies", "pass", text or "not flagged", section="memorization")
+        return _item("near_copies", "warn", text or "no verdict (no held-out reference)", section="memorization")
     key, sec = find_section(info.probes, r"near.?cop|memori[sz]")
     if sec is None:
         return _item("near_copies", "warn", "the probes summary has no memorization / near-copy section")
@@ -159,6 +169,68 @@ def near_copies_check(info: RunInfo) -> dict:
         st = "pass" if worst[1] == 0 else "fail"
         return _item("near_copies", st, f"{key}: {worst[0]} = {fmt_num(worst[1])} near-copies above threshold", section=key)
     return _item("near_copies", "warn", f"{key}: no verdict or near-copy count found in the probes summary", section=key)
+
+
+def _near_copy_counts(mem: dict) -> list[str]:
+    out = []
+    for space, e in (mem.get("spaces") or {}).items():
+        if not isinstance(e, dict):
+            continue
+        sy, ho = e.get("synthetic") or {}, e.get("held_out") or {}
+        if "near_copies" in sy:
+            txt = f"{space}: {sy['near_copies']}/{sy.get('n')} synthetic near-copies"
+            if "near_copies" in ho:
+                txt += f" vs {ho['near_copies']}/{ho.get('n')} held-out real"
+            out.append(txt)
+    return out
+
+
+def _ci_text(ci: Any) -> str:
+    return f" [{fmt_num(ci[0])}, {fmt_num(ci[1])}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
+
+
+def _primary_attack(mm: dict) -> tuple[str | None, dict | None]:
+    scores = mm.get("dp_model") if isinstance(mm.get("dp_model"), dict) else {}
+    if isinstance(scores.get("scores"), dict):
+        scores = scores["scores"]
+    name = mm.get("primary_score") if mm.get("primary_score") in scores else next(iter(scores), None)
+    r = scores.get(name) if name is not None else None
+    return name, (r if isinstance(r, dict) else None)
+
+
+def _structured_membership(info: RunInfo, mm: dict, theory: float | None) -> dict | None:
+    """dpgen.probes' layout: dp_model.<score>.auc (+ auc_ci), dp_limits, overfit_control."""
+    name, r = _primary_attack(mm)
+    if r is None or as_float(r.get("auc")) is None:
+        return None
+    auc, ci = as_float(r["auc"]), r.get("auc_ci")
+    lim = mm.get("dp_limits") if isinstance(mm.get("dp_limits"), dict) else {}
+    limit = as_float(lim.get("auc_eps_delta"))
+    source = "(ε, δ) limit (probes)" if limit is not None else "(ε, δ) limit (ledger)"
+    limit = limit if limit is not None else theory
+    if limit is None:
+        return _item("membership", "warn", f"attack AUC {fmt_num(auc)} but no DP limit (no epsilon)", auc=auc)
+    lo = as_float(ci[0]) if isinstance(ci, (list, tuple)) and ci else auc
+    parts = [f"{name} attack AUC {fmt_num(auc)}{_ci_text(ci)} {'≤' if auc <= limit else '>'} {fmt_num(limit, 4)}, the {source}"]
+    status = "pass" if auc <= limit else ("fail" if lo > limit else "warn")
+    for k, t in (r.get("tpr_at_fpr") or {}).items():
+        row = (lim.get("per_fpr") or {}).get(k) or {}
+        L = as_float(row.get("mechanism_pld", row.get("eps_delta")))
+        tpr, tci = as_float((t or {}).get("tpr")), (t or {}).get("ci")
+        if L is None or tpr is None:
+            continue
+        tlo = as_float(tci[0]) if isinstance(tci, (list, tuple)) and tci else tpr
+        if tlo > L:
+            status = "fail"
+            parts.append(f"TPR at {k} FPR {fmt_num(tpr)}{_ci_text(tci)} EXCEEDS the run's DP-SGD limit {fmt_num(L)}")
+    oc = mm.get("overfit_control") if isinstance(mm.get("overfit_control"), dict) else None
+    if oc is not None and oc.get("caught") is False and status == "pass":
+        status = "warn"
+        parts.append("but the attack did not catch the non-DP overfit control, so it has little power here")
+    elif oc is not None and oc.get("caught") is True:
+        parts.append("the same attack catches a non-DP overfit control")
+    return _item("membership", status, "; ".join(parts), auc=auc, limit=limit, limit_source=source,
+                 limit_from_ledger=theory)
 
 
 def _auc_value(v: Any) -> float | None:
@@ -177,11 +249,18 @@ def membership_check(info: RunInfo) -> dict:
     if explicit:
         explicit["details"]["limit_from_ledger"] = theory
         return explicit
+    mm = info.probes.get("membership")
+    if isinstance(mm, dict) and "dp_model" in mm:
+        got = _structured_membership(info, mm, theory)
+        if got is not None:
+            return got
     key, sec = find_section(info.probes, r"membership|(^|[._])mia($|[._])")
     if sec is None:
         return _item("membership", "warn", "the probes summary has no membership-inference section", limit=theory)
     aucs, limits = [], []
     for k, v in _iter_items(sec):
+        if any(re.search(r"control|overfit|non_?dp|no_?dp|baseline", part, re.I) for part in k):
+            continue  # a deliberately non-private model, there to show the attack works
         if _AUC.match(k[-1]) and _auc_value(v) is not None:
             aucs.append((".".join(k), _auc_value(v)))
         elif (_LIMIT.search(k[-1]) and "eps" not in k[-1].lower() and as_float(v) is not None
@@ -301,6 +380,78 @@ def utility_check(info: RunInfo) -> dict:
     return _item("utility", "pass", f"{text}: above the baseline by {fmt_num(syn - base, 2)}", **d)
 
 
+def probe_rows(info: RunInfo, items: list[dict] | None = None) -> list[dict]:
+    """The probe results next to their theoretical limits, one row each: {probe, status, result, limit}.
+
+    status is pass/warn/fail, or "-" for a purely theoretical row. Reads dpgen.probes' layout;
+    other layouts give the two checklist rows only.
+    """
+    items = items if items is not None else checklist(info)
+    by = {i["id"]: i for i in items}
+    eps, delta = info.epsilon, info.delta
+    theory = membership_auc_limit(eps, delta)
+    pr = info.probes if isinstance(info.probes, dict) else {}
+    rows = [{"probe": "near-copies of private training images", "status": by["near_copies"]["status"],
+             "result": by["near_copies"]["reason"],
+             "limit": "no more near-copies than held-out real images show (DP bounds how often any one image can be copied)"},
+            {"probe": "membership inference: ROC-AUC", "status": by["membership"]["status"], "result": by["membership"]["reason"],
+             "limit": f"≤ {fmt_num(theory, 4)} for any attack at (ε = {fmt_num(eps, 4)}, δ = {fmt_num(delta)})"}]
+    mm = pr.get("membership") if isinstance(pr.get("membership"), dict) else {}
+    name, r = _primary_attack(mm) if mm else (None, None)
+    lim = mm.get("dp_limits") if isinstance(mm.get("dp_limits"), dict) else {}
+    for k, t in ((r or {}).get("tpr_at_fpr") or {}).items():
+        row = (lim.get("per_fpr") or {}).get(k) or {}
+        L, Le = as_float(row.get("mechanism_pld")), as_float(row.get("eps_delta"))
+        tpr, tci = as_float((t or {}).get("tpr")), (t or {}).get("ci")
+        if tpr is None:
+            continue
+        tlo = as_float(tci[0]) if isinstance(tci, (list, tuple)) and tci else tpr
+        bound = L if L is not None else Le
+        st = "-" if bound is None else ("fail" if tlo > bound else "pass" if tpr <= bound else "warn")
+        rows.append({"probe": f"membership inference: TPR at {k} FPR ({name} attack)", "status": st,
+                     "result": f"{fmt_num(tpr)}{_ci_text(tci)}",
+                     "limit": "; ".join(x for x in (f"≤ {fmt_num(L)} (the run's DP-SGD trade-off curve, PLD)" if L is not None else "",
+                                                    f"≤ {fmt_num(Le)} (ε, δ)" if Le is not None else "") if x)})
+    oc = mm.get("overfit_control") if isinstance(mm.get("overfit_control"), dict) else None
+    if oc:
+        sc = oc.get("scores") or {}
+        o = sc.get(name) or next(iter(sc.values()), {}) if isinstance(sc, dict) else {}
+        rows.append({"probe": "attack power: non-DP overfit control", "status": "pass" if oc.get("caught") else "warn",
+                     "result": f"AUC {fmt_num((o or {}).get('auc'))}{_ci_text((o or {}).get('auc_ci'))} on a model overfit "
+                               f"without DP to {oc.get('n_images')} images ({oc.get('steps')} steps): "
+                               + ("caught" if oc.get("caught") else "NOT caught"),
+                     "limit": str(oc.get("caught_criterion") or "should be caught: shows the attack can detect membership")})
+    b = info.bound()
+    if b and isinstance(b.get("tight"), dict):
+        rows.append({"probe": "reconstruction (theory, whole run)", "status": "-",
+                     "result": f"bound at prior κ = {fmt_num(b['tight'].get('kappa'))}",
+                     "limit": f"P[success] ≤ {fmt_num(b['tight'].get('bound'))} (tight PLD)"})
+    rec = pr.get("reconstruction") if isinstance(pr.get("reconstruction"), dict) else {}
+    for tname, t in (rec.get("targets") or {}).items():
+        if not isinstance(t, dict):
+            continue
+        cond = t.get("conditions") or {}
+        noisy = ((cond.get("run_noise") or {}).get("identification_by_gradient") or {})
+        clean = ((cond.get("no_noise") or {}).get("identification_by_gradient") or {})
+        ab = as_float((t.get("attack_bound") or {}).get("bound"))
+        rate, rci = as_float(noisy.get("success_rate")), noisy.get("success_ci")
+        if rate is None:
+            continue
+        rlo = as_float(rci[0]) if isinstance(rci, (list, tuple)) and rci else rate
+        rows.append({"probe": f"reconstruction attack: {tname} (gradient matching)",
+                     "status": "-" if ab is None else ("fail" if rlo > ab else "pass"),
+                     "result": f"identified {fmt_num(rate)}{_ci_text(rci)} with the run's noise "
+                               f"(without noise {fmt_num(clean.get('success_rate'))}; prior {fmt_num(noisy.get('prior_kappa'))})",
+                     "limit": f"≤ {fmt_num(ab)} for one noisy step at that prior" if ab is not None else "-"})
+    key, audit = find_section(pr, r"audit")
+    if audit:
+        lb = next((as_float(v) for k, v in audit.items() if "lower" in k.lower() and as_float(v) is not None), None)
+        if lb is not None:
+            rows.append({"probe": "DP-SGD audit: empirical ε lower bound", "status": "pass" if eps is None or lb <= eps else "fail",
+                         "result": f"{fmt_num(lb)} ({key})", "limit": f"≤ claimed ε = {fmt_num(eps, 4)}"})
+    return rows
+
+
 def checklist(info: RunInfo) -> list[dict]:
     """The five checks, in the order of `CHECKS`."""
     return [preflight_check(info), epsilon_check(info), near_copies_check(info), membership_check(info), utility_check(info)]
@@ -311,4 +462,4 @@ def overall(items: list[dict]) -> str:
     return "fail" if "fail" in st else "warn" if "warn" in st else "pass"
 
 
-__all__ = ["CHECKS", "STATUSES", "checklist", "overall", "membership_auc_limit", "utility_rows", "row_auc", "find_section"]
+__all__ = ["CHECKS", "STATUSES", "checklist", "probe_rows", "overall", "membership_auc_limit", "utility_rows", "row_auc", "find_section"]

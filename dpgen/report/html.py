@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from dpgen.report import figures
-from dpgen.report.checklist import checklist, find_section, membership_auc_limit, overall, row_auc, utility_rows
+from dpgen.report.checklist import checklist, membership_auc_limit, overall, probe_rows, row_auc, utility_rows
 from dpgen.report.runinfo import COHORT_FILE, RunInfo, as_float, fmt_num, load_run
 
 REPORT_DIR = Path("report")
@@ -322,23 +322,9 @@ def curve_section(info: RunInfo) -> str:
 
 
 def probes_section(info: RunInfo, items: list[dict], internal: bool) -> str:
-    by = {i["id"]: i for i in items}
-    eps, delta = info.epsilon, info.delta
-    rows = [["near-copies of private training images", _Raw(_status(by["near_copies"]["status"])), by["near_copies"]["reason"],
-             "a DP generator can still emit near-copies with small probability; the probe compares against held-out real images"],
-            ["membership inference AUC", _Raw(_status(by["membership"]["status"])), by["membership"]["reason"],
-             f"≤ {fmt_num(membership_auc_limit(eps, delta), 4)} for any attack at (ε = {fmt_num(eps, 4)}, δ = {fmt_num(delta)})"]]
-    b = info.bound()
-    if b and isinstance(b.get("tight"), dict):
-        rows.append(["reconstruction", "-", "theoretical bound (no probe needed)",
-                     f"P[success] ≤ {fmt_num(b['tight'].get('bound'))} at prior κ = {fmt_num(b['tight'].get('kappa'))}"])
-    key, sec = find_section(info.probes, r"audit")
-    if sec:
-        lb = next((as_float(v) for k, v in sec.items() if "lower" in k.lower() and as_float(v) is not None), None)
-        if lb is not None:
-            rows.append(["DP-SGD audit (epsilon lower bound)", _Raw(_status("pass" if eps is None or lb <= eps else "fail")),
-                         f"empirical ε lower bound {fmt_num(lb, 3)} ({key})", f"≤ claimed ε = {fmt_num(eps, 4)}"])
-    out = [_table(["probe", "status", "result", "theoretical limit"], rows)]
+    rows = [[r["probe"], _Raw(_status(r["status"])) if r["status"] in ("pass", "warn", "fail") else r["status"],
+             r["result"], r["limit"]] for r in probe_rows(info, items)]
+    out = [_table(["probe", "status", "result", "theoretical limit / reference"], rows)]
     if info.probes is None:
         out.append(f"<p class='note'>Probes: {e(str(info.probes_note))} (run <code>dpgen audit RUN_DIR</code>).</p>")
     elif info.probes.get("contains_private_images") is not False:
@@ -346,13 +332,15 @@ def probes_section(info: RunInfo, items: list[dict], internal: bool) -> str:
     else:
         from dpgen.report.card import _scalars
 
-        fields = [[k, fmt_num(v, 4) if isinstance(v, float) else v] for k, v in _scalars(info.probes).items()]
+        if info.probes.get("privacy_note"):
+            out.append(f"<p class='note'>{e(str(info.probes['privacy_note']))}</p>")
+        fields = [[k, fmt_num(v, 4) if isinstance(v, float) else v] for k, v in _scalars(info.probes).items()
+                  if k != "privacy_note"]
         out.append(f"<details><summary>all {len(fields)} aggregate fields of metrics/probes_summary.json</summary>"
                    + _table(["field", "value"], fields) + "</details>")
         figs = [f for rel in (info.probes.get("figures") or []) if isinstance(rel, str)
                 and (internal or not rel.startswith("internal/")) for f in [_embed_file(info, rel, internal)] if f]
-        if figs:
-            out.append("<table><tr>" + "".join(f"<td>{f}</td>" for f in figs) + "</tr></table>")
+        out.extend(f"<p>{f}</p>" for f in figs)
     return "\n".join(out)
 
 
