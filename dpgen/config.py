@@ -269,10 +269,17 @@ class AttributeSampling(_Section):
       `num_images` values.
     - "uniform": independent uniform draws in each attribute's fixed range.
     - "public": rows of the public dataset's attribute columns, drawn with replacement.
+    - "dp_histogram": each attribute's histogram (`bins` equal bins over its fixed range) of
+      the private data, released with the Gaussian mechanism (noise std `histogram_sigma`
+      per bin; a unit's rows add up to at most 1 per attribute, so the L2 sensitivity is
+      sqrt(#attributes)); its cost is composed into the budget before sigma is calibrated.
+      Attributes are drawn independently from their noisy marginals (uniform within a bin).
     """
 
-    mode: Literal["none", "fixed", "uniform", "public"] = "none"
+    mode: Literal["none", "fixed", "uniform", "public", "dp_histogram"] = "none"
     values: dict[str, float | list[float]] | None = None
+    bins: int = Field(default=10, gt=0)
+    histogram_sigma: float = Field(default=20.0, gt=0)
 
 
 class SampleConfig(_Section):

@@ -135,9 +135,9 @@ def cohort_class_counts(config: RunConfig, rd: RunDir, n: int) -> tuple[dict[int
     return counts_from_histogram(np.asarray(release["values"]), n), "DP label histogram (Gaussian mechanism, in the ledger)"
 
 
-def cohort_attributes(config: RunConfig, n: int, seed: int) -> tuple[dict | None, str]:
+def cohort_attributes(config: RunConfig, n: int, seed: int, rd: RunDir | None = None) -> tuple[dict | None, str]:
     """The attributes the cohort is generated with, and where they come from (never the
-    private table: user values, the fixed ranges, or the public dataset)."""
+    private table: user values, the fixed ranges, the public dataset, or DP histograms)."""
     from dpgen.privacy.engine import step_generator
 
     a = config.sample.attributes
@@ -151,6 +151,22 @@ def cohort_attributes(config: RunConfig, n: int, seed: int) -> tuple[dict | None
         u = torch.rand((n, len(names)), generator=g, dtype=torch.float64).numpy()
         return ({k: (r.min + u[:, j] * (r.max - r.min)).tolist() for j, (k, r) in enumerate(config.data.attributes.items())},
                 "uniform over the configured ranges (public: uses no data)")
+    if a.mode == "dp_histogram":
+        release = PrivacyLedger(rd.ledger_path).latest("dp_release", name="attribute_histogram") if rd else None
+        if release is None:
+            raise ConfigError(
+                "sample.attributes.mode = 'dp_histogram' but the ledger holds no DP attribute histogram "
+                "(it is released by the finetune stage)"
+            )
+        out = {}
+        for j, k in enumerate(release["attributes"]):
+            h = np.clip(np.asarray(release["values"][j], dtype=float), 0, None)
+            p = torch.as_tensor(h / h.sum() if h.sum() > 0 else np.full(len(h), 1 / len(h)))
+            b = torch.multinomial(p, n, replacement=True, generator=g).numpy()
+            u = torch.rand(n, generator=g, dtype=torch.float64).numpy()
+            lo, hi = release["ranges"][j]
+            out[k] = (lo + (b + u) / len(h) * (hi - lo)).tolist()
+        return out, "DP attribute histograms (Gaussian mechanism, in the ledger; marginals drawn independently)"
     public = load_role(config, "public")
     if public is None or public.attributes is None or any(k not in public.attribute_names for k in names):
         raise ConfigError(
@@ -175,7 +191,7 @@ def sample_stage(config: RunConfig, rd: RunDir, device="auto", progress: bool = 
     seed = s.seed if seed is None else seed
     counts, source = cohort_class_counts(config, rd, n)
     labels = np.concatenate([np.full(c, k) for k, c in counts.items()]).astype(np.int64)
-    attributes, attr_source = cohort_attributes(config, len(labels), seed)
+    attributes, attr_source = cohort_attributes(config, len(labels), seed, rd)
     gen = load(rd.root, device=str(resolve_device(device)))
     result = gen.sample_cohort(
         rd.cohort, labels=labels, attributes=attributes, seed=seed, sampler=s.sampler, steps=s.steps,

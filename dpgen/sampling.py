@@ -68,6 +68,13 @@ class Generator:
         self.info = info or {}
         self.device = torch.device(device)
 
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device="auto") -> "Generator":
+        gen = from_checkpoint(path, device)
+        if cls is not Generator and not isinstance(gen, cls):
+            raise ValueError(f"{path} holds a {gen.family!r} generator, not a {cls.family!r} one")
+        return gen
+
     # ------------------------------------------------------------------ what it knows
     @property
     def num_classes(self) -> int:
@@ -107,7 +114,7 @@ class Generator:
             attrs = self.attribute_space.check(attributes, len(labels))
         return labels, attrs
 
-    def resolve_batch_size(self, batch_size: int | str) -> int:
+    def resolve_batch_size(self, batch_size: int | str, guidance_scale: float = 1.0) -> int:
         """'auto': fill the GPU (measured on a small batch); CPU_BATCH on a CPU."""
         if batch_size != "auto":
             return int(batch_size)
@@ -117,7 +124,9 @@ class Generator:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
-        self._sample_batch(torch.zeros(probe, dtype=torch.long), None, image_generators(0, 0, probe), "ddim", 1, 2.0)
+        with torch.no_grad():
+            self._sample_batch(torch.zeros(probe, dtype=torch.long), None, image_generators(0, 0, probe), "ddim", 1,
+                               guidance_scale)
         per_image = max(1, (torch.cuda.max_memory_allocated(self.device) - base) / probe)
         free, _ = torch.cuda.mem_get_info(self.device)
         return int(max(probe, min(4096, 0.7 * free / per_image)))
@@ -129,7 +138,7 @@ class Generator:
         """Yields (start index, images in [-1, 1] on the CPU) batch by batch."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        bs = self.resolve_batch_size(batch_size)
+        bs = self.resolve_batch_size(batch_size, guidance_scale)
         normed = None if attributes is None else self.attribute_space.normalize(attributes)
         bar = tqdm(total=len(labels), desc="sample", disable=not progress, dynamic_ncols=True)
         for start in range(0, len(labels), bs):
@@ -269,9 +278,6 @@ def from_checkpoint(path: str | Path, device="auto") -> Generator:
     """The generator a weights file describes (safetensors + spec; never unpickles)."""
     family, model, spec, info = build_from_checkpoint(Path(path))
     return GENERATORS[family](model, spec, info, resolve_device(device))
-
-
-DiffusionGenerator.from_checkpoint = classmethod(lambda cls, path, device="auto": from_checkpoint(path, device))
 
 
 def load(run_dir: str | Path, device: str = "auto", stage: str | None = None) -> Generator:

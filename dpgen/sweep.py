@@ -209,6 +209,7 @@ def sweep(
             if rd.is_done("evaluate") and (rd.root / "metrics" / "evaluation.json").is_file():
                 evaluation = RunDir.read_json(rd.root / "metrics" / "evaluation.json")
             else:
+                _share_public_encoder(root, eps_list, rd)
                 t = time.time()
                 kwargs = {"options": eval_options} if eval_options is not None else {}
                 evaluation = evaluate_stage(cfg, rd, device=device, progress=progress, **kwargs)
@@ -249,6 +250,24 @@ def sweep(
     draw_curve(result, root / CURVE_PNG)
     write_json_atomic(root / SWEEP_JSON, _jsonable(result))
     return result
+
+
+def _share_public_encoder(root: Path, eps_list: list[float], rd: RunDir) -> None:
+    """Reuse the public feature encoder another epsilon's evaluation trained (public data only: free),
+    so every point of the curve is measured with the same features. The evaluation re-checks its
+    cache key (public data fingerprint, image shape, epochs, version) and retrains on a mismatch."""
+    try:
+        from dpgen.evaluation.features import ENCODER_FILE
+    except ImportError:
+        return
+    target = rd.root / "evaluation" / ENCODER_FILE
+    if target.exists():
+        return
+    for eps in eps_list:
+        src = root / eps_dirname(eps) / "evaluation" / ENCODER_FILE
+        if src.is_file() and src.resolve() != target.resolve():
+            _link_or_copy(src, target)
+            return
 
 
 def _spent_epsilon(rd: RunDir, cfg: RunConfig) -> float | None:

@@ -341,6 +341,8 @@ def test_evaluate_writes_fidelity_with_references_and_four_rows(tmp_path, encode
     assert ft["epsilon"] > max(ft["epsilon_cohort"], ft["epsilon_classifier_finetune"])
     assert ft["epsilon"] < ft["epsilon_cohort"] + ft["epsilon_classifier_finetune"] + 1e-9
     assert saved["protocol"]["selection"]["dp_real"].startswith("none")
+    cmp_ = saved["utility"]["comparison"]
+    assert cmp_["synthetic_minus_dp_real"] == pytest.approx(rows["synthetic"]["roc_auc"]["mean"] - rows["dp_real"]["roc_auc"]["mean"])
 
     for fig in saved["figures"]:
         assert (rd.root / fig).is_file() and fig.startswith("metrics/")

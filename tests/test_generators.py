@@ -216,7 +216,7 @@ def attribute_run(tmp_path_factory, attribute_folder):
         data={**TINY["data"], "private": {"source": str(attribute_folder)},
               "attributes": {"age": {"min": 18, "max": 90}, "brightness": {"min": 0, "max": 100}}},
         finetune={**FAST["finetune"], "trainable": "attention+conditioning"},
-        sample={**FAST["sample"], "attributes": {"mode": "uniform"}, "guidance_scale": 2.0},
+        sample={**FAST["sample"], "attributes": {"mode": "dp_histogram", "bins": 5}, "guidance_scale": 2.0},
     )
     return _run(tmp_path_factory, "attr", raw)
 
@@ -228,7 +228,18 @@ def test_attribute_conditioning(attribute_run):
         attrs, names = z["train_attributes"], list(z["attribute_names"])
     assert names == ["age", "brightness"] and attrs.shape == (6, 2)
     assert (attrs[:, 0] >= 18).all() and (attrs[:, 0] <= 90).all()
-    assert "uniform" in ledger.latest("artifact", name="cohort")["attributes_source"]
+    assert "DP attribute histograms" in ledger.latest("artifact", name="cohort")["attributes_source"]
+    release = ledger.latest("dp_release", name="attribute_histogram")
+    assert np.asarray(release["values"]).shape == (2, 5) and release["event"]["sigma"] == pytest.approx(20 / 2 ** 0.5)
+    assert release["event"] in ledger.latest("dp_plan")["other_events"]  # planned with DP-SGD's budget
+
+    from dpgen.pipeline import cohort_attributes
+
+    cfg = config_from_dict({**config_from_dict(_tiny()).to_dict(),
+                            "data": {**TINY["data"], "attributes": {"age": {"min": 18, "max": 90}}},
+                            "sample": {"attributes": {"mode": "uniform"}}})
+    vals, source = cohort_attributes(cfg, 50, seed=0)
+    assert source.startswith("uniform") and 18 <= min(vals["age"]) and max(vals["age"]) <= 90
 
     gen = dpgen.load(attribute_run, device="cpu")
     s = gen.generate(labels=[0, 1], attributes={"age": [40, 70], "brightness": 50}, seed=0, steps=2, guidance_scale=2)

@@ -254,3 +254,20 @@ def test_checklist_and_probe_rows_read_dpgen_audit_layout(run_copy, tmp_path):
     layout["memorization"]["verdict"] = "no reference: verdict needs a held-out split"
     _write(run_copy, "metrics/probes_summary.json", layout)
     assert _status(run_copy)["near_copies"]["status"] == "warn"
+
+
+def test_internal_figures_listed_in_metrics_are_not_embedded(run_copy):
+    import base64
+
+    from dpgen.report.figures import grid_png
+
+    png = grid_png(__import__("numpy").zeros((2, 1, 8, 8), dtype="uint8"))
+    (run_copy / "internal" / "audit").mkdir(parents=True, exist_ok=True)
+    (run_copy / "internal" / "audit" / "closest_pairs.png").write_bytes(png)
+    ev = json.loads((run_copy / "metrics" / "evaluation.json").read_text()) if (run_copy / "metrics" / "evaluation.json").is_file() else {}
+    ev["figures"] = ["internal/audit/closest_pairs.png", "../outside.png"]
+    _write(run_copy, "metrics/evaluation.json", ev)
+    _write(run_copy, "metrics/probes_summary.json", {**_probes_layout(), "figures": ["internal/audit/closest_pairs.png"]})
+    b64 = base64.b64encode(png).decode()
+    assert b64 not in render(load_run(run_copy), internal=False)
+    assert b64 in render(load_run(run_copy), internal=True)

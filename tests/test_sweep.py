@@ -95,6 +95,10 @@ def test_sweep_writes_results_and_draws_the_curve(swept):
                 assert p[key] is not None, (r["run_dir"], key)
             assert 0 <= p["tstr_auc"] <= 1 and 0 <= p["dp_sgd_auc"] <= 1
         assert res["ceiling_auc"] is not None
+        # one public feature encoder for the whole curve (trained once on public data, shared)
+        enc = [d / r / "evaluation" / "public_encoder.safetensors" for r in ("eps_2", "eps_inf")]
+        assert enc[0].read_bytes() == enc[1].read_bytes()
+        assert res["runs"][0]["point"]["fd_real"] == pytest.approx(res["runs"][1]["point"]["fd_real"])
     else:
         assert all(not r["evaluated"] and "not evaluated" in r["note"] for r in res["runs"])
 

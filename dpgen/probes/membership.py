@@ -1,19 +1,21 @@
 """Membership inference against a diffusion model: loss (denoising-error) attacks.
 
 The idea behind SecMI (Duan et al. 2023) and PIA (Kong et al. 2024): a diffusion model denoises
-its training images better than images it never saw, most visibly at small and medium
-timesteps. The attack scores each image by its denoising error
+its training images better than images it never saw. The attack measures each image's
+denoising error at a few timesteps,
 
-    e(x) = mean over timesteps t in T and draws j of || eps_theta(sqrt(a_t) x + sqrt(1 - a_t) n_tj, t, y) - n_tj ||^2
+    e(x, t) = mean over draws j of || eps_theta(sqrt(a_t) x + sqrt(1 - a_t) n_tj, t, y) - n_tj ||^2,
 
 with FIXED timesteps and FIXED noise n_tj (the same for every image, members and non-members
-alike, so the score differences come from the images, not from the noise). Two scores:
+alike, so score differences come from the images, not from the noise), and averages the log
+errors over the timesteps (raw errors differ by orders of magnitude between small and large t).
+Two scores, higher = "member":
 
-- "loss": -e_finetuned(x) (the plain loss attack);
-- "reference": e_pretrained(x) - e_finetuned(x). The pretrained model saw public data only, so
-  it is a fair per-image calibration (a "reference model" attack, Carlini et al. 2022's LiRA
-  idea with one reference): it removes how hard an image is to denoise in general and keeps
-  what fine-tuning on it changed. Much stronger than the plain loss.
+- "loss": -mean_t log e(x, t) (the plain loss attack);
+- "reference": mean_t [log e_pretrained(x, t) - log e_finetuned(x, t)]. The pretrained model saw
+  public data only, so it is a fair per-image calibration (a "reference model" attack, the idea
+  of Carlini et al. 2022's LiRA with one reference): it removes how hard an image is to denoise
+  in general and keeps what fine-tuning on it changed.
 
 Per-timestep AUCs are reported as well; picking the best of them after the fact is optimistic,
 so the headline numbers are the pre-declared averages over all timesteps.
@@ -47,8 +49,9 @@ from dpgen.probes.stats import attack_metrics, auc
 
 @dataclass
 class LossAttackOptions:
-    # Fractions of the schedule's num_train_timesteps; small and medium t carry the signal.
-    timestep_fractions: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+    # Fractions of the schedule's num_train_timesteps. Measured on the tiny model: members and
+    # non-members differ most at medium-to-large t (posterior-mean denoising of few images).
+    timestep_fractions: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     draws: int = 4  # fixed noise draws per timestep
     batch_size: int = 128
     seed: int = 0
@@ -127,41 +130,45 @@ def score_model(model, reference, alphas_cumprod, members_x, members_y, non_x, n
     return sm
 
 
-def attack_results(sm: ScoredModel, options: LossAttackOptions) -> dict:
-    """AUC and TPR at low FPR (with bootstrap intervals) of the loss and reference scores."""
-    out: dict = {"timesteps": sm.timesteps, "draws": sm.members.shape[2], "scores": {}}
-    scores = {"loss": (-sm.members.mean((1, 2)), -sm.non_members.mean((1, 2)))}
+def _log_err(errors: torch.Tensor, t_index: int | None = None) -> torch.Tensor:
+    """Per-image log denoising error: mean over draws, log, then mean over timesteps.
+
+    Logs, because raw errors differ by orders of magnitude across timesteps (large at small t,
+    tiny at large t): a plain average would be the small-t error alone, where members and
+    non-members look alike. On the log scale each timestep counts by its relative difference.
+    """
+    e = errors.mean(2).clamp_min(1e-12).log()
+    return e.mean(1) if t_index is None else e[:, t_index]
+
+
+def _scores(sm: "ScoredModel", t_index: int | None = None) -> dict:
+    out = {"loss": (-_log_err(sm.members, t_index), -_log_err(sm.non_members, t_index))}
     if sm.ref_members is not None:
-        scores["reference"] = (sm.ref_members.mean((1, 2)) - sm.members.mean((1, 2)),
-                               sm.ref_non_members.mean((1, 2)) - sm.non_members.mean((1, 2)))
-    for name, (m, n) in scores.items():
+        out["reference"] = (_log_err(sm.ref_members, t_index) - _log_err(sm.members, t_index),
+                            _log_err(sm.ref_non_members, t_index) - _log_err(sm.non_members, t_index))
+    return out
+
+
+def attack_results(sm: ScoredModel, options: LossAttackOptions) -> dict:
+    """AUC and TPR at low FPR (with bootstrap intervals) of the loss and reference scores.
+
+    Scores: "loss" = -mean_t log e(x, t); "reference" = mean_t [log e_ref(x, t) - log e(x, t)].
+    """
+    out: dict = {"timesteps": sm.timesteps, "draws": sm.members.shape[2], "scores": {}}
+    per_t = [_scores(sm, i) for i in range(len(sm.timesteps))]
+    for name, (m, n) in _scores(sm).items():
         res = attack_metrics(m.numpy(), n.numpy(), n_boot=options.n_boot, seed=options.seed)
         # Per-timestep AUCs: descriptive only (choosing the best one after the fact is optimistic).
-        per_t = {}
-        for i, t in enumerate(sm.timesteps):
-            if name == "loss":
-                mt, nt = -sm.members[:, i].mean(1), -sm.non_members[:, i].mean(1)
-            else:
-                mt = sm.ref_members[:, i].mean(1) - sm.members[:, i].mean(1)
-                nt = sm.ref_non_members[:, i].mean(1) - sm.non_members[:, i].mean(1)
-            per_t[str(t)] = auc(mt.numpy(), nt.numpy())
-        res["auc_per_timestep"] = per_t
+        res["auc_per_timestep"] = {str(t): auc(per_t[i][name][0].numpy(), per_t[i][name][1].numpy())
+                                   for i, t in enumerate(sm.timesteps)}
         out["scores"][name] = res
-    best = max(out["scores"], key=lambda k: out["scores"][k]["auc"])
     out["primary"] = "reference" if "reference" in out["scores"] else "loss"
-    out["strongest"] = best
     return out
 
 
 def raw_scores(sm: ScoredModel) -> dict:
     """Per-image scores (internal only) for the ROC figure."""
-    out = {"loss": {"members": (-sm.members.mean((1, 2))).tolist(), "non_members": (-sm.non_members.mean((1, 2))).tolist()}}
-    if sm.ref_members is not None:
-        out["reference"] = {
-            "members": (sm.ref_members.mean((1, 2)) - sm.members.mean((1, 2))).tolist(),
-            "non_members": (sm.ref_non_members.mean((1, 2)) - sm.non_members.mean((1, 2))).tolist(),
-        }
-    return out
+    return {name: {"members": m.tolist(), "non_members": n.tolist()} for name, (m, n) in _scores(sm).items()}
 
 
 # ----------------------------------------------------------------------------- the control

@@ -39,34 +39,53 @@ def _finite(v: Any) -> Any:
     return f if math.isfinite(f) else ("inf" if f > 0 else "-inf" if f < 0 else "nan")
 
 
+def _get(obj: Any, dotted: str, default: Any = None) -> Any:
+    """config.a.b.c, or `default` when a section or field does not exist (configs grow new generator families)."""
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None) if not isinstance(obj, dict) else obj.get(part)
+        if obj is None:
+            return default
+    return obj
+
+
 def how_it_was_made(info: RunInfo) -> dict:
     c = info.config
     plan = next(iter(info.plans.values()), {})
     cohort = info.latest("artifact", name="cohort") or {}
     versions = (info.manifest or {}).get("versions") or {}
-    out = {
-        "generator": f"class-conditional {c.model.generator} (MONAI DiffusionModelUNet, channels {list(c.model.channels)}, "
-                     f"{c.model.num_train_timesteps} diffusion timesteps)",
-        "public_pretraining": {"data": _name(c.data.public.source) if c.data.public else None,
-                               "steps": c.pretrain.steps, "batch_size": c.pretrain.batch_size,
-                               "privacy": "public data only: no privacy cost"},
+    generator = str(_get(c, "model.generator", "generator"))
+    channels = _get(c, "model.channels")
+    timesteps = _get(c, "model.num_train_timesteps")
+    desc = f"class-conditional {generator}"
+    if generator == "diffusion":
+        desc += " (MONAI DiffusionModelUNet"
+        desc += f", channels {list(channels)}" if channels else ""
+        desc += f", {timesteps} diffusion timesteps)" if timesteps else ")"
+    public = _get(c, "data.public.source")
+    return {
+        "generator": desc,
+        "public_pretraining": {"data": _name(public), "steps": _get(c, "pretrain.steps"),
+                               "batch_size": _get(c, "pretrain.batch_size"),
+                               "privacy": "public data only: no privacy cost" if public else "no public data"},
         "dp_finetuning": {
-            "data": f"the private data ({_name(c.data.private.source)})",
+            "data": f"the private data ({_name(_get(c, 'data.private.source'))})",
             "algorithm": "DP-SGD (Opacus per-sample gradients, clipping, Gaussian noise; Poisson sampling)",
-            "steps": c.finetune.steps, "expected_batch_size": c.finetune.batch_size,
-            "max_grad_norm": c.finetune.max_grad_norm, "noise_multiplicity": c.finetune.noise_multiplicity,
-            "lr": c.finetune.lr, "grad_sample_mode": c.finetune.grad_sample_mode,
+            "steps": plan.get("planned_steps", _get(c, "finetune.steps")),
+            "expected_batch_size": plan.get("expected_batch_size", _get(c, "finetune.batch_size")),
+            "max_grad_norm": plan.get("max_grad_norm", _get(c, "finetune.max_grad_norm")),
+            "noise_multiplicity": plan.get("noise_multiplicity", _get(c, "finetune.noise_multiplicity")),
+            "lr": _get(c, "finetune.lr"), "grad_sample_mode": plan.get("grad_sample_mode", _get(c, "finetune.grad_sample_mode")),
             "noise_multiplier_sigma": _finite(plan.get("sigma")), "sample_rate": _finite(plan.get("sample_rate")),
-            "accountant": plan.get("accountant", c.privacy.accountant),
+            "accountant": plan.get("accountant", _get(c, "privacy.accountant")),
         },
-        "sampling": {"sampler": c.sample.sampler, "steps": c.sample.steps, "guidance_scale": c.sample.guidance_scale,
-                     "seed": c.sample.seed, "class_counts": c.sample.class_counts.mode,
+        "sampling": {"sampler": _get(c, "sample.sampler"), "steps": _get(c, "sample.steps"),
+                     "guidance_scale": _get(c, "sample.guidance_scale"), "seed": _get(c, "sample.seed"),
+                     "class_counts": _get(c, "sample.class_counts.mode"),
                      "class_counts_source": cohort.get("class_counts_source")},
         "software": {"dpgen": versions.get("dpgen"), "torch": versions.get("torch"), "opacus": versions.get("opacus"),
                      "monai": versions.get("monai"), "git_commit": (info.manifest or {}).get("git_commit")},
         "run_name": info.name,
     }
-    return out
 
 
 def privacy_section(info: RunInfo) -> dict:
@@ -209,7 +228,7 @@ def build_card(info: RunInfo, items: list[dict], cohort: dict, files: dict, gone
         "card_version": CARD_VERSION,
         "title": f"Synthetic cohort: {info.name}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "dataset": {**cohort, "class_names": list(info.config.data.class_names or []), "files": files,
+        "dataset": {**cohort, "class_names": list(_get(info.config, "data.class_names") or []), "files": files,
                     "license_note": "set by the data custodian"},
         "how_it_was_made": how_it_was_made(info),
         "privacy": privacy_section(info),

@@ -82,7 +82,7 @@ def _embed_file(info: RunInfo, rel: str, internal: bool) -> str | None:
     except ValueError:
         return None
     if parts and parts[0] == "internal" and not internal:
-        raise ValueError(f"{rel}: an internal figure cannot go into the releasable report")
+        return None  # an internal figure never goes into the releasable report
     if not p.is_file() or p.suffix.lower() != ".png":
         return None
     return img_tag(p.read_bytes(), rel)

@@ -82,10 +82,20 @@ def dp_event(sigma: float, q: float, steps: int) -> dict:
     return {"type": "poisson_gaussian", "sigma": sigma, "sample_rate": q, "steps": steps}
 
 
+def _attribute_histogram_event(config) -> dict:
+    a = config.sample.attributes
+    # noise std histogram_sigma on a vector of L2 sensitivity sqrt(A): noise multiplier sigma / sqrt(A)
+    return {"type": "gaussian", "sigma": a.histogram_sigma / math.sqrt(len(config.data.attributes)), "count": 1}
+
+
 def histogram_events(config) -> list[dict]:
+    """The DP statistics released beside the model (their cost is planned with DP-SGD's)."""
+    events = []
     if config.sample.class_counts.mode == "dp_histogram":
-        return [{"type": "gaussian", "sigma": config.sample.class_counts.histogram_sigma, "count": 1}]
-    return []
+        events.append({"type": "gaussian", "sigma": config.sample.class_counts.histogram_sigma, "count": 1})
+    if config.sample.attributes.mode == "dp_histogram":
+        events.append(_attribute_histogram_event(config))
+    return events
 
 
 def plan_mechanism(config, settings: DPSettings, n_units: int, unit_kind: str, *, mechanism: str,
@@ -146,9 +156,35 @@ def spent_epsilon(ledger: PrivacyLedger, delta: float, accountant: str) -> float
     return accounting.epsilon(ledger.events(), delta, accountant=accountant)
 
 
+def release_attribute_histogram(values: torch.Tensor, units: PrivacyUnits, bins: int, sigma: float,
+                                generator: torch.Generator) -> np.ndarray:
+    """(A, bins) noisy histograms of attributes normalized to [-1, 1]. Each unit adds the
+    fractions of its rows per bin (sum 1 per attribute), so adding or removing a unit moves
+    the whole (A x bins) array by at most sqrt(A) in L2; the noise std per bin is `sigma`."""
+    v = np.asarray(values, dtype=np.float64)
+    idx = np.clip(np.floor((v + 1) / 2 * bins), 0, bins - 1).astype(int)  # (N, A)
+    hist = np.zeros((v.shape[1], bins))
+    for rows in units.rows_of_unit:
+        for j in range(v.shape[1]):
+            hist[j] += np.bincount(idx[rows, j], minlength=bins) / len(rows)
+    noise = torch.randn(hist.shape, generator=generator, dtype=torch.float64).numpy() * sigma
+    return hist + noise
+
+
 def release_histogram_once(config, rd: RunDir, ledger: PrivacyLedger, labels: np.ndarray, units: PrivacyUnits,
-                           num_classes: int) -> None:
-    """The DP label histogram, released once (its cost is already in the plan)."""
+                           num_classes: int, attributes: torch.Tensor | None = None) -> None:
+    """The DP label (and attribute) histograms, released once (their cost is already in the plan)."""
+    a = config.sample.attributes
+    if a.mode == "dp_histogram" and attributes is not None and not ledger.latest("dp_release", name="attribute_histogram"):
+        hist = release_attribute_histogram(attributes, units, a.bins, a.histogram_sigma,
+                                           step_generator(secret_noise_seed(rd), 0, "attribute-histogram"))
+        ledger.append({
+            "kind": "dp_release", "name": "attribute_histogram", "values": hist.tolist(),
+            "attributes": list(config.data.attributes), "bins": a.bins,
+            "ranges": [[r.min, r.max] for r in config.data.attributes.values()],
+            "event": _attribute_histogram_event(config), "unit": units.kind,
+            "note": "Gaussian mechanism on per-unit bin fractions of each attribute (L2 sensitivity sqrt(#attributes))",
+        })
     if config.sample.class_counts.mode != "dp_histogram" or ledger.latest("dp_release", name="label_histogram"):
         return
     sigma = config.sample.class_counts.histogram_sigma

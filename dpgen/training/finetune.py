@@ -28,6 +28,9 @@ from dpgen.training.dp import (  # noqa: F401  (re-exported: the stable names of
 from dpgen.training.families import trainer
 from dpgen.training.families.shared import FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS  # noqa: F401
 
+__all__ = ["finetune", "privacy_plan", "describe", "MECHANISM", "AE_MECHANISM", "PREFLIGHT_BATCH", "FINETUNE_WEIGHTS",
+           "PRETRAIN_WEIGHTS", "dp_event", "plan_mechanism", "secret_noise_seed", "spent_epsilon", "DPSettings"]
+
 
 def privacy_plan(config, n_units: int, unit_kind: str) -> dict:
     """The main mechanism's plan with the DP label histogram as the only other event."""

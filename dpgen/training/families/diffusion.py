@@ -15,7 +15,8 @@ from dpgen.training.dp import (
     MECHANISM, DPJob, DPSettings, histogram_events, plan_mechanism, register_plan, release_histogram_once, run_dp_job,
 )
 from dpgen.training.families.shared import (
-    FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, private_rows, public_rows, train_public,
+    FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, check_trainable, config_errors, private_rows,
+    public_rows, train_public,
 )
 from dpgen.training.objectives import DiffusionObjective
 from dpgen.training.trainable import select_trainable
@@ -26,8 +27,10 @@ NAME = "diffusion"
 def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, device, progress: bool = True) -> dict:
     """Train the diffusion model on public data; writes checkpoints/pretrain.safetensors (EMA)."""
     torch.manual_seed(config.seed)
-    spec = diffusion_spec_from_config(config, tuple(image_shape))
-    model = ConditionalDiffusion(spec).to(device)
+    with config_errors():
+        spec = diffusion_spec_from_config(config, tuple(image_shape))
+        model = ConditionalDiffusion(spec).to(device)
+    check_trainable(config, model)
     cfg = config.pretrain
     steps = cfg.steps if public is not None else 0
     if steps:
@@ -50,13 +53,9 @@ def unet_job(config, rd: RunDir, ledger: PrivacyLedger, model: ConditionalDiffus
     """The DP-SGD job of a diffusion UNet (pixels or latents), with its plan registered."""
     ft = config.finetune
     torch.manual_seed(config.seed)  # LoRA initialisation
-    try:
+    with config_errors():
         trainable = select_trainable(model, ft.trainable, lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha,
                                      lora_targets=ft.lora_targets)
-    except ValueError as err:
-        from dpgen.config import ConfigError
-
-        raise ConfigError(f"config error: {err}") from None
     settings = DPSettings.from_finetune(ft)
     plan = register_plan(ledger, plan_mechanism(
         config, settings, len(units), units.kind, mechanism=MECHANISM, budget=config.privacy.epsilon,
@@ -83,7 +82,7 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
     job, trainable = unet_job(config, rd, ledger, model, rows, units, histogram_events(config), "diffusion UNet")
     job_result = run_dp_job(config, rd, ledger, job, units, device, progress,
                             before_steps=lambda: release_histogram_once(config, rd, ledger, private.labels, units,
-                                                                        spec.num_classes))
+                                                                        spec.num_classes, rows.get("attributes")))
     complete, report = job_result["complete"], job_result["report"]
     info = {"stage": "finetune", "privacy": complete, "preflight": report.to_dict(), "trainable": trainable,
             "cohort_privacy_source": f"post-processing of {MECHANISM}"}

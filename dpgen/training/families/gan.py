@@ -13,8 +13,6 @@ follows by post-processing, and the ledger says so.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from dpgen.data import ImageDataset
@@ -29,7 +27,8 @@ from dpgen.training.dp import (
 )
 from dpgen.training.families.diffusion import summary
 from dpgen.training.families.shared import (
-    FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, private_rows, public_rows,
+    FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, check_trainable, config_errors, private_rows,
+    public_rows,
 )
 from dpgen.training.loop import run_steps
 from dpgen.training.objectives import DiscriminatorObjective
@@ -64,11 +63,10 @@ def generator_step(objective: DiscriminatorObjective, d, g_model, g_opt, g_ema, 
 
 def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, device, progress: bool = True) -> dict:
     torch.manual_seed(config.seed)
-    spec = gan_spec_from_config(config, tuple(image_shape))
+    with config_errors():
+        spec = gan_spec_from_config(config, tuple(image_shape))
     gan = ConditionalGAN(spec).to(device)
-    ft = config.finetune
-    select_trainable(copy.deepcopy(gan.discriminator), ft.trainable, lora_rank=ft.lora_rank,
-                     lora_alpha=ft.lora_alpha, lora_targets=ft.lora_targets)  # fail early
+    check_trainable(config, gan.discriminator)  # fail now, not after pretraining
     cfg = config.pretrain
     steps = cfg.steps if public is not None else 0
     G, D = gan.generator, gan.discriminator
@@ -120,13 +118,9 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
     units = PrivacyUnits.from_subjects(private.subjects, len(private))
     ledger = PrivacyLedger(rd.ledger_path)
     torch.manual_seed(config.seed)
-    try:
+    with config_errors():
         trainable = select_trainable(D, ft.trainable, lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha,
                                      lora_targets=ft.lora_targets)
-    except ValueError as err:
-        from dpgen.config import ConfigError
-
-        raise ConfigError(f"config error: {err}") from None
     settings = DPSettings.from_finetune(ft)
     plan = register_plan(ledger, plan_mechanism(
         config, settings, len(units), units.kind, mechanism=MECHANISM, budget=config.privacy.epsilon,
@@ -153,7 +147,7 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
                 after_step=after_step)
     result = run_dp_job(config, rd, ledger, job, units, device, progress,
                         before_steps=lambda: release_histogram_once(config, rd, ledger, private.labels, units,
-                                                                    spec.num_classes))
+                                                                    spec.num_classes, job.rows.get("attributes")))
     logger.close()
     result["ema"].copy_to(D)
     merge_lora(D)

@@ -12,8 +12,6 @@ UNet's noise is then calibrated so that everything composes to at most privacy.e
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from dpgen.data import ImageDataset
@@ -29,10 +27,10 @@ from dpgen.training.dp import (
 )
 from dpgen.training.families.diffusion import released_state, summary, unet_job
 from dpgen.training.families.shared import (
-    FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, private_rows, public_rows, train_public,
+    FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, check_trainable, config_errors, private_rows,
+    public_rows, train_public,
 )
 from dpgen.training.objectives import AutoencoderObjective, DiffusionObjective
-from dpgen.training.trainable import select_trainable
 
 NAME = "latent_diffusion"
 AE_WEIGHTS = "autoencoder.safetensors"  # public autoencoder + scale factor
@@ -80,14 +78,12 @@ def _pretrain_autoencoder(config, rd, spec: LatentDiffusionSpec, public, device,
 
 def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, device, progress: bool = True) -> dict:
     torch.manual_seed(config.seed)
-    spec = build_spec(config, image_shape)
+    with config_errors():
+        spec = build_spec(config, image_shape)
+        model = LatentDiffusion(spec)
     if public is not None:
         check_public(public, image_shape)
-    # Fail now, not after pretraining, if the fine-tuning selection cannot be built.
-    model = LatentDiffusion(spec)
-    ft = config.finetune
-    select_trainable(copy.deepcopy(model.unet), ft.trainable, lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha,
-                     lora_targets=ft.lora_targets)
+    check_trainable(config, model.unet)  # fail now, not after pretraining
     ae, scale, ae_info = _pretrain_autoencoder(config, rd, spec, public, device, progress)
     spec.scale_factor = scale
     model.autoencoder.load_state_dict(ae.state_dict())
@@ -166,7 +162,7 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
     job.rows = {**rows_img, "x": latents}
     result = run_dp_job(config, rd, ledger, job, units, device, progress,
                         before_steps=lambda: release_histogram_once(config, rd, ledger, private.labels, units,
-                                                                    spec.num_classes))
+                                                                    spec.num_classes, rows_img.get("attributes")))
     released_state(model.unet, result["ema"])
     source = MECHANISM + (f" and {AE_MECHANISM}" if ae_dp else "")
     info = {"stage": "finetune", "privacy": result["complete"], "preflight": result["report"].to_dict(),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from torch import nn
@@ -15,6 +18,31 @@ from dpgen.training.loop import run_steps
 
 PRETRAIN_WEIGHTS = "pretrain.safetensors"
 FINETUNE_WEIGHTS = "finetune.safetensors"
+
+
+@contextmanager
+def config_errors():
+    """Model-building problems that come from the config (shapes the networks cannot take,
+    LoRA targets with no layer) reach the user as one-line config errors."""
+    from dpgen.config import ConfigError
+
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"config error: {err}") from None
+
+
+def check_trainable(config, model: nn.Module) -> None:
+    """Build the fine-tuning selection on a copy now, so a bad `finetune.trainable` /
+    `lora_targets` fails before pretraining, not after it."""
+    from dpgen.training.trainable import select_trainable
+
+    ft = config.finetune
+    with config_errors():
+        select_trainable(copy.deepcopy(model), ft.trainable, lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha,
+                         lora_targets=ft.lora_targets)
 
 
 def attribute_rows(ds: ImageDataset, space: AttributeSpace, role: str, required: bool) -> dict:
