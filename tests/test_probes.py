@@ -206,9 +206,6 @@ def test_releasable_summary_holds_no_private_data(audited):
         "closest_pairs_synthetic.png", "closest_pairs_held_out.png", "nn_distances.png", "roc.png",
         "reconstructions_classifier.png"}
     assert not list((run_dir / "metrics").glob("*.png")) or all("probe" not in p.name for p in (run_dir / "metrics").glob("*.png"))
-    # the per-image distances of the internal file appear nowhere in the summary
-    per = full["per_record"]["memorization"]["pixel"]["held_out"]["nn_distance"]
-    assert not any(f"{v}" in text for v in per if v > 0)
 
 
 def test_cli_audit_json(audited, tiny_config, tmp_path, capsys):

@@ -315,3 +315,12 @@ def test_release_cli_prints_the_checklist_and_left_out(run_dir, tmp_path, capsys
     assert main(["release", str(run_dir), str(out)]) == 2  # not empty any more
     assert "not empty" in capsys.readouterr().err
     assert math.isfinite(json.loads((out / CARD_JSON).read_text())["privacy"]["epsilon"])
+
+
+def test_bundle_inside_the_run_directory_is_not_listed_as_left_out(run_copy):
+    out = run_copy / "release"
+    result = release(run_copy, out)
+    assert not any(i["path"].startswith(("release", ".release")) for i in result["left_out"])
+    result = release(run_copy, out, overwrite=True)  # the second time the old bundle is inside the run too
+    assert not any(i["path"].startswith(("release", ".release")) for i in result["left_out"])
+    assert verify_bundle(out) == []

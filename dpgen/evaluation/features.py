@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dpgen.data import DataError, ImageDataset, load_dataset, to_model_range
+from dpgen.data import ImageDataset, load_dataset, to_model_range
 from dpgen.evaluation.nets import CNNSpec, SmallCNN
 from dpgen.rundir import load_tensors, save_tensors_atomic
 
@@ -342,5 +342,5 @@ def build_extractor(kind, config, rd, image_shape, device="cpu", progress=True, 
 
 __all__ = [
     "FeatureExtractor", "EvaluationError", "extract_features", "public_encoder", "inception_extractor",
-    "build_extractor", "train_public_encoder", "adapt_images", "DataError",
+    "build_extractor", "train_public_encoder", "adapt_images",
 ]

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dpgen.data import ImageDataset, to_model_range
+from dpgen.data import ImageDataset
 from dpgen.evaluation.nets import CNNSpec, SmallCNN
 from dpgen.privacy import accounting
 from dpgen.privacy.engine import DPSGD, PrivacyUnits, preflight, require_preflight, step_generator, validate_model

@@ -49,10 +49,12 @@ def nn_histograms(sets: dict[str, dict[str, np.ndarray]], path: str | Path, rati
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     colors = {"synthetic": "#3b6ea8", "held_out": "#d08c2c"}
-    for name, vals in sets.items():
-        for ax, key in zip(axes, ("nn_distance", "carlini_ratio")):
+    for ax, key in zip(axes, ("nn_distance", "carlini_ratio")):
+        allv = np.concatenate([np.asarray(v[key], float) for v in sets.values()])
+        edges = np.linspace(0.0, max(float(allv.max()), 1e-6) * 1.02, 41)  # shared bins: comparable heights
+        for name, vals in sets.items():
             v = np.asarray(vals[key], float)
-            ax.hist(v, bins=30, alpha=0.55, density=True, color=colors.get(name), label=f"{name} (n={len(v)})")
+            ax.hist(v, bins=edges, alpha=0.55, density=True, color=colors.get(name), label=f"{name} (n={len(v)})")
     axes[0].set_xlabel("l2 distance to the nearest private training image")
     axes[1].set_xlabel("Carlini ratio d1 / (0.5 mean d(k nearest))")
     axes[1].axvline(ratio_threshold, color="k", ls=":", lw=1, label=f"near-copy threshold {ratio_threshold:.3g}")

@@ -400,6 +400,11 @@ _SUMMARY_KEYS_MEM = ("n", "k", "nn_distance", "carlini_ratio", "near_copies", "n
                      "max_correlation", "high_correlation", "high_correlation_fraction", "high_correlation_fraction_ci")
 
 
+def _no_tails(v):
+    """Quantile dicts without the 5% tail (close to single records in small sets)."""
+    return {k: x for k, x in v.items() if k != "q05"} if isinstance(v, dict) else v
+
+
 def _attack_summary(r: dict) -> dict:
     return {"n_members": r["n_members"], "n_non_members": r["n_non_members"], "auc": r["auc"], "auc_ci": r["auc_ci"],
             "tpr_at_fpr": {k: {"fpr": v["fpr"], "tpr": v["tpr"], "ci": v["ci"]} for k, v in r["tpr_at_fpr"].items()}}
@@ -416,7 +421,8 @@ def releasable_summary(results: dict) -> dict:
                              "n_train": m["n_train"], "spaces": {}}
         for space, e in m["spaces"].items():
             s["memorization"]["spaces"][space] = {
-                name: {k: e[name][k] for k in _SUMMARY_KEYS_MEM if k in e[name]} for name in ("synthetic", "held_out") if name in e
+                name: {k: _no_tails(e[name][k]) for k in _SUMMARY_KEYS_MEM if k in e[name]}
+                for name in ("synthetic", "held_out") if name in e
             }
             if "comparison" in e:
                 s["memorization"]["spaces"][space]["comparison"] = e["comparison"]

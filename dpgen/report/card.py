@@ -301,8 +301,7 @@ def card_markdown(card: dict) -> str:
     L += [f"| {_md_escape(r['probe'])} | **{r['status']}** | {_md_escape(r['result'])} | {_md_escape(r['limit'])} |"
           for r in pr.get("rows") or []]
     if pr.get("summary"):
-        L += ["", "All aggregate fields of the probes summary:", "", "| probe field | value |", "|---|---|"]
-        L += [f"| {_md_escape(k)} | {_md_escape(fmt_num(v, 4) if isinstance(v, float) else v)} |" for k, v in pr["summary"].items()]
+        L += ["", f"The probes summary's {len(pr['summary'])} aggregate fields are in `dataset_card.json` (`probes.summary`)."]
     elif pr.get("status") != "run":
         L += ["", f"Probes: {pr.get('status')}"]
 

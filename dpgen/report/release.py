@@ -136,15 +136,17 @@ def _left_out_reason(rel: str, refused: dict[str, str], allowed: dict[str, dict]
 
 
 def left_out(info: RunInfo, used: set[str], allowed: dict[str, dict], refused: list[dict],
-             skip: Path | None = None) -> list[dict]:
-    """Every file of the run directory not used for the bundle, with the reason."""
+             skip: tuple[Path, ...] = ()) -> list[dict]:
+    """Every file of the run directory not used for the bundle, with the reason (`skip`: the bundle
+    itself and its staging folder, when they lie inside the run directory)."""
     ref = {r["path"]: r["reason"] for r in refused}
     out, seen = [], set()
-    skip = skip.resolve() if skip is not None else None
+    skip = tuple(Path(p).resolve() for p in skip)
     for path in sorted(info.root.rglob("*")):
         if not path.is_file() and not path.is_symlink():
             continue
-        if skip is not None and (path.resolve() == skip or skip in path.resolve().parents):
+        rp = path.resolve()
+        if any(rp == s or s in rp.parents for s in skip):
             continue
         rel = path.relative_to(info.root).as_posix()
         if rel in used:
@@ -356,7 +358,7 @@ def release(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, in
             (stage / "weights").mkdir()
             shutil.copyfile(info.root / weights_rel, stage / "weights" / "finetune.safetensors")
             files["weights"] = "weights/finetune.safetensors"
-        gone = left_out(info, used, allowed, refused, skip=out)
+        gone = left_out(info, used, allowed, refused, skip=(out, stage))
         card = build_card(info, items, cohort, files, gone, allowed, include_weights=include_weights)
         (stage / CARD_JSON).write_text(json.dumps(card, indent=2, ensure_ascii=False, default=str) + "\n")
         (stage / CARD_MD).write_text(card_markdown(card))
