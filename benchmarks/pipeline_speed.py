@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- pipeline_speed:begin -->", "<!-- pipeline_speed:end -->"
+QBEGIN, QEND = "<!-- pipeline_quality:begin -->", "<!-- pipeline_quality:end -->"
 GPU_CONFIG = REPO / "configs" / "breast_eps10.yaml"
 CPU_CONFIG = REPO / "configs" / "quickstart.yaml"
 
@@ -239,7 +240,7 @@ def quality_table(sweep_dir: Path) -> list[str]:
     lines = [f"Sweep `{res.get('config')}` (δ = {res.get('delta')}), {len(res.get('runs') or [])} fine-tunes sharing one public "
              f"pretraining; ROC-AUC on the private test split; {fd_name}: cohort vs private train, reference real vs real.", "",
              f"| ε target | ε spent | {fd_name} | FD real vs real | TSTR AUC | DP-SGD baseline AUC | synthetic + DP fine-tune AUC | "
-             "non-private ceiling AUC |", "|---|---|---|---|---|---|---|---|"]
+             "non-private ceiling AUC | time: fine-tune / sample / evaluate |", "|---|---|---|---|---|---|---|---|---|"]
     for r in res.get("runs") or []:
         pt = r.get("point") or {}
 
@@ -248,15 +249,21 @@ def quality_table(sweep_dir: Path) -> list[str]:
 
         lines.append(f"| {num(r.get('epsilon'), 2)} | {num(r.get('spent_epsilon'), 3)} | {num(pt.get('fd'), 4)} | "
                      f"{num(pt.get('fd_real'), 4)} | {pm('tstr_auc', 'tstr_std')} | {pm('dp_sgd_auc', 'dp_sgd_std')} | "
-                     f"{pm('ft_auc', 'ft_std')} | {pm('ceiling_auc', 'ceiling_std')} |")
+                     f"{pm('ft_auc', 'ft_std')} | {pm('ceiling_auc', 'ceiling_std')} | "
+                     + " / ".join(num((r.get("timing") or {}).get(k), 0) + " s" for k in ("finetune_s", "sample_s", "evaluate_s"))
+                     + " |")
+    pre = (res.get("timing") or {}).get("pretrain_s")
+    if pre is not None:
+        lines += ["", f"The public pretraining ran once for the whole sweep: {num(pre, 0)} s."]
     return lines + [""]
 
 
-def write_results(section: str) -> None:
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
+def write_results(section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the text between `begin` and `end` in RESULTS.md (append the block if absent)."""
+    block = f"{begin}\n{section.rstrip()}\n{end}\n"
     text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\nLatest figures, with the machine they were measured on.\n\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):].lstrip("\n")
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + block
     RESULTS.write_text(text)
@@ -274,7 +281,9 @@ def main() -> int:
     ap.add_argument("--eval-epochs", type=int, default=None, help="classifier epochs (default: the evaluation's own)")
     ap.add_argument("--sweep", default=None, metavar="DIR", help="print the quality table of this sweep directory")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--write-results", action="store_true", help="update this script's section of benchmarks/RESULTS.md")
+    ap.add_argument("--no-speed", action="store_true", help="skip the speed measurements (e.g. only --sweep's quality table)")
+    ap.add_argument("--write-results", action="store_true",
+                    help="update this script's sections of benchmarks/RESULTS.md (speed, and quality with --sweep)")
     args = ap.parse_args()
 
     import torch
@@ -295,7 +304,7 @@ def main() -> int:
             + " ".join(a for a in sys.argv[1:] if a != "--write-results") + "`.", ""]
     print("\n".join(head), flush=True)
     sections = []
-    for path, want_gpu in ((Path(args.config), False), (Path(args.gpu_config), True)):
+    for path, want_gpu in () if args.no_speed else ((Path(args.config), False), (Path(args.gpu_config), True)):
         if want_gpu and not torch.cuda.is_available():
             r = {"config": path.name, "skipped": "no GPU (this config is sized for one GPU)"}
         else:
@@ -305,13 +314,17 @@ def main() -> int:
         text = format_config(r)
         print("\n".join(text), flush=True)
         sections += text
+    quality = []
     if args.sweep:
-        q = ["### Quality (sweep)", ""] + quality_table(Path(args.sweep))
-        print("\n".join(q))
-        sections += q
+        quality = ["### Quality (`dpgen sweep`)", "", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; "
+                   f"sweep directory {Path(args.sweep).name}, read {time.strftime('%Y-%m-%d')}.", ""] + quality_table(Path(args.sweep))
+        print("\n".join(quality))
     if args.write_results:
-        write_results("\n".join(head + sections))
-        print(f"wrote {RESULTS.relative_to(REPO)} (section between {BEGIN} and {END})")
+        if sections:
+            write_results("\n".join(head + sections))
+        if quality:
+            write_results("\n".join(quality), QBEGIN, QEND)
+        print(f"wrote {RESULTS.relative_to(REPO)} (this script's sections, between its <!-- pipeline_* --> markers)")
     return 0
 
 

@@ -227,26 +227,26 @@ class Target:
 
 def classifier_target(image_shape, num_classes: int, seed: int) -> Target:
     torch.manual_seed(seed)
-    model = InversionCNN(tuple(image_shape), num_classes).double()
+    model = InversionCNN(tuple(image_shape), num_classes)
 
     def loss(x, label, ctx):
-        return F.cross_entropy(model(x.double()), torch.tensor([label]))
+        return F.cross_entropy(model(x.float()), torch.tensor([label]))
 
     return Target("classifier", model, loss, lambda i: {})
 
 
 def diffusion_target(model: nn.Module, alphas_cumprod: torch.Tensor, timestep: int, image_shape, seed: int) -> Target:
     """The diffusion loss at a known timestep and known noise (drawn per target image)."""
-    model = model.double().eval()  # eval: no dropout; the loss is the training loss of one draw
-    a = alphas_cumprod[timestep].double()
+    model = model.float().eval()  # eval: no dropout; the loss is the training loss of one draw
+    a = alphas_cumprod[timestep].float()
 
     def ctx(i: int) -> dict:
         g = step_generator(seed, i, "inversion-noise")
-        return {"noise": torch.randn((1, *image_shape), generator=g, dtype=torch.float64)}
+        return {"noise": torch.randn((1, *image_shape), generator=g)}
 
     def loss(x, label, c):
         noise = c["noise"]
-        xt = a.sqrt() * x.double() + (1 - a).sqrt() * noise
+        xt = a.sqrt() * x.float() + (1 - a).sqrt() * noise
         pred = model(xt, torch.tensor([timestep]), torch.tensor([label]))
         return (pred - noise).pow(2).mean()
 
@@ -264,7 +264,7 @@ def run_target(target: Target, images: torch.Tensor, labels: torch.Tensor, targe
 
     params = [p for p in target.model.parameters() if p.requires_grad]
     shape = tuple(images.shape[1:])
-    x_all = images.double()
+    x_all = images.float()
     # clipped gradients of the identification pool (the targets are part of it)
     pool = list(dict.fromkeys(list(target_rows) + list(range(min(len(x_all), options.pool_size)))))
     grads, norms = [], []
