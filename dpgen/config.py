@@ -40,9 +40,6 @@ class DataSource(_Section):
     split_column: str | None = None
     attribute_columns: list[str] = Field(default_factory=list)
     max_images: int | None = Field(default=None, gt=0)  # a fixed-size prefix (tests, quick runs)
-    # Rows skipped before `max_images` is applied: lets two roles use disjoint parts of one
-    # file (e.g. a stand-in "public" half of a dataset in a demo config).
-    skip_images: int = Field(default=0, ge=0)
     # Float images (NIfTI, DICOM): a fixed intensity window [low, high] mapped to the model's
     # range, e.g. a CT window. Without it each image is min-max scaled on its own (a per-record
     # map; a dataset-wide statistic of private data would leak).

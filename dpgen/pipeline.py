@@ -38,7 +38,7 @@ def check_sources(config: RunConfig) -> None:
 
 
 def load_role(config: RunConfig, role: str, split: str | None = None) -> ImageDataset | None:
-    """The dataset of a role, with the conditioning attribute columns and `skip_images` applied."""
+    """The dataset of a role; folder sources read the conditioning attribute columns."""
     spec = getattr(config.data, role)
     if spec is None:
         return None
@@ -53,26 +53,7 @@ def load_role(config: RunConfig, role: str, split: str | None = None) -> ImageDa
                 f"{path}: data.attributes names {names}, but a .npz source carries no attribute columns; "
                 f"use a folder with a labels CSV"
             )
-    if spec.skip_images:
-        updates["max_images"] = None
-    ds = load_dataset(spec.model_copy(update=updates) if updates else spec, split=split)
-    if spec.skip_images:
-        ds = _skip_rows(ds, spec.skip_images, spec.max_images, role)
-    return ds
-
-
-def _skip_rows(ds: ImageDataset, skip: int, limit: int | None, role: str) -> ImageDataset:
-    if skip >= len(ds):
-        raise DataError(f"{ds.path}: data.{role}.skip_images = {skip}, but split {ds.split!r} has only {len(ds)} images")
-    end = len(ds) if limit is None else min(len(ds), skip + limit)
-    cut = slice(skip, end)
-    import dataclasses
-
-    return dataclasses.replace(
-        ds, images=ds.images[cut], labels=ds.labels[cut], fingerprint=f"{ds.fingerprint}[{skip}:{end}]",
-        subjects=None if ds.subjects is None else ds.subjects[cut],
-        attributes=None if ds.attributes is None else ds.attributes[cut], attribute_names=list(ds.attribute_names),
-    )
+    return load_dataset(spec.model_copy(update=updates) if updates else spec, split=split)
 
 
 def _record(rd: RunDir, role: str, ds: ImageDataset | None) -> None:

@@ -161,7 +161,7 @@ def test_gan_discriminator_step_keeps_generator_out_of_dp():
 @pytest.fixture(scope="module")
 def volume_run(tmp_path_factory):
     raw = _tiny(
-        data={"public": {"source": "adrenalmnist3d", "skip_images": 16, "max_images": 16},
+        data={"public": {"source": "adrenalmnist3d", "split": "val", "max_images": 16},
               "private": {"source": "adrenalmnist3d", "max_images": 16}, "num_classes": 2},
         model={"generator": "latent_diffusion", "channels": [8, 16], "attention_levels": [False, True],
                "num_head_channels": 8, "norm_num_groups": 4, "num_train_timesteps": 50},
@@ -349,3 +349,18 @@ def test_trainable_config_errors(tiny_raw):
 def test_every_shipped_config_validates(path):
     cfg = load_config(REPO / path)
     assert cfg.privacy.epsilon > 0 and cfg.model.generator in ("diffusion", "latent_diffusion", "cgan")
+
+
+def test_cli_lora_target_without_layers_fails_before_training(tmp_path, tiny_raw, capsys):
+    import yaml
+
+    from dpgen.cli import main
+
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(tiny_raw))
+    code = main(["run", str(p), "finetune.trainable=lora", "finetune.lora_targets=[nope]", "--run-dir",
+                 str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "finetune.lora_targets = ['nope']" in err and "match no nn.Linear layer" in err and "to_q" in err
+    assert not (tmp_path / "run" / "checkpoints" / "pretrain.safetensors").exists()

@@ -176,10 +176,13 @@ def raw_scores(sm: ScoredModel) -> dict:
 
 @dataclass
 class OverfitOptions:
-    n_images: int = 32
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 1e-3
+    # Measured on the tiny test model (8 images, lr 3e-3): AUC 0.75 after 400 steps, 0.95 after 600,
+    # 1.0 after 1000. A smaller set memorizes sooner; equal-size member/non-member sets make the
+    # interval wide, hence 16 by default.
+    n_images: int = 16
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 3e-3
     seed: int = 0
 
     def to_dict(self) -> dict:

@@ -49,7 +49,7 @@ from dpgen.privacy.engine import step_generator
 class InversionOptions:
     iterations: int = 300
     lr: float = 0.1
-    tv_weight: float = 1e-2
+    tv_weight: float = 0.05
     n_candidates: int = 10
     identification_trials: int = 500
     pool_size: int = 64  # private images whose clipped gradients the identification trials draw from
