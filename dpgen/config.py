@@ -161,6 +161,8 @@ class AutoencoderConfig(_Section):
     norm_num_groups: int = Field(default=16, gt=0)
     attention: bool = False
     kl_weight: float = Field(default=1e-6, ge=0)
+    # l1 (the latent-diffusion default) or mse (better for sparse binary masks)
+    reconstruction_loss: Literal["l1", "mse"] = "l1"
     # Optional: the latent shape you expect (C, *spatial); checked against what the
     # autoencoder produces for the private images.
     latent_shape: list[int] | None = None

@@ -92,12 +92,15 @@ class LatentAutoencoder(nn.Module):
         return self.ae.decode(z)
 
 
-def autoencoder_loss_rows(model: nn.Module, x: torch.Tensor, eps: torch.Tensor, kl_weight: float) -> torch.Tensor:
-    """Per-row VAE loss: L1 reconstruction + kl_weight * KL(q(z|x) || N(0, I)) (means over elements)."""
+def autoencoder_loss_rows(model: nn.Module, x: torch.Tensor, eps: torch.Tensor, kl_weight: float,
+                          reconstruction: str = "l1") -> torch.Tensor:
+    """Per-row VAE loss: reconstruction (L1 or MSE) + kl_weight * KL(q(z|x) || N(0, I)), means
+    over elements. MSE suits sparse binary masks (L1 first settles on "all background")."""
     rec, mu, sigma = model(x, eps)
-    l1 = (rec - x).abs().flatten(1).mean(1)
+    err = rec - x
+    rec_loss = (err.abs() if reconstruction == "l1" else err.pow(2)).flatten(1).mean(1)
     kl = 0.5 * (mu.pow(2) + sigma.pow(2) - 2 * torch.log(sigma.clamp_min(1e-12)) - 1).flatten(1).mean(1)
-    return l1 + kl_weight * kl
+    return rec_loss + kl_weight * kl
 
 
 @torch.no_grad()

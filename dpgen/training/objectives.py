@@ -90,11 +90,12 @@ class DiffusionObjective:
 
 
 class AutoencoderObjective:
-    """Per-row VAE loss (L1 + kl_weight * KL) with the posterior noise drawn from the generator."""
+    """Per-row VAE loss (L1 or MSE + kl_weight * KL) with the posterior noise drawn from the generator."""
 
-    def __init__(self, spec: AutoencoderSpec, kl_weight: float):
+    def __init__(self, spec: AutoencoderSpec, kl_weight: float, reconstruction: str = "l1"):
         self.spec = spec
         self.kl_weight = kl_weight
+        self.reconstruction = reconstruction
         self.latent_shape = latent_shape(spec)
 
     def draw_rows(self, rows: dict, generator: torch.Generator) -> dict:
@@ -103,7 +104,7 @@ class AutoencoderObjective:
         return {"x": x, "eps": eps.to(x.device, x.dtype)}
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        return autoencoder_loss_rows(model, batch["x"], batch["eps"], self.kl_weight)
+        return autoencoder_loss_rows(model, batch["x"], batch["eps"], self.kl_weight, self.reconstruction)
 
     def preflight_batch(self, n: int, generator: torch.Generator) -> dict:
         x = torch.rand((n, *self.spec.image_shape), generator=generator) * 2 - 1

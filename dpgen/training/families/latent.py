@@ -55,7 +55,7 @@ def _pretrain_autoencoder(config, rd, spec: LatentDiffusionSpec, public, device,
         return ae, float(info["scale_factor"]), info
     a = config.autoencoder
     steps = a.pretrain.steps if public is not None else 0
-    objective = AutoencoderObjective(spec.autoencoder, a.kl_weight)
+    objective = AutoencoderObjective(spec.autoencoder, a.kl_weight, a.reconstruction_loss)
     ema, last = train_public(
         config, rd, model=ae, objective=objective, rows={"x": public.model_tensor()} if steps else {}, steps=steps,
         batch_size=a.pretrain.batch_size, lr=a.pretrain.lr, ema_decay=0.0, checkpoint_every=a.pretrain.checkpoint_every,
@@ -143,7 +143,8 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
             ae = model.autoencoder
             for p in ae.parameters():
                 p.requires_grad_(True)
-            ae_job = DPJob(AE_MECHANISM, ae, AutoencoderObjective(spec.autoencoder, config.autoencoder.kl_weight),
+            ae_job = DPJob(AE_MECHANISM, ae, AutoencoderObjective(spec.autoencoder, config.autoencoder.kl_weight,
+                                                           config.autoencoder.reconstruction_loss),
                            {"x": rows_img["x"]}, ae_settings, ae_plan, rd.checkpoints / "autoencoder_dp_state.safetensors",
                            stream="autoencoder:", log_name="autoencoder_finetune")
             result_ae = run_dp_job(config, rd, ledger, ae_job, units, device, progress)
