@@ -324,3 +324,15 @@ def test_bundle_inside_the_run_directory_is_not_listed_as_left_out(run_copy):
     result = release(run_copy, out, overwrite=True)  # the second time the old bundle is inside the run too
     assert not any(i["path"].startswith(("release", ".release")) for i in result["left_out"])
     assert verify_bundle(out) == []
+
+
+def test_config_from_another_dpgen_version_is_read_as_written(run_copy, tmp_path):
+    import yaml
+
+    raw = yaml.safe_load((run_copy / "config.yaml").read_text())
+    raw["data"]["private"]["a_key_from_a_newer_dpgen"] = 1
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(raw))
+    card = release(run_copy, tmp_path / "bundle")["card"]
+    assert "does not validate" in card["how_it_was_made"]["config_note"]
+    assert card["dataset"]["class_names"] == ["malignant", "normal_benign"]
+    assert verify_bundle(tmp_path / "bundle") == []

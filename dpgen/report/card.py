@@ -85,6 +85,7 @@ def how_it_was_made(info: RunInfo) -> dict:
         "software": {"dpgen": versions.get("dpgen"), "torch": versions.get("torch"), "opacus": versions.get("opacus"),
                      "monai": versions.get("monai"), "git_commit": (info.manifest or {}).get("git_commit")},
         "run_name": info.name,
+        **({"config_note": info.config_note} if info.config_note else {}),
     }
 
 

@@ -139,7 +139,7 @@ def _cohort_arrays(info: RunInfo) -> tuple[np.ndarray, np.ndarray] | None:
 def _public_examples(info: RunInfo, n: int) -> tuple[dict[int, np.ndarray], str]:
     """Real PUBLIC examples per public label (never downloads; a note instead when unavailable)."""
     cfg = info.config
-    if cfg is None or cfg.data.public is None:
+    if cfg is None or getattr(cfg.data, "public", None) is None:
         return {}, "no public data set in the config"
     try:
         from dpgen.data import load_dataset
@@ -169,7 +169,7 @@ def samples_section(info: RunInfo, internal: bool) -> str:
     if co is None:
         return "<p>No cohort (cohort/cohort.npz): the sample stage has not run.</p>"
     images, labels = co
-    names = info.config.data.class_names if info.config else None
+    names = getattr(info.config.data, "class_names", None) if info.config else None
     public, pub_note = _public_examples(info, PER_CLASS)
     private, priv_note = _private_examples(info, PER_CLASS) if internal else ({}, "")
     rows = []
@@ -380,7 +380,7 @@ def render(info: RunInfo, internal: bool = False) -> str:
         f"<p>Privacy: <b>ε = {e(fmt_num(s.get('epsilon'), 4))}</b>, δ = {e(fmt_num(s.get('delta')))}, "
         f"{e(str(s.get('unit') or 'unit unknown'))}"
         + (f"; cohort of {e(str(len(_cohort_arrays(info)[1])))} synthetic images" if (info.root / COHORT_FILE).is_file() else "")
-        + (f"; {e(str(cfg.data.num_classes))} classes" if cfg else "") + ".</p></div>")
+        + (f"; {e(str(getattr(cfg.data, 'num_classes', '?')))} classes" if cfg else "") + ".</p></div>")
     parts += ["<h2 id='checklist-heading'>Checklist</h2>", checklist_section(items),
               "<p class='note'>pass: the check holds; warn: not run, or inconclusive; fail: the check does not hold. "
               "See the README, \"Release review: how to read it\".</p>"]

@@ -351,7 +351,7 @@ def release(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, in
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # same filesystem: the final move is a rename
     try:
-        cohort = write_cohort_files(stage, arrays, info.config.data.class_names)
+        cohort = write_cohort_files(stage, arrays, getattr(info.config.data, "class_names", None))
         files = {"images": f"images/ ({cohort['n']} {cohort['image_format']} files)", "labels": "labels.csv",
                  "npz": "cohort.npz", "card": [CARD_MD, CARD_JSON], "checksums": CHECKSUMS}
         if include_weights:

@@ -67,6 +67,18 @@ def fmt_num(v: Any, digits: int = 3) -> str:
     return f"{f:.{digits}g}"
 
 
+class AttrDict(dict):
+    """A raw config section with attribute access: the fallback when config.yaml does not validate
+    against this dpgen version's schema (e.g. a run written by an older or newer dpgen)."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            v = self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+        return AttrDict(v) if isinstance(v, dict) else v
+
+
 @dataclass
 class RunInfo:
     """A run directory as the release review sees it."""
@@ -122,13 +134,13 @@ class RunInfo:
     def delta(self) -> float | None:
         if self.privacy is not None:
             return as_float(self.privacy.get("delta"))
-        return None if self.config is None else float(self.config.privacy.delta)
+        return as_float(getattr(getattr(self.config, "privacy", None), "delta", None))
 
     @property
     def target_epsilon(self) -> float | None:
         if self.privacy is not None and self.privacy.get("target_epsilon") is not None:
             return as_float(self.privacy["target_epsilon"])
-        return None if self.config is None else float(self.config.privacy.epsilon)
+        return as_float(getattr(getattr(self.config, "privacy", None), "epsilon", None))
 
     @property
     def name(self) -> str:
@@ -167,7 +179,18 @@ def load_run(run_dir: str | Path) -> RunInfo:
     try:
         info.config = rd.load_config()
     except Exception as err:  # noqa: BLE001 - any config problem becomes a note
-        info.config_note = f"config.yaml unreadable: {err}"
+        import yaml
+
+        try:
+            raw = yaml.safe_load(rd.config_path.read_text()) if rd.config_path.is_file() else None
+        except (OSError, yaml.YAMLError):
+            raw = None
+        if isinstance(raw, dict) and isinstance(raw.get("data"), dict) and isinstance(raw.get("privacy"), dict):
+            info.config = AttrDict(raw)
+            info.config_note = ("config.yaml does not validate against this dpgen version's schema ("
+                                + " ".join(str(err).split())[:300] + "); its values are read as written")
+        else:
+            info.config_note = f"config.yaml unreadable: {' '.join(str(err).split())[:300]}"
     info.state, _ = read_json(rd.state_path, "state")
     info.state = info.state or {"completed": {}}
     info.manifest, _ = read_json(rd.manifest_path, "manifest")
@@ -179,7 +202,7 @@ def load_run(run_dir: str | Path) -> RunInfo:
     else:
         delta = None
         if not info.plans and info.config is not None:
-            delta = float(info.config.privacy.delta)
+            delta = as_float(getattr(info.config.privacy, "delta", None))
         try:
             info.privacy = ledger.summary(delta)
         except Exception as err:  # noqa: BLE001
@@ -189,4 +212,4 @@ def load_run(run_dir: str | Path) -> RunInfo:
     return info
 
 
-__all__ = ["RunInfo", "load_run", "read_json", "as_float", "fmt_num", "EVALUATION_FILE", "PROBES_FILE", "COHORT_FILE"]
+__all__ = ["AttrDict", "RunInfo", "load_run", "read_json", "as_float", "fmt_num", "EVALUATION_FILE", "PROBES_FILE", "COHORT_FILE"]
