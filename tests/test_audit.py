@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 from scipy.stats import binom
 
 from dpgen.privacy import accounting, commands
@@ -103,3 +104,49 @@ def test_cli_exit_codes(capsys):
     assert "FAIL" in out.out and "EXCEEDS the claim" in out.out
     rc, out = _cli(["privacy", "audit", "--canaries", "10", "--guesses", "50"], capsys)
     assert rc == 2 and "guesses" in out.err
+
+
+# The audit runs through DPSGD, whose conv per-sample gradients come from dpgen's own sampler
+# (dpgen.privacy.engine.DPGradSampleModule): check that path against autograd on awkward convs.
+# (Belongs with tests/test_engine.py; kept here because this change came with the audit work.)
+
+
+class _AwkwardConvs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv1d(2, 4, 3, stride=2, dilation=2, padding=2, groups=2)
+        self.c2 = torch.nn.Conv2d(1, 3, (3, 2), stride=(2, 1), padding=(1, 2), bias=False)
+        self.c3 = torch.nn.Conv3d(1, 2, 3, padding=1)
+        self.head = torch.nn.Linear(4 * 4 + 3 * 4 * 9 + 2 * 27, 1)
+
+    def forward(self, x1, x2, x3):
+        h = [self.c1(x1).flatten(1), torch.tanh(self.c2(x2)).flatten(1), self.c3(x3).flatten(1)]
+        return self.head(torch.cat(h, 1))[:, 0]
+
+
+def _awkward_loss(model, batch):
+    return (model(batch["x1"], batch["x2"], batch["x3"]) - batch["y"]).pow(2)
+
+
+def test_engine_conv_per_sample_gradients_are_exact_and_undone_on_close():
+    from dpgen.privacy.engine import DPSGD, preflight
+
+    g = torch.Generator().manual_seed(0)
+    batch = {"x1": torch.randn(5, 2, 8, generator=g), "x2": torch.randn(5, 1, 7, 6, generator=g),
+             "x3": torch.randn(5, 1, 3, 3, 3, generator=g), "y": torch.randn(5, generator=g)}
+    model = _AwkwardConvs()
+    report = preflight(model, _awkward_loss, batch, mode="hooks")
+    assert report.passed and report.max_relative_error < 1e-10, report.to_dict()
+    dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
+               expected_batch_size=5)
+    # with the hooks off (as for a GAN's generator update) gradients still flow to the inputs
+    dp.gsm.disable_hooks()
+    x1 = batch["x1"].clone().requires_grad_()
+    _awkward_loss(dp.gsm, {**batch, "x1": x1}).sum().backward()
+    assert x1.grad is not None and x1.grad.abs().sum() > 0
+    dp.gsm.enable_hooks()
+    plain = dp.close()
+    assert not any("_conv_forward" in vars(m) for m in plain.modules())
+    plain.zero_grad()
+    _awkward_loss(plain, batch).sum().backward()
+    assert all(p.grad is not None for p in plain.parameters())  # plain autograd again
