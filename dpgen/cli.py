@@ -26,6 +26,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def cmd_run(args, stages=None) -> int:
     from dpgen.pipeline import STAGES, format_summary, run
 
+    _single_process_only(args.command)
     if args.resume and not args.run_dir:
         raise ConfigError("--resume needs --run-dir DIR (the run to continue)")
     summary = run(
@@ -36,16 +37,44 @@ def cmd_run(args, stages=None) -> int:
     return 0
 
 
+def _single_process_only(command: str) -> None:
+    from dpgen.distributed import launched_distributed
+
+    if launched_distributed():
+        raise ConfigError(
+            f"`dpgen {command}` runs in one process; only `dpgen finetune RUN_DIR` runs distributed "
+            f"(torchrun / accelerate launch). Run `dpgen pretrain` first, launch the fine-tune on several "
+            f"processes, then `dpgen sample RUN_DIR`"
+        )
+
+
 def cmd_stage(args) -> int:
-    """`dpgen finetune RUN_DIR` / `dpgen sample RUN_DIR`: one stage on an existing run."""
+    """`dpgen finetune RUN_DIR` / `dpgen sample RUN_DIR`: one stage on an existing run.
+
+    `dpgen finetune` joins a torch.distributed process group when a launcher started it on
+    several processes (dpgen.distributed); rank 0 writes and prints."""
+    from dpgen.distributed import init_from_env, shutdown
     from dpgen.pipeline import STAGE_FUNCS, open_run
 
-    config, rd = open_run(args.run_dir)
-    kwargs = {}
-    if args.command == "sample":
-        kwargs = {"num_images": args.num_images, "seed": args.seed}
-    result = STAGE_FUNCS[args.command](config, rd, device=args.device, progress=not args.no_progress, **kwargs)
-    print(json.dumps(result, indent=2, default=str))
+    device = args.device
+    if args.command == "finetune":
+        w, device = init_from_env(device)
+    else:
+        _single_process_only(args.command)
+        w = None
+    ok = False
+    try:
+        config, rd = open_run(args.run_dir)
+        kwargs = {}
+        if args.command == "sample":
+            kwargs = {"num_images": args.num_images, "seed": args.seed}
+        result = STAGE_FUNCS[args.command](config, rd, device=device, progress=not args.no_progress, **kwargs)
+        ok = True
+    finally:
+        if w is not None and w.distributed:
+            shutdown(wait=ok)  # a failed rank must not wait for the others
+    if w is None or w.is_main:
+        print(json.dumps(result, indent=2, default=str))
     return 0
 
 

@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from dpgen.distributed import is_writer
 
 DEPENDENCIES = (
     "torch", "opacus", "monai", "diffusers", "torchmetrics", "accelerate", "dp-accounting",
@@ -67,6 +68,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
+    if not is_writer():  # distributed fine-tuning: rank 0 writes the run directory
+        return
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
@@ -76,6 +79,8 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 
 def save_tensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    if not is_writer():  # distributed fine-tuning: rank 0 writes the run directory
+        return
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

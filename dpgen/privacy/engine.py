@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample as _opacus_conv_grad_sample
-from opacus.optimizers import DPOptimizer
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 
@@ -376,17 +377,27 @@ class DPSGD:
         expected_batch_size: float,
         grad_sample_mode: str = "hooks",
     ):
+        from dpgen.distributed import world
+
         make_conv_inputs_contiguous(model)
+        self.model = model
+        self.world = world()
+        if self.world.distributed:
+            # Opacus' distributed path: DPDDP broadcasts rank 0's weights; the optimizer adds
+            # the noise on rank 0 only and all-reduces the clipped sums (dpgen.distributed).
+            model = DPDDP(model)
         self.gsm = DPGradSampleModule(
             model, batch_first=True, loss_reduction="sum", force_functorch=grad_sample_mode == "functorch"
         )
         # loss_reduction="mean": Opacus divides the noised sum by the *expected* batch size
-        # (a fixed number, as the analysis of Poisson sampling requires).
-        self.optimizer = DPOptimizer(
+        # (a fixed number, as the analysis of Poisson sampling requires); in a distributed run
+        # by each rank's expected share, and by the world size in the all-reduce.
+        optimizer_cls = DistributedDPOptimizer if self.world.distributed else DPOptimizer
+        self.optimizer = optimizer_cls(
             optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
-            expected_batch_size=max(1, int(round(expected_batch_size))),
+            expected_batch_size=max(1.0, expected_batch_size) / self.world.size,
             loss_reduction="mean",
         )
         self.params = [p for p in self.gsm.parameters() if p.requires_grad]
@@ -430,6 +441,5 @@ class DPSGD:
 
     def close(self) -> nn.Module:
         """Remove Opacus' hooks and return the plain model."""
-        module = self.gsm._module
         self.gsm._close()
-        return module
+        return self.model

@@ -67,6 +67,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+from dpgen.distributed import is_writer
 from dpgen.privacy import accounting
 
 __all__ = ["ENTRY_KINDS", "LEDGER_RELPATH", "LedgerError", "PrivacyLedger", "format_ledger", "ledger_path"]
@@ -193,6 +194,8 @@ class PrivacyLedger:
         """
         self._validate(entry)
         json.dumps(entry, default=_json_default)  # fail before touching the file
+        if not is_writer():  # distributed fine-tuning: only rank 0 appends (one line per fact)
+            return dict(entry)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         with open(self.path, "a", encoding="utf-8") as fh:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dpgen.distributed import is_writer
 from dpgen.rundir import load_tensors, save_tensors_atomic
 
 
@@ -156,6 +157,9 @@ class TBLogger:
     """TensorBoard scalars; a no-op when tensorboard is not importable."""
 
     def __init__(self, logdir: Path):
+        self.writer = None
+        if not is_writer():  # distributed fine-tuning: rank 0 logs
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 

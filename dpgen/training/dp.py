@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dpgen.distributed import barrier, broadcast_parameters, check_in_sync, rank_share, world
 from dpgen.privacy import accounting
 from dpgen.privacy.bounds import rero_bound
 from dpgen.privacy.engine import (
@@ -249,7 +250,8 @@ def run_dp_job(config, rd: RunDir, ledger: PrivacyLedger, job: DPJob, units: Pri
     ledger.append({"kind": "preflight", "mechanism": job.mechanism, "trains": plan.get("trains"),
                    "input_shapes": shapes, "zero_parameters_perturbed": n_perturbed, **report.to_dict()})
     require_preflight(report)
-    if before_steps is not None:
+    w = world()
+    if before_steps is not None and w.is_main:
         before_steps()
 
     trainable = [p for p in module.parameters() if p.requires_grad]
@@ -259,7 +261,8 @@ def run_dp_job(config, rd: RunDir, ledger: PrivacyLedger, job: DPJob, units: Pri
     ema = EMA(module, s.ema_decay)
     parts = {"": (module, ema, optimizer), **job.extra_parts}
     start = load_state(job.state_path, parts)[0] if job.state_path.is_file() else 0
-    noise_seed = secret_noise_seed(rd)
+    # Only rank 0 adds noise (DistributedDPOptimizer), so only rank 0 reads the secret seed.
+    noise_seed = secret_noise_seed(rd) if w.is_main else 0
     logger = TBLogger(rd.logs / job.log_name)
 
     def record_progress(done: int) -> None:
@@ -275,31 +278,42 @@ def run_dp_job(config, rd: RunDir, ledger: PrivacyLedger, job: DPJob, units: Pri
         record_progress(start)  # the checkpoint may be newer than the last ledger line
 
     def step_fn(step: int) -> float:
+        # The same global Poisson sample on every rank; each rank takes its share.
         chosen = units.poisson_sample(q, step_generator(config.seed, step, f"{job.stream}poisson"))
-        chunks = units.physical_chunks(chosen, s.physical_batch_size)
+        chunks = units.physical_chunks(rank_share(chosen, w), s.physical_batch_size)
+        draws = f"{job.stream}draw:" if not w.distributed else f"{job.stream}draw:rank{w.rank}:"
 
         def make_batch(chunk: int, rows: np.ndarray, k: int) -> dict:
-            gen = step_generator(config.seed, step, f"{job.stream}draw:{chunk}:{k}")
+            gen = step_generator(config.seed, step, f"{draws}{chunk}:{k}")
             return job.objective.draw_rows({key: v[rows].to(device) for key, v in job.rows.items()}, gen)
 
         loss = dp.step(chunks, make_batch, job.objective.loss, s.noise_multiplicity,
                        step_generator(noise_seed, step, f"{job.stream}noise"))
         if job.after_step is not None:
             job.after_step(step, dp)
+            for part, _, _ in job.extra_parts.values():
+                broadcast_parameters(part)  # non-private parts updated per rank: keep rank 0's
         ema.update(module)
         logger.scalar(f"{job.log_name}/batch_units", len(chosen), step + 1)
         return loss
 
     def checkpoint(done: int) -> None:
-        save_state(job.state_path, parts, done)
-        record_progress(done)
+        if w.distributed:
+            check_in_sync(module, f"{job.mechanism} step {done}")
+        if w.is_main:  # in a distributed run rank 0 writes
+            save_state(job.state_path, parts, done)
+            record_progress(done)
 
     last_loss = run_steps(
         start=start, total=s.steps, step_fn=step_fn, checkpoint_fn=checkpoint, checkpoint_every=s.checkpoint_every,
-        desc=f"{job.log_name} (DP)", log_fn=logger.scalar, progress=progress,
+        desc=f"{job.log_name} (DP)", log_fn=logger.scalar, progress=progress and w.is_main,
     )
     logger.close()
     dp.close()
+    digests = None
+    if w.distributed:
+        digests = check_in_sync(module, f"{job.mechanism} end")
+        barrier()  # rank 0's last ledger line is written before any rank reads the spent epsilon
 
     eps_pld = spent_epsilon(ledger, pv.delta, "pld") if sigma > 0 else math.inf
     eps_rdp = spent_epsilon(ledger, pv.delta, "rdp") if sigma > 0 else math.inf
@@ -309,6 +323,7 @@ def run_dp_job(config, rd: RunDir, ledger: PrivacyLedger, job: DPJob, units: Pri
         "kind": "dp_complete", "mechanism": job.mechanism, "steps_done": s.steps, "event": dp_event(sigma, q, s.steps),
         "sigma": sigma, "sample_rate": q, "max_grad_norm": s.max_grad_norm, "unit": units.kind,
         "epsilon_pld": eps_pld, "epsilon_rdp": eps_rdp, "delta": pv.delta, "target_epsilon": pv.epsilon,
+        "world_size": w.size,
     }
     if ledger.latest("dp_complete", mechanism=job.mechanism) is None:
         ledger.append(complete)
@@ -324,4 +339,4 @@ def run_dp_job(config, rd: RunDir, ledger: PrivacyLedger, job: DPJob, units: Pri
                               f"records ({', '.join(sorted(dp_mechanisms))}), whose composed bound is larger")
         ledger.append(entry)
     return {"ema": ema, "report": report, "complete": complete, "final_loss": last_loss, "resumed_from": start,
-            "epsilon": eps_pld, "epsilon_rdp": eps_rdp}
+            "epsilon": eps_pld, "epsilon_rdp": eps_rdp, "world_size": w.size, "rank_digests": digests}

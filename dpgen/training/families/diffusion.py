@@ -100,4 +100,5 @@ def summary(config, job_result: dict, units: PrivacyUnits, trainable: dict) -> d
             "epsilon": job_result["epsilon"], "epsilon_rdp": job_result["epsilon_rdp"], "delta": config.privacy.delta,
             "final_loss": job_result["final_loss"], "preflight_max_error": job_result["report"].max_relative_error,
             "resumed_from": job_result["resumed_from"], "trainable": trainable["mode"],
-            "trainable_parameters": trainable["trainable_parameters"]}
+            "trainable_parameters": trainable["trainable_parameters"], "world_size": job_result["world_size"],
+            **({"rank_digests": job_result["rank_digests"]} if job_result["rank_digests"] else {})}
