@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dpgen.config import ConfigError, RunConfig, config_from_dict, load_config
-from dpgen.rundir import RunDir, RunDirError, default_run_dir, write_json_atomic
+from dpgen.rundir import RunDir, RunDirError, default_run_dir, to_jsonable, write_json_atomic
 
 SWEEP_JSON = "sweep.json"
 CURVE_PNG = "curve.png"
@@ -67,15 +67,6 @@ def eps_label(eps: float) -> str:
 def eps_dirname(eps: float) -> str:
     return f"eps_{eps_label(eps)}"
 
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "inf" if obj > 0 else "-inf" if obj < 0 else "nan"
-    return obj
 
 
 def _f(v: Any) -> float | None:
@@ -248,7 +239,7 @@ def sweep(
                  "sweep composes their epsilons"),
     }
     draw_curve(result, root / CURVE_PNG)
-    write_json_atomic(root / SWEEP_JSON, _jsonable(result))
+    write_json_atomic(root / SWEEP_JSON, to_jsonable(result))
     return result
 
 

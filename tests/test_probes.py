@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from dpgen.probes import stats
-from dpgen.probes.memorization import flat_unit_range, memorization_probe, nearest_neighbours
+from dpgen.probes.memorization import memorization_probe, nearest_neighbours
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 

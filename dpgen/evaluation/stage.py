@@ -34,7 +34,8 @@ from dpgen.evaluation.inputs import check_cohort, check_real, class_name, load_c
 from dpgen.evaluation.utility import ROW_LABELS, ROWS, UtilityOptions, evaluate_rows, train_rows
 from dpgen.privacy import accounting
 from dpgen.privacy.ledger import PrivacyLedger
-from dpgen.rundir import RunDir, write_json_atomic
+from dpgen.rundir import RunDir, to_jsonable, write_json_atomic
+from dpgen.training.common import resolve_device
 
 METRICS_FILE = Path("metrics") / "evaluation.json"
 
@@ -62,31 +63,6 @@ class EvalOptions:
         return asdict(self)
 
 
-def _device(name) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {name}: CUDA is not available on this machine (use cpu)")
-    return dev
-
-
-def _jsonable(obj):
-    """inf/nan -> strings, numpy -> Python, so the file is strict JSON."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def privacy_context(config, rd: RunDir, cohort_override: bool) -> dict:
@@ -137,7 +113,7 @@ def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, 
         opts.utility_options.seeds = int(seeds)
     if opts.utility_options.seeds < 1:
         raise DataError(f"--seeds {opts.utility_options.seeds}: need at least one seed")
-    dev = _device(device)
+    dev = resolve_device(device)
     k, names = config.data.num_classes, config.data.class_names
     timing: dict[str, float] = {}
     t0 = time.time()
@@ -265,13 +241,13 @@ def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, 
 
             figures.append(utility_figure(metrics["utility"]["rows"], metrics_dir / "utility.png"))
         metrics["figures"] = [str(Path(p).relative_to(rd.root)) for p in figures]
-        metrics = _jsonable(metrics)
+        metrics = to_jsonable(metrics)
         write_json_atomic(rd.root / METRICS_FILE, metrics)
         try:
             rd.mark_done("evaluate", {"metrics": str(METRICS_FILE)})
         except OSError:  # pragma: no cover - a read-only state file must not lose the metrics
             pass
-    return _jsonable(metrics)
+    return to_jsonable(metrics)
 
 
 def compare_rows(rows: dict) -> dict:

@@ -8,23 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from dpgen.data.cohort import image_grid, write_png
-from dpgen.rundir import atomic_path
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    return Path(path)
+from dpgen.plotting import pyplot as _plt
+from dpgen.plotting import save_png as _save
 
 
 def _u8(x) -> np.ndarray:

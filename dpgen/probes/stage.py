@@ -24,7 +24,6 @@ Outputs:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +38,8 @@ from dpgen.probes import memorization as mem
 from dpgen.probes import reconstruction as rec
 from dpgen.probes.figures import nn_histograms, pairs_grid, reconstruction_grid, roc_figure
 from dpgen.probes.stats import dp_tpr_limits, roc_curve
-from dpgen.rundir import RunDir, write_json_atomic
+from dpgen.rundir import RunDir, to_jsonable, write_json_atomic
+from dpgen.training.common import resolve_device
 
 AUDIT_DIR = Path("internal") / "audit"
 RESULTS_FILE = AUDIT_DIR / "probes.json"
@@ -77,29 +77,6 @@ class AuditOptions:
         return d
 
 
-def _device(name) -> torch.device:
-    from dpgen.training.common import resolve_device
-
-    return resolve_device(name)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 # ----------------------------------------------------------------------------- context
@@ -319,7 +296,7 @@ def audit_stage(config, rd: RunDir, device="auto", progress: bool = True, option
         setattr(options, k, v)
     if "seed" in opts:
         options.loss_attack.seed = options.overfit.seed = options.inversion.seed = options.seed
-    dev = _device(device)
+    dev = resolve_device(device)
     t_start = time.time()
     rd = RunDir(Path(rd.root))
     out_dir = rd.root / AUDIT_DIR
@@ -369,8 +346,8 @@ def audit_stage(config, rd: RunDir, device="auto", progress: bool = True, option
         results["reconstruction"], per_record["reconstruction"] = _reconstruction(
             config, rd, train, pre, ctx, options, progress, out_dir)
     results["seconds"] = round(time.time() - t_start, 1)
-    results = _jsonable(results)
-    write_json_atomic(rd.root / RESULTS_FILE, {**results, "per_record": _jsonable(per_record)})
+    results = to_jsonable(results)
+    write_json_atomic(rd.root / RESULTS_FILE, {**results, "per_record": to_jsonable(per_record)})
     summary = releasable_summary(results)
     write_json_atomic(rd.root / SUMMARY_FILE, summary)
     results["outputs"] = {"internal": str(RESULTS_FILE), "releasable_summary": str(SUMMARY_FILE)}

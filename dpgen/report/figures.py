@@ -11,23 +11,10 @@ import math
 
 import numpy as np
 
+from dpgen.plotting import png_bytes as _png
+from dpgen.plotting import pyplot as _plt
+
 INF_GAP = 3.0  # how far right of the largest finite epsilon "∞" is drawn (a factor on the log axis)
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    return buf.getvalue()
 
 
 def grid_png(images: np.ndarray, ncol: int = 8, scale: int = 3) -> bytes:

@@ -17,7 +17,9 @@ def resolve_device(name: str | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (use cpu)")
+        from dpgen.config import ConfigError
+
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use cpu)")
     return dev
 
 
