@@ -109,3 +109,25 @@ def test_sample_command_reproduces_the_cohort(finished_run, tmp_path):
     assert main(["sample", str(run_dir), "--no-progress"]) == 0
     with np.load(run_dir / "cohort" / "cohort.npz") as z:
         assert np.array_equal(z["train_images"], first)
+
+
+def test_public_labels_of_another_task_are_ignored(finished_run, tiny_raw):
+    """PneumoniaMNIST's labels do not name BreastMNIST's classes: pretraining is unconditional
+    and every class embedding starts from the null one."""
+    from dpgen.config import config_from_dict
+    from dpgen.data import load_dataset
+    from dpgen.models.conditioning import AttributeSpace
+    from dpgen.training.common import load_checkpoint
+    from dpgen.training.families.shared import public_rows
+
+    _, run_dir = finished_run
+    _, tensors, _, info = load_checkpoint(run_dir / "checkpoints" / "pretrain.safetensors")
+    (key,) = info["classes_start_unconditional"]
+    emb = tensors[key]
+    assert emb.shape[0] == 3 and torch.equal(emb[0], emb[2]) and torch.equal(emb[1], emb[2])
+
+    public = load_dataset(config_from_dict(tiny_raw).data.public)
+    assert set(public.labels.tolist()) == {0, 1}
+    ignored = public_rows(public, 2, AttributeSpace([], []), use_labels=False)["labels"]
+    used = public_rows(public, 2, AttributeSpace([], []), use_labels=True)["labels"]
+    assert (ignored == 2).all() and torch.equal(used, torch.as_tensor(public.labels))

@@ -71,6 +71,7 @@ def diffusion_spec_from_config(config, image_shape: tuple[int, ...]) -> Diffusio
         num_head_channels=m.num_head_channels,
         norm_num_groups=m.norm_num_groups,
         num_train_timesteps=m.num_train_timesteps,
+        prediction_type=m.prediction_type,
         image_shape=list(image_shape),
         attribute_names=names,
         attribute_ranges=ranges,

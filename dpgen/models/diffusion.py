@@ -1,6 +1,7 @@
 """Conditional diffusion: MONAI's DiffusionModelUNet (2D or 3D) + diffusers schedulers.
 
-The UNet predicts the noise added to an image (or a latent) at a timestep. Labels enter
+The UNet predicts the noise added to an image (or a latent) at a timestep, or, with
+`prediction_type` "v_prediction" / "sample", v or the clean image. Labels enter
 through MONAI's class embedding; index `num_classes` is the "null" label used for
 classifier-free guidance (labels are dropped to it with probability `cond_drop_prob` in
 training). Continuous attributes, when the model has them, enter through the same added
@@ -19,6 +20,7 @@ from torch import nn
 from dpgen.models.conditioning import AttributeSpace, ConditionEmbedding, pack_condition
 
 SAMPLERS = ("ddim", "ddpm", "dpmsolver++")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass
@@ -34,6 +36,7 @@ class DiffusionSpec:
     num_head_channels: int = 32
     norm_num_groups: int = 16
     num_train_timesteps: int = 1000
+    prediction_type: str = "epsilon"  # what the UNet outputs: the noise, v (Salimans & Ho 2022) or x0
     image_shape: list[int] = field(default_factory=list)  # (C, *spatial) of what the UNet sees
     attribute_names: list[str] = field(default_factory=list)
     attribute_ranges: list[list[float]] = field(default_factory=list)
@@ -92,7 +95,20 @@ class ConditionalDiffusion(nn.Module):
 
 def make_train_scheduler(spec: DiffusionSpec) -> DDPMScheduler:
     # Cosine schedule: better than linear at small resolutions (Nichol & Dhariwal 2021).
-    return DDPMScheduler(num_train_timesteps=spec.num_train_timesteps, beta_schedule="squaredcos_cap_v2")
+    return DDPMScheduler(num_train_timesteps=spec.num_train_timesteps, beta_schedule="squaredcos_cap_v2",
+                         prediction_type=spec.prediction_type)
+
+
+def regression_target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to output for x_t = sqrt(ac) x0 + sqrt(1 - ac) noise (`ac`
+    broadcast to x0's shape)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return ac.sqrt() * noise - (1 - ac).sqrt() * x0
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
 
 
 def make_sample_scheduler(spec: DiffusionSpec, kind: str = "ddim"):
@@ -116,7 +132,7 @@ def diffusion_loss(
     cond_drop_prob: float = 0.0,
     null_label: int | None = None,
 ) -> torch.Tensor:
-    """Per-sample epsilon-prediction MSE (shape (B,)), with one (t, noise) draw per row."""
+    """Per-sample MSE to the spec's prediction target (shape (B,)), with one (t, noise) draw per row."""
     b = x0.shape[0]
     dev = x0.device
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device="cpu").to(dev)
@@ -126,4 +142,6 @@ def diffusion_loss(
         labels = torch.where(drop, torch.full_like(labels, null_label), labels)
     xt = scheduler.add_noise(x0, noise, t)
     pred = model(xt, t, labels)
-    return (pred - noise).pow(2).flatten(1).mean(1)
+    ac = scheduler.alphas_cumprod.to(device=dev, dtype=x0.dtype)[t].view((-1,) + (1,) * (x0.ndim - 1))
+    target = regression_target(scheduler.config.prediction_type, x0, noise, ac)
+    return (pred - target).pow(2).flatten(1).mean(1)

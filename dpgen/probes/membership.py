@@ -77,7 +77,11 @@ def denoising_errors(model: nn.Module, x0: torch.Tensor, labels: torch.Tensor, t
                      noise: torch.Tensor, alphas_cumprod: torch.Tensor, null_label: int | None = None,
                      batch_size: int = 128, device: str | torch.device = "cpu", progress: bool = False,
                      desc: str = "membership") -> torch.Tensor:
-    """(N, n_t, draws) epsilon-prediction errors of model-range images `x0` (N, C, ...)."""
+    """(N, n_t, draws) denoising errors (the model's training loss: epsilon, v or x0 target, as
+    its spec says) of model-range images `x0` (N, C, ...)."""
+    from dpgen.models.diffusion import regression_target
+
+    prediction_type = getattr(getattr(model, "spec", None), "prediction_type", "epsilon")
     device = torch.device(device)
     model = model.to(device).eval()
     n, n_t, draws = len(x0), len(timesteps), noise.shape[1]
@@ -97,7 +101,8 @@ def denoising_errors(model: nn.Module, x0: torch.Tensor, labels: torch.Tensor, t
                 eps = noise[i, j].to(device=device, dtype=x.dtype).expand_as(x)
                 xt = a.sqrt().view(shape) * x + (1 - a).sqrt().view(shape) * eps
                 pred = model(xt, tt, y)
-                out[s:s + b, i, j] = (pred - eps).pow(2).flatten(1).mean(1).double().cpu()
+                target = regression_target(prediction_type, x, eps, a.view(shape))
+                out[s:s + b, i, j] = (pred - target).pow(2).flatten(1).mean(1).double().cpu()
                 bar.update(b)
     bar.close()
     return out

@@ -237,8 +237,11 @@ def classifier_target(image_shape, num_classes: int, seed: int) -> Target:
 
 def diffusion_target(model: nn.Module, alphas_cumprod: torch.Tensor, timestep: int, image_shape, seed: int) -> Target:
     """The diffusion loss at a known timestep and known noise (drawn per target image)."""
+    from dpgen.models.diffusion import regression_target
+
     model = model.float().eval()  # eval: no dropout; the loss is the training loss of one draw
     a = alphas_cumprod[timestep].float()
+    prediction_type = getattr(getattr(model, "spec", None), "prediction_type", "epsilon")
 
     def ctx(i: int) -> dict:
         g = step_generator(seed, i, "inversion-noise")
@@ -248,7 +251,7 @@ def diffusion_target(model: nn.Module, alphas_cumprod: torch.Tensor, timestep: i
         noise = c["noise"]
         xt = a.sqrt() * x.float() + (1 - a).sqrt() * noise
         pred = model(xt, torch.tensor([timestep]), torch.tensor([label]))
-        return (pred - noise).pow(2).mean()
+        return (pred - regression_target(prediction_type, x.float(), noise, a)).pow(2).mean()
 
     return Target(f"diffusion_loss(t={timestep})", model, loss, ctx)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpgen.models.autoencoder import AutoencoderSpec, autoencoder_loss_rows, latent_shape
-from dpgen.models.diffusion import ConditionalDiffusion, make_train_scheduler
+from dpgen.models.diffusion import ConditionalDiffusion, make_train_scheduler, regression_target
 
 
 def _random_condition(n: int, num_classes: int, n_attr: int, generator: torch.Generator) -> dict:
@@ -30,7 +30,8 @@ def _random_condition(n: int, num_classes: int, n_attr: int, generator: torch.Ge
 
 
 class DiffusionObjective:
-    """Epsilon-prediction MSE with classifier-free condition dropout (pixels or latents)."""
+    """Denoising MSE (epsilon, v or x0 target, as the spec says) with classifier-free condition
+    dropout (pixels or latents)."""
 
     def __init__(self, model: ConditionalDiffusion, cond_drop_prob: float = 0.1):
         self.spec = model.spec
@@ -67,13 +68,13 @@ class DiffusionObjective:
         # alphas_cumprod gathered here (not scheduler.add_noise) so dtype follows x0 in the
         # float64 preflight as well.
         ac = self.scheduler.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t]
-        shape = (-1,) + (1,) * (x0.ndim - 1)
-        xt = ac.sqrt().view(shape) * x0 + (1 - ac).sqrt().view(shape) * noise
+        ac = ac.view((-1,) + (1,) * (x0.ndim - 1))
+        xt = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
         if "attributes" in batch:
             pred = model(xt, t, batch["labels"], batch["attributes"], batch["attr_mask"])
         else:
             pred = model(xt, t, batch["labels"])
-        return (pred - noise).pow(2).flatten(1).mean(1)
+        return (pred - regression_target(self.spec.prediction_type, x0, noise, ac)).pow(2).flatten(1).mean(1)
 
     def random_batch(self, image_shape: tuple[int, ...], num_classes: int, n: int, generator: torch.Generator) -> dict:
         """Random data of the private data's shape, for the preflight (spends no privacy)."""

@@ -15,8 +15,8 @@ from dpgen.training.dp import (
     MECHANISM, DPJob, DPSettings, histogram_events, plan_mechanism, register_plan, release_histogram_once, run_dp_job,
 )
 from dpgen.training.families.shared import (
-    FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, check_trainable, config_errors, private_rows,
-    public_rows, train_public,
+    FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, check_trainable, classes_start_unconditional,
+    config_errors, private_rows, public_rows, train_public, uses_public_labels,
 )
 from dpgen.training.objectives import DiffusionObjective
 from dpgen.training.trainable import select_trainable
@@ -37,13 +37,16 @@ def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, devic
         check_public(public, image_shape)
     ema, last_loss = train_public(
         config, rd, model=model, objective=DiffusionObjective(model, config.model.cond_drop_prob),
-        rows=public_rows(public, spec.num_classes, spec.attributes) if steps else {}, steps=steps,
+        rows=public_rows(public, spec.num_classes, spec.attributes, uses_public_labels(config)) if steps else {},
+        steps=steps,
         batch_size=cfg.batch_size, lr=cfg.lr, ema_decay=cfg.ema_decay, checkpoint_every=cfg.checkpoint_every,
         state_name="pretrain_state.safetensors", stream="pretrain", desc="pretrain", device=device, progress=progress,
     )
     weights = {**model.state_dict(), **ema.state_dict()}
     info = {"stage": "pretrain", "steps": steps, "data": public.info() if public is not None and steps else None,
             "privacy": "public data only" if steps else "random initialisation"}
+    if not uses_public_labels(config):
+        info["classes_start_unconditional"] = classes_start_unconditional(model, weights, spec.num_classes)
     save_weights(rd.checkpoints / PRETRAIN_WEIGHTS, weights, spec.to_dict(), info, family=NAME)
     return {"steps": steps, "final_loss": last_loss, "parameters": sum(p.numel() for p in model.parameters())}
 

@@ -27,8 +27,8 @@ from dpgen.training.dp import (
 )
 from dpgen.training.families.diffusion import summary
 from dpgen.training.families.shared import (
-    FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, check_trainable, config_errors, private_rows,
-    public_rows,
+    FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, check_trainable, classes_start_unconditional,
+    config_errors, private_rows, public_rows, uses_public_labels,
 )
 from dpgen.training.loop import run_steps
 from dpgen.training.objectives import DiscriminatorObjective
@@ -39,9 +39,11 @@ GENERATOR_SOURCE = f"post-processing of {MECHANISM} (discriminator)"
 ADAM_BETAS = (0.5, 0.999)  # the DCGAN setting
 
 
-def uniform_conditions(spec, n: int, g: torch.Generator, device) -> dict:
-    """Conditions for generator updates: uniform labels and attributes (public: no data)."""
-    cond = {"labels": torch.randint(0, spec.num_classes, (n,), generator=g).to(device)}
+def uniform_conditions(spec, n: int, g: torch.Generator, device, null_labels: bool = False) -> dict:
+    """Conditions for generator updates: uniform labels (or the null label, in a pretraining
+    that ignores the public labels) and uniform attributes (public: no data)."""
+    labels = torch.randint(0, spec.num_classes, (n,), generator=g)
+    cond = {"labels": (torch.full_like(labels, spec.num_classes) if null_labels else labels).to(device)}
     if spec.attribute_names:
         cond["attributes"] = (torch.rand((n, len(spec.attribute_names)), generator=g) * 2 - 1).to(device)
         cond["attr_mask"] = torch.ones(n, device=device)
@@ -49,8 +51,8 @@ def uniform_conditions(spec, n: int, g: torch.Generator, device) -> dict:
 
 
 def generator_step(objective: DiscriminatorObjective, d, g_model, g_opt, g_ema, spec, n: int, gen: torch.Generator,
-                   device) -> float:
-    loss = objective.generator_loss(d, uniform_conditions(spec, n, gen, device), gen)
+                   device, null_labels: bool = False) -> float:
+    loss = objective.generator_loss(d, uniform_conditions(spec, n, gen, device, null_labels), gen)
     params = [p for p in g_model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params)  # G only: D's .grad and per-sample state untouched
     for p, gr in zip(params, grads):
@@ -74,7 +76,7 @@ def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, devic
     last = float("nan")
     if steps:
         check_public(public, image_shape)
-        rows = public_rows(public, spec.num_classes, spec.attributes)
+        rows = public_rows(public, spec.num_classes, spec.attributes, uses_public_labels(config))
         objective = DiscriminatorObjective(G, spec)
         g_opt = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=ADAM_BETAS)
         d_opt = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=ADAM_BETAS)
@@ -93,7 +95,8 @@ def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, devic
             d_loss.backward()
             d_opt.step()
             d_ema.update(D)
-            g_loss = generator_step(objective, D, G, g_opt, g_ema, spec, cfg.batch_size, g, device)
+            g_loss = generator_step(objective, D, G, g_opt, g_ema, spec, cfg.batch_size, g, device,
+                                    null_labels=not uses_public_labels(config))
             logger.scalar("pretrain/generator_loss", g_loss, step + 1)
             return d_loss.item()
 
@@ -104,7 +107,10 @@ def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, devic
     g_ema.copy_to(G)
     info = {"stage": "pretrain", "steps": steps, "data": public.info() if public is not None and steps else None,
             "privacy": "public data only" if steps else "random initialisation"}
-    save_weights(rd.checkpoints / PRETRAIN_WEIGHTS, gan.state_dict(), spec.to_dict(), info, family=NAME)
+    weights = gan.state_dict()
+    if not uses_public_labels(config):
+        info["classes_start_unconditional"] = classes_start_unconditional(gan, weights, spec.num_classes)
+    save_weights(rd.checkpoints / PRETRAIN_WEIGHTS, weights, spec.to_dict(), info, family=NAME)
     return {"steps": steps, "final_loss": last, "parameters": sum(p.numel() for p in G.parameters()),
             "discriminator_parameters": sum(p.numel() for p in D.parameters())}
 

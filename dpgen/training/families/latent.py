@@ -27,8 +27,8 @@ from dpgen.training.dp import (
 )
 from dpgen.training.families.diffusion import released_state, summary, unet_job
 from dpgen.training.families.shared import (
-    FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, check_trainable, config_errors, private_rows,
-    public_rows, train_public,
+    FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, check_trainable, classes_start_unconditional,
+    config_errors, private_rows, public_rows, train_public, uses_public_labels,
 )
 from dpgen.training.objectives import AutoencoderObjective, DiffusionObjective
 
@@ -93,7 +93,7 @@ def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, devic
     rows = {}
     if steps:
         latents = encode_dataset(ae, public.model_tensor(), device) * scale
-        rows = public_rows(public, spec.num_classes, spec.attributes, x=latents)
+        rows = public_rows(public, spec.num_classes, spec.attributes, uses_public_labels(config), x=latents)
     ema, last = train_public(
         config, rd, model=unet, objective=DiffusionObjective(unet, config.model.cond_drop_prob), rows=rows,
         steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, ema_decay=cfg.ema_decay,
@@ -103,7 +103,10 @@ def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, devic
     ema.copy_to(unet)
     info = {"stage": "pretrain", "steps": steps, "data": public.info() if public is not None and steps else None,
             "autoencoder": ae_info, "privacy": "public data only" if steps else "random initialisation"}
-    save_weights(rd.checkpoints / PRETRAIN_WEIGHTS, model.state_dict(), spec.to_dict(), info, family=NAME)
+    weights = model.state_dict()
+    if not uses_public_labels(config):
+        info["classes_start_unconditional"] = classes_start_unconditional(model, weights, spec.num_classes)
+    save_weights(rd.checkpoints / PRETRAIN_WEIGHTS, weights, spec.to_dict(), info, family=NAME)
     return {"steps": steps, "final_loss": last, "autoencoder_steps": ae_info["steps"],
             "autoencoder_final_loss": ae_info.get("final_loss"), "scale_factor": scale,
             "latent_shape": list(spec.unet.image_shape),

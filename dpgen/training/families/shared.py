@@ -64,13 +64,36 @@ def attribute_rows(ds: ImageDataset, space: AttributeSpace, role: str, required:
     return {"attributes": space.normalize(raw), "attr_mask": torch.ones(n)}
 
 
-def public_rows(public: ImageDataset, num_classes: int, space: AttributeSpace, x: torch.Tensor | None = None) -> dict:
-    """Public labels condition the model where they fit the private label space; others train
-    the unconditional ("null") embedding. Attributes are used when the public data has them."""
+def public_rows(public: ImageDataset, num_classes: int, space: AttributeSpace, use_labels: bool,
+                x: torch.Tensor | None = None) -> dict:
+    """With `use_labels` (config `data.public_labels: use`), public labels condition the model
+    where they fit the private label space; all other rows train the unconditional ("null")
+    embedding. Attributes are used when the public data has them."""
     labels = torch.as_tensor(public.labels)
-    labels = torch.where(labels < num_classes, labels, torch.full_like(labels, num_classes))
+    if use_labels:
+        labels = torch.where(labels < num_classes, labels, torch.full_like(labels, num_classes))
+    else:
+        labels = torch.full_like(labels, num_classes)
     return {"x": public.model_tensor() if x is None else x, "labels": labels,
             **attribute_rows(public, space, "public", required=False)}
+
+
+def uses_public_labels(config) -> bool:
+    return config.data.public_labels == "use"
+
+
+def classes_start_unconditional(model: nn.Module, state: dict[str, torch.Tensor], num_classes: int) -> list[str]:
+    """Copy the null-label row of every label embedding (nn.Embedding with num_classes + 1
+    rows) into the class rows of `state`: after a pretraining that ignored the public labels
+    the class rows were never trained, and starting them at the unconditional embedding lets
+    fine-tuning learn the classes from an unconditional model. Returns the keys changed."""
+    keys = [f"{name}.weight" for name, m in model.named_modules()
+            if isinstance(m, nn.Embedding) and m.num_embeddings == num_classes + 1]
+    for k in keys:
+        w = state[k].clone()
+        w[:num_classes] = w[num_classes]
+        state[k] = w
+    return keys
 
 
 def private_rows(private: ImageDataset, space: AttributeSpace, x: torch.Tensor | None = None) -> dict:
