@@ -11,7 +11,7 @@ which sets its label to the "null" class and its attribute mask to 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -101,6 +101,18 @@ def pack_condition(labels: torch.Tensor, attributes: torch.Tensor | None, mask: 
         mask = torch.ones(b, dtype=dtype, device=labels.device)
     mask = mask.to(dtype).reshape(b, 1)
     return torch.cat([labels.to(dtype).reshape(b, 1), attributes.to(dtype) * mask, mask], 1)
+
+
+class ConditionedSpec:
+    """Base of the dataclass specs of conditional networks (`attribute_names`,
+    `attribute_ranges` fields): their JSON form and their attribute space."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def attributes(self) -> AttributeSpace:
+        return AttributeSpace(list(self.attribute_names), [list(r) for r in self.attribute_ranges])
 
 
 class ConditionEmbedding(nn.Module):

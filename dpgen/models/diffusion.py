@@ -10,21 +10,21 @@ embedding (`ConditionEmbedding`: label embedding + an MLP of the attributes).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from dpgen.models.conditioning import AttributeSpace, ConditionEmbedding, pack_condition
+from dpgen.models.conditioning import ConditionedSpec, ConditionEmbedding, pack_condition
 
 SAMPLERS = ("ddim", "ddpm", "dpmsolver++")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass
-class DiffusionSpec:
+class DiffusionSpec(ConditionedSpec):
     """Everything needed to rebuild the network (stored beside each checkpoint)."""
 
     spatial_dims: int
@@ -40,13 +40,6 @@ class DiffusionSpec:
     image_shape: list[int] = field(default_factory=list)  # (C, *spatial) of what the UNet sees
     attribute_names: list[str] = field(default_factory=list)
     attribute_ranges: list[list[float]] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def attributes(self) -> AttributeSpace:
-        return AttributeSpace(list(self.attribute_names), [list(r) for r in self.attribute_ranges])
 
 
 class ConditionalDiffusion(nn.Module):

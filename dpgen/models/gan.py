@@ -12,18 +12,18 @@ The generator never sees private data; it learns only from the discriminator's s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from dpgen.models.conditioning import AttributeSpace
+from dpgen.models.conditioning import ConditionedSpec
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 
 
 @dataclass
-class GANSpec:
+class GANSpec(ConditionedSpec):
     spatial_dims: int
     in_channels: int
     num_classes: int
@@ -34,13 +34,6 @@ class GANSpec:
     norm_num_groups: int = 8
     attribute_names: list[str] = field(default_factory=list)
     attribute_ranges: list[list[float]] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def attributes(self) -> AttributeSpace:
-        return AttributeSpace(list(self.attribute_names), [list(r) for r in self.attribute_ranges])
 
     @property
     def base_shape(self) -> list[int]:

@@ -153,6 +153,17 @@ def register_plan(ledger: PrivacyLedger, plan: dict) -> dict:
     return old
 
 
+def register_finetune_plan(config, ledger: PrivacyLedger, units: PrivacyUnits, *, other_events: list[dict],
+                           trains: str, trainable: dict) -> tuple[DPSettings, dict]:
+    """The main fine-tuning mechanism's settings and plan (registered once in the ledger)."""
+    settings = DPSettings.from_finetune(config.finetune)
+    plan = register_plan(ledger, plan_mechanism(
+        config, settings, len(units), units.kind, mechanism=MECHANISM, budget=config.privacy.epsilon,
+        other_events=other_events, trains=trains, trainable=trainable,
+    ))
+    return settings, plan
+
+
 def spent_epsilon(ledger: PrivacyLedger, delta: float, accountant: str) -> float:
     return accounting.epsilon(ledger.events(), delta, accountant=accountant)
 

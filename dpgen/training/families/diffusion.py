@@ -12,7 +12,7 @@ from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.rundir import RunDir
 from dpgen.training.common import build_from_checkpoint, save_weights
 from dpgen.training.dp import (
-    MECHANISM, DPJob, DPSettings, histogram_events, plan_mechanism, register_plan, release_histogram_once, run_dp_job,
+    MECHANISM, DPJob, histogram_events, register_finetune_plan, release_histogram_once, run_dp_job,
 )
 from dpgen.training.families.shared import (
     FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, check_trainable, classes_start_unconditional,
@@ -59,11 +59,8 @@ def unet_job(config, rd: RunDir, ledger: PrivacyLedger, model: ConditionalDiffus
     with config_errors():
         trainable = select_trainable(model, ft.trainable, lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha,
                                      lora_targets=ft.lora_targets)
-    settings = DPSettings.from_finetune(ft)
-    plan = register_plan(ledger, plan_mechanism(
-        config, settings, len(units), units.kind, mechanism=MECHANISM, budget=config.privacy.epsilon,
-        other_events=other_events, trains=trains, trainable=trainable,
-    ))
+    settings, plan = register_finetune_plan(config, ledger, units, other_events=other_events, trains=trains,
+                                            trainable=trainable)
     job = DPJob(MECHANISM, model, DiffusionObjective(model, config.model.cond_drop_prob), rows, settings, plan,
                 rd.checkpoints / "finetune_state.safetensors")
     return job, trainable

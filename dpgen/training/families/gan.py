@@ -23,7 +23,7 @@ from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.rundir import RunDir
 from dpgen.training.common import EMA, TBLogger, build_from_checkpoint, load_state, save_state, save_weights
 from dpgen.training.dp import (
-    MECHANISM, DPJob, DPSettings, histogram_events, plan_mechanism, register_plan, release_histogram_once, run_dp_job,
+    MECHANISM, DPJob, histogram_events, register_finetune_plan, release_histogram_once, run_dp_job,
 )
 from dpgen.training.families.diffusion import summary
 from dpgen.training.families.shared import (
@@ -127,12 +127,10 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
     with config_errors():
         trainable = select_trainable(D, ft.trainable, lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha,
                                      lora_targets=ft.lora_targets)
-    settings = DPSettings.from_finetune(ft)
-    plan = register_plan(ledger, plan_mechanism(
-        config, settings, len(units), units.kind, mechanism=MECHANISM, budget=config.privacy.epsilon,
-        other_events=histogram_events(config), trains="cGAN discriminator (the generator never sees private data)",
-        trainable=trainable,
-    ))
+    settings, plan = register_finetune_plan(
+        config, ledger, units, other_events=histogram_events(config),
+        trains="cGAN discriminator (the generator never sees private data)", trainable=trainable,
+    )
     objective = DiscriminatorObjective(G, spec)
     g_opt = torch.optim.Adam(G.parameters(), lr=ft.generator_lr or ft.lr, betas=ADAM_BETAS)
     g_ema = EMA(G, ft.ema_decay)
