@@ -217,6 +217,7 @@ def run(
     if not isinstance(config, RunConfig):
         config = load_config(config, overrides)
     check_sources(config)
+    resolve_device(device)  # a device this machine lacks fails before the run directory exists
     rd = RunDir.create(run_dir or default_run_dir(config.name), config, resume=resume, overwrite=overwrite)
     summary: dict = {"run_dir": str(rd.root), "stages": {}}
     for name in stages:

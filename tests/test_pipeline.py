@@ -131,3 +131,12 @@ def test_public_labels_of_another_task_are_ignored(finished_run, tiny_raw):
     ignored = public_rows(public, 2, AttributeSpace([], []), use_labels=False)["labels"]
     used = public_rows(public, 2, AttributeSpace([], []), use_labels=True)["labels"]
     assert (ignored == 2).all() and torch.equal(used, torch.as_tensor(public.labels))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_device_fails_before_the_run_directory_exists(tmp_path, tiny_raw, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_raw))
+    assert main(["run", str(cfg), "--device", "cuda", "--run-dir", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
