@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+
 from dpgen.distributed import is_writer
 
 DEPENDENCIES = (

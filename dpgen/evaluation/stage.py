@@ -63,8 +63,6 @@ class EvalOptions:
         return asdict(self)
 
 
-
-
 def privacy_context(config, rd: RunDir, cohort_override: bool) -> dict:
     """What the cohort cost (from the run's ledger) and the epsilon the DP rows use.
 

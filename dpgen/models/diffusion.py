@@ -114,27 +114,3 @@ def make_sample_scheduler(spec: DiffusionSpec, kind: str = "ddim"):
     if kind in ("dpmsolver++", "dpm++", "dpmsolver"):
         return DPMSolverMultistepScheduler.from_config(train.config, algorithm_type="dpmsolver++", solver_order=2)
     raise ValueError(f"unknown sampler {kind!r}; choose one of {', '.join(SAMPLERS)}")
-
-
-def diffusion_loss(
-    model: nn.Module,
-    scheduler: DDPMScheduler,
-    x0: torch.Tensor,
-    labels: torch.Tensor,
-    generator: torch.Generator | None = None,
-    cond_drop_prob: float = 0.0,
-    null_label: int | None = None,
-) -> torch.Tensor:
-    """Per-sample MSE to the spec's prediction target (shape (B,)), with one (t, noise) draw per row."""
-    b = x0.shape[0]
-    dev = x0.device
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device="cpu").to(dev)
-    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(dev)
-    if cond_drop_prob > 0:
-        drop = torch.rand(b, generator=generator, device="cpu").to(dev) < cond_drop_prob
-        labels = torch.where(drop, torch.full_like(labels, null_label), labels)
-    xt = scheduler.add_noise(x0, noise, t)
-    pred = model(xt, t, labels)
-    ac = scheduler.alphas_cumprod.to(device=dev, dtype=x0.dtype)[t].view((-1,) + (1,) * (x0.ndim - 1))
-    target = regression_target(scheduler.config.prediction_type, x0, noise, ac)
-    return (pred - target).pow(2).flatten(1).mean(1)

@@ -236,7 +236,7 @@ def _torch_threads(n: int | None):
 def _run_audit(variant, epsilon, delta, m, steps, seed, sample_rate, guesses, max_grad_norm, canary_norm,
                noise_multiplicity, physical_batch_size, grad_sample_mode, confidence, dataset, n_real,
                real_images) -> dict:
-    from dpgen.privacy.engine import DPSGD, PrivacyUnits, step_generator
+    from dpgen.privacy.engine import DPSGD, PrivacyUnits, preflight, require_preflight, step_generator
 
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -272,6 +272,14 @@ def _run_audit(variant, epsilon, delta, m, steps, seed, sample_rate, guesses, ma
         # the clipping threshold is out of reach.
         clip = NO_CLIP_NORM
         noise_multiplier = sigma * max_grad_norm / NO_CLIP_NORM
+    # The same per-sample-gradient preflight as every DP-SGD run, in the mode the audit trains
+    # in, on random rows (half canaries): an audit of wrong per-sample gradients proves nothing.
+    g = step_generator(seed, 0, "audit-preflight")
+    is_canary = torch.arange(4) % 2 == 1
+    require_preflight(preflight(model, _loss, {
+        "x": torch.randn((4, *x_real.shape[1:]), generator=g), "y": torch.rand(4, generator=g).round(),
+        "canary_in": torch.randn((4, m), generator=g) * is_canary.view(-1, 1), "is_canary": is_canary,
+    }, mode=grad_sample_mode))
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     dp = DPSGD(model, opt, noise_multiplier=noise_multiplier, max_grad_norm=clip, expected_batch_size=expected,
                grad_sample_mode=grad_sample_mode)

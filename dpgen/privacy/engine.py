@@ -15,9 +15,10 @@ What this module adds on top of Opacus (GradSampleModule + DPOptimizer), and why
   physical batch, never with batch x K.
 - Speed (`DPGradSampleModule`): conv per-sample gradients come from one grouped convolution
   backward instead of Opacus' unfold + per-sample matmul, and in hooks mode autograd no
-  longer computes the conv weights' batch gradient that DP-SGD throws away. Measured on the
-  quickstart UNet (batch 32, 1 CPU thread): a DP step went from 2.1x to 1.5x a non-private
-  one (benchmarks/dp_overhead.py, benchmarks/RESULTS.md). The preflight checks this path.
+  longer computes the conv weights' batch gradient that DP-SGD throws away; fresh per-sample
+  gradients are handed to Opacus without its zero-fill-and-copy (`_owning`). Measured on the
+  quickstart UNet (batch 32, 2 CPU threads): a DP step costs 1.55x a non-private one
+  (benchmarks/dp_overhead.py, benchmarks/RESULTS.md). The preflight checks this path.
 - Steps are deterministic functions of (seed, step): the Poisson sample, the diffusion draws
   and the DP noise come from per-step generators. A run killed and resumed from its last
   checkpoint recomputes exactly the same steps, so nothing is spent twice and the ledger of
