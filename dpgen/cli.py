@@ -120,6 +120,7 @@ EXTRA_COMMANDS: list[tuple[str, str]] = [
     ("evaluate", "dpgen.evaluation.commands"),
     ("audit", "dpgen.probes.commands"),
     ("release", "dpgen.report.commands"),
+    ("federated", "dpgen.federated.commands"),
 ]
 
 

@@ -399,13 +399,18 @@ def progress_facts(site: SiteRun, round_index: int | None = None) -> dict:
 
 def site_status(site: SiteRun, schema: dict, round_index: int) -> dict:
     """Whether the site will take round `round_index` of a model with `schema`, and its public
-    facts. Never raises for a refusal: the reason goes back to the coordinator."""
+    facts. Never raises for a refusal: the reason goes back to the coordinator; `fatal` says
+    the site can never join (wrong image shape, labels, data errors), not just not now."""
     plan = _registered_plan(site)
     ledger = site.ledger
-    out = {"site": site.name, "accept": True, "reason": "", "plan": _public_plan_facts(site, plan),
+    out = {"site": site.name, "accept": True, "reason": "", "fatal": False, "plan": _public_plan_facts(site, plan),
            "progress": progress_facts(site, round_index)}
     try:
-        check_schema(site, schema)
+        try:
+            check_schema(site, schema)
+        except SiteRefusal:
+            out["fatal"] = True  # this site can never join this federation
+            raise
         if ledger.latest("dp_complete", mechanism=FED_MECHANISM) is not None:
             raise SiteRefusal(f"site {site.name}: its plan is complete (finished or stopped); it takes no more rounds")
         left = plan["planned_steps"] - _allocated_end(ledger)
@@ -416,7 +421,7 @@ def site_status(site: SiteRun, schema: dict, round_index: int) -> dict:
     except SiteRefusal as err:
         out.update(accept=False, reason=str(err))
     except Exception as err:  # noqa: BLE001 - a data problem is a refusal with its message
-        out.update(accept=False, reason=f"site {site.name}: {err}")
+        out.update(accept=False, fatal=True, reason=f"site {site.name}: {err}")
     return out
 
 
