@@ -58,7 +58,7 @@ class FederationError(RuntimeError):
 
 
 def _log(msg: str) -> None:
-    print(f"[dpgen coordinator] {msg}", flush=True)
+    print(f"[dpgen coordinator] {time.strftime('%H:%M:%S')} {msg}", flush=True)
 
 
 # ----------------------------------------------------------------------------- Flower pieces
@@ -99,7 +99,9 @@ class AuditingGrid(Grid):
         return msgs
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        ids = set(self.push_messages(list(messages)))
+        messages = list(messages)
+        t0 = time.time()
+        ids = set(self.push_messages(messages))
         end = None if timeout is None else time.time() + timeout
         out: list[Message] = []
         while ids and (end is None or time.time() < end):
@@ -108,6 +110,10 @@ class AuditingGrid(Grid):
             ids.difference_update(m.metadata.reply_to_message_id for m in got)
             if ids:
                 time.sleep(POLL_S)
+        if os.environ.get("DPGEN_FED_DEBUG"):
+            kinds = {m.metadata.message_type for m in messages}
+            _log(f"debug: {len(messages)} {'/'.join(sorted(kinds))} message(s): {len(out)} replies in "
+                 f"{time.time() - t0:.1f} s")
         return out
 
     def _audit(self, msg: Message) -> None:

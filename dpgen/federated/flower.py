@@ -157,8 +157,10 @@ def port_open(address: str, timeout: float = 0.5) -> bool:
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
+    import re
+
     try:
-        text = path.read_text(errors="replace").splitlines()
+        text = re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(errors="replace")).splitlines()
     except OSError:
         return ""
     return "\n".join(text[-lines:])

@@ -4,8 +4,10 @@
 1. opens the site's run directory (a restarted site continues it; another config is refused),
 2. registers the site's privacy plan in its own ledger, or refuses with the reason (budget too
    small for the planned rounds, batch larger than the data, ...) before connecting anywhere,
-3. starts Flower's SuperNode, which connects to the coordinator's SuperLink and runs the
-   ClientApp below for every message, each in a fresh process,
+3. starts its worker (dpgen.federated.worker: this process, with torch and the data loaded,
+   does the site's work) and Flower's SuperNode, which connects to the coordinator's SuperLink
+   and runs the ClientApp below for every message, each in a fresh process that only relays
+   the request to the worker,
 4. waits until the coordinator says the federation is over (or the site refused, or the
    coordinator cannot be reached for `connect_timeout_s`), then stops the SuperNode.
 
@@ -35,6 +37,7 @@ Messages (all from the coordinator; the ClientApp never initiates anything):
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -116,15 +119,56 @@ def set_site_state(site, status: str, **info) -> None:
     write_json_atomic(path, state)
 
 
+# ----------------------------------------------------------------------------- the site's work
+
+
+class SiteService:
+    """What the site does for each request, in the long-lived site process (dpgen's DP-SGD
+    through dpgen.federated.local_training). The ClientApp processes relay to it."""
+
+    def __init__(self, site, device: str = "cpu"):
+        self.site = site
+        self.device = device
+
+    def __call__(self, op: str, req: dict, arrays: dict | None) -> tuple[dict, dict | None]:
+        from dpgen.federated import local_training as lt
+
+        site = self.site
+        if os.environ.get("DPGEN_FED_DEBUG"):
+            print(f"[dpgen site {site.name}] {time.strftime('%H:%M:%S')} request {op}", flush=True)
+        if op == "status":
+            st = lt.site_status(site, req["schema"], int(req["round"]))
+            if not st["accept"] and st["fatal"]:
+                set_site_state(site, "refused", reason=st["reason"])
+            elif st["accept"] and site_state(site.root).get("status") == "starting":
+                set_site_state(site, "connected", federation=req.get("federation"))
+            return st, None
+        if op == "train":
+            gm = lt.GlobalModel.from_schema(req["schema"], arrays or {})
+            round_index = int(req["round"])
+            if gm.fingerprint != req["global_sha256"]:
+                raise ValueError(f"site {site.name}: the global weights of round {round_index} arrived corrupted")
+            set_site_state(site, "training", round=round_index)
+            result = lt.local_round(site, gm, round_index, device=self.device)
+            set_site_state(site, "waiting", last_round=round_index)
+            facts = {**result.facts, "replayed": result.replayed}
+            return facts, {n: result.update[n] for n in gm.train_names}
+        if op == "finish":
+            facts = lt.finish_site(site, req.get("reason", "the federation finished"))
+            set_site_state(site, "finished", reason=req.get("reason"), facts=facts)
+            return facts, None
+        raise ValueError(f"unknown request {op!r}")
+
+
 # ----------------------------------------------------------------------------- the ClientApp
 
 
-def _site(context: Context):
+def _site_root(context: Context) -> str:
     run_dir = context.node_config.get(flower.NODE_RUN_DIR)
     if not run_dir:
         raise RuntimeError(f"this SuperNode was started without --node-config {flower.NODE_RUN_DIR}=...; "
                            f"start sites with `dpgen federated site`")
-    return open_site_run(run_dir)
+    return str(run_dir)
 
 
 def _reply(msg: Message, payload: dict) -> Message:
@@ -137,28 +181,18 @@ def _payload(msg: Message) -> dict:
 
 @client_app.query("status")
 def status(msg: Message, context: Context) -> Message:
-    from dpgen.federated import local_training as lt
+    from dpgen.federated import worker
 
-    site = _site(context)
-    req = _payload(msg)
-    st = lt.site_status(site, req["schema"], int(req["round"]))
-    if not st["accept"]:
-        if st["fatal"]:
-            set_site_state(site, "refused", reason=st["reason"])
-    elif site_state(site.root).get("status") in (None, "starting"):
-        set_site_state(site, "connected", federation=req.get("federation"))
-    return _reply(msg, st)
+    reply, _ = worker.call(_site_root(context), "status", _payload(msg))
+    return _reply(msg, reply)
 
 
 @client_app.query("finish")
 def finish(msg: Message, context: Context) -> Message:
-    from dpgen.federated import local_training as lt
+    from dpgen.federated import worker
 
-    site = _site(context)
-    req = _payload(msg)
-    facts = lt.finish_site(site, req.get("reason", "the federation finished"))
-    set_site_state(site, "finished", reason=req.get("reason"), facts=facts)
-    return _reply(msg, facts)
+    reply, _ = worker.call(_site_root(context), "finish", _payload(msg))
+    return _reply(msg, reply)
 
 
 def _secure_aggregation_gate(msg: Message, context: Context, call_next) -> Message:
@@ -169,7 +203,7 @@ def _secure_aggregation_gate(msg: Message, context: Context, call_next) -> Messa
 
     if RECORD_KEY_CONFIGS in msg.content.config_records:
         return secaggplus_mod(msg, context, call_next)
-    site = _site(context)
+    site = open_site_run(_site_root(context))
     if site.config.require_secure_aggregation:
         raise PermissionError(f"site {site.name}: refusing a training round without secure aggregation "
                               f"(sites.{site.name}.require_secure_aggregation is true)")
@@ -192,42 +226,34 @@ def train(msg: Message, context: Context) -> Message:
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 
-    from dpgen.federated import arrays
-    from dpgen.federated import local_training as lt
+    from dpgen.federated import worker
 
-    lt.limit_threads()
-    site = _site(context)
+    root = _site_root(context)
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     cfg = fitins.config
-    schema, round_index = json.loads(str(cfg["dpgen.schema"])), int(cfg["dpgen.round"])
-    weights = arrays.from_list(parameters_to_ndarrays(fitins.parameters), schema["names"])
-    gm = lt.GlobalModel.from_schema(schema, weights)
-    if gm.fingerprint != cfg["dpgen.global_sha256"]:
-        raise ValueError(f"site {site.name}: the global weights of round {round_index} arrived corrupted")
-    set_site_state(site, "training", round=round_index)
-    result = lt.local_round(site, gm, round_index, device=_device())
-    update = arrays.to_list(result.update, gm.train_names)
-    max_abs = float(max((np.abs(u).max() for u in update), default=0.0))
-    facts = {**result.facts, "update_max_abs": max_abs, "replayed": result.replayed,
-             "secure_aggregation": _secagg_scale(context) is not None}
+    schema = json.loads(str(cfg["dpgen.schema"]))
+    weights = dict(zip(schema["names"], parameters_to_ndarrays(fitins.parameters)))
+    facts, update = worker.call(root, "train", {"schema": schema, "round": int(cfg["dpgen.round"]),
+                                                "global_sha256": str(cfg["dpgen.global_sha256"])}, weights)
+    arrs = [update[n] for n in schema["train_names"]]
+    facts["update_max_abs"] = float(max((np.abs(u).max() for u in arrs), default=0.0))
     scale = _secagg_scale(context)
+    facts["secure_aggregation"] = scale is not None
     if scale is not None:
         # SecAgg+ clips every entry of (weight / max_weight) * update to [-r, r]: report how
-        # much of this update that cut (a function of the DP update only).
+        # many entries of this update that cut (a function of the DP update only).
         r, max_weight = scale
-        w = site.config.finetune.batch_size / max_weight
-        facts["secagg_clipped_entries"] = int(sum(int((np.abs(u) * w > r).sum()) for u in update))
-    fitres = FitRes(status=Status(code=Code.OK, message="ok"), parameters=ndarrays_to_parameters(update),
-                    num_examples=int(site.config.finetune.batch_size),
-                    metrics={"dpgen.site": site.name, "dpgen.facts": json.dumps(facts, default=str)})
-    set_site_state(site, "waiting", last_round=round_index)
+        w = _batch_size(root)
+        facts["secagg_clipped_entries"] = int(sum(int((np.abs(u) * (w / max_weight) > r).sum()) for u in arrs))
+    fitres = FitRes(status=Status(code=Code.OK, message="ok"), parameters=ndarrays_to_parameters(arrs),
+                    num_examples=_batch_size(root),
+                    metrics={"dpgen.site": str(facts.get("site")), "dpgen.facts": json.dumps(facts, default=str)})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
-def _device() -> str:
-    import os
-
-    return os.environ.get("DPGEN_DEVICE", "cpu")
+def _batch_size(root: str) -> int:
+    """The site's public FedAvg weight: its configured expected batch size."""
+    return int(open_site_run(root).config.finetune.batch_size)
 
 
 # ----------------------------------------------------------------------------- the launcher
@@ -241,9 +267,8 @@ def run_site(config_path: str | Path, site_name: str, run_dir: str | Path | None
              overrides: list[str] | None = None, *, runtime_port: int | None = None, device: str = "cpu",
              poll_s: float = 1.0, log=print) -> dict:
     """Run one site until the federation is over. Returns the site's final privacy facts."""
-    import os
-
     from dpgen.federated import local_training as lt
+    from dpgen.federated.worker import WorkerServer
 
     site_file = load_site_config(config_path, site_name, overrides)
     root = Path(run_dir) if run_dir else Path("runs") / f"{site_file.name}-site-{site_name}"
@@ -263,10 +288,11 @@ def run_site(config_path: str | Path, site_name: str, run_dir: str | Path | None
         f"{f['rounds']} round(s) x {f['local_steps']} DP-SGD steps, expected batch {f['expected_batch_size']}; "
         f"run directory {site.root}")
     set_site_state(site, "starting", coordinator=site_file.address)
+    lt.limit_threads()
+    server = WorkerServer(site.root, SiteService(site, device)).start()
 
     home = site.rd.internal / "flower"
     env = flower.flower_env(home)
-    env["DPGEN_DEVICE"] = device
     port = runtime_port or flower.free_port()
     cmd = [flower.executable("flower-supernode"), "--insecure", "--superlink", site_file.address,
            "--port", str(port), "--max-wait-time", str(site.config.connect_timeout_s),
@@ -299,6 +325,6 @@ def run_site(config_path: str | Path, site_name: str, run_dir: str | Path | None
             time.sleep(poll_s)
     finally:
         flower.stop(proc)
+        server.close()
         for s, h in old.items():
             signal.signal(s, h)
-        _ = os  # keep the import local
