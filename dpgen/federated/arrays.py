@@ -22,17 +22,23 @@ def fingerprint(weights: Weights, names: list[str] | None = None) -> str:
     return h.hexdigest()
 
 
-def to_list(weights: Weights, names: list[str]) -> list[np.ndarray]:
-    missing = [n for n in names if n not in weights]
-    if missing:
-        raise KeyError(f"weights lack {missing[:3]}")
-    return [np.ascontiguousarray(weights[n]) for n in names]
+def flatten(weights: Weights, names: list[str]) -> np.ndarray:
+    """One float32 vector (the wire format: Flower moves every array as its own object, and a
+    round of ~150 small tensors cost ~150 round trips per hop)."""
+    if not names:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate([np.asarray(weights[n], dtype=np.float32).ravel() for n in names])
 
 
-def from_list(arrays: list[np.ndarray], names: list[str]) -> Weights:
-    if len(arrays) != len(names):
-        raise ValueError(f"{len(arrays)} arrays for {len(names)} names")
-    return {n: np.asarray(a) for n, a in zip(names, arrays)}
+def unflatten(vector: np.ndarray, names: list[str], shapes: dict[str, list[int]]) -> Weights:
+    sizes = [int(np.prod(shapes[n])) for n in names]
+    if int(vector.size) != sum(sizes):
+        raise ValueError(f"a vector of {vector.size} values for tensors of {sum(sizes)}")
+    out, at = {}, 0
+    for n, k in zip(names, sizes):
+        out[n] = np.asarray(vector[at:at + k], dtype=np.float32).reshape(shapes[n])
+        at += k
+    return out
 
 
 def save(path: Path, weights: Weights, metadata: dict[str, str] | None = None) -> None:

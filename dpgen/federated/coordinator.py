@@ -74,6 +74,7 @@ class AuditingGrid(Grid):
         self._audit_dir = audit_dir
         self._count = 0
         self._lock = threading.Lock()
+        self.stages: list[tuple[str, list[int], list[int]]] = []  # (type, sent to, answered without error)
 
     # delegation of Grid's abstract interface
     def set_run(self, run) -> None:
@@ -110,8 +111,10 @@ class AuditingGrid(Grid):
             ids.difference_update(m.metadata.reply_to_message_id for m in got)
             if ids:
                 time.sleep(POLL_S)
+        kinds = {m.metadata.message_type for m in messages}
+        self.stages.append(("/".join(sorted(kinds)), [m.metadata.dst_node_id for m in messages],
+                            [m.metadata.src_node_id for m in out if not m.has_error()]))
         if os.environ.get("DPGEN_FED_DEBUG"):
-            kinds = {m.metadata.message_type for m in messages}
             _log(f"debug: {len(messages)} {'/'.join(sorted(kinds))} message(s): {len(out)} replies in "
                  f"{time.time() - t0:.1f} s")
         return out
@@ -364,12 +367,13 @@ class Coordinator:
                                "dpgen.global_sha256": fp, "dpgen.federation": self.fed.name}
         ctx = LegacyContext(context=self.context, config=ServerConfig(num_rounds=round_index), strategy=strategy,
                             client_manager=SimpleClientManager())
+        self.grid.stages = []
         thread, stop, ready = start_update_client_manager_thread(self.grid, ctx.client_manager)
         ready.wait()
         ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {Key.CURRENT_ROUND: round_index, Key.START_TIME: timeit.default_timer()})
         ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-            ndarrays_to_parameters(arrays.to_list(gm.weights, gm.names)), keep_input=True)
+            ndarrays_to_parameters([gm.vector()]), keep_input=True)  # one vector: see arrays.flatten
         sa_facts = record.SecureAggregationFacts(enabled=sa.enabled)
         _log(f"round {round_index} (attempt {attempt}): training at {', '.join(names)}"
              f"{' with SecAgg+' if sa.enabled else ' WITHOUT secure aggregation'}")
@@ -392,14 +396,21 @@ class Coordinator:
         out = strategy.outcome or {"results": [], "failures": ["secure aggregation halted before aggregation"],
                                    "delta": None}
         contributed = [self.node_site.get(nid, str(nid)) for nid, _, _ in out["results"]]
+        stages = [{"messages": kind, "sent": [self.node_site.get(n, str(n)) for n in sent],
+                   "answered": [self.node_site.get(n, str(n)) for n in ok]}
+                  for kind, sent, ok in self.grid.stages if kind == "train"]
+        if out["delta"] is None and stages:
+            # no aggregate: who still sent its (masked) update, i.e. answered the update stage
+            contributed = stages[min(2, len(stages) - 1) if sa.enabled else -1]["answered"]
         dropped = [s for s in names if s not in contributed]
         if out["delta"] is None or len(out["results"]) < c.min_sites:
             reason = (f"{len(out['results'])} update(s) aggregated, coordinator.min_sites is {c.min_sites}"
-                      + (f"; dropped: {', '.join(dropped)}" if dropped else ""))
-            if sa.enabled and out["delta"] is None and out["results"]:
-                reason += "; SecAgg+ could not unmask the sum (too few live sites for the reconstruction threshold)"
+                      + (f"; dropped out: {', '.join(dropped)}" if dropped else ""))
+            if sa.enabled and out["delta"] is None:
+                reason += ("; SecAgg+ halted: a site dropped out and the others lack the reconstruction threshold's "
+                           "live neighbours to unmask the sum (2 sites: both must stay)")
             self._append(record.FedRoundFailed(round=round_index, attempt=attempt, reason=reason, selected=names,
-                                               contributed=contributed, failures=out["failures"]))
+                                               contributed=contributed, failures=out["failures"], stages=stages))
             _log(f"round {round_index} failed: {reason}")
             for nid in takers:  # ask them again next attempt (a site may have restarted)
                 if self.node_site.get(nid) in dropped:
@@ -407,7 +418,7 @@ class Coordinator:
             return None
 
         # Commit: checkpoint, the sites' reported facts, the round entry, state.
-        delta = arrays.from_list(out["delta"], gm.train_names)
+        delta = arrays.unflatten(out["delta"][0], gm.train_names, gm.shapes)
         new_weights = dict(gm.weights)
         for n in gm.train_names:
             new_weights[n] = (gm.weights[n] + delta[n]).astype(gm.weights[n].dtype)

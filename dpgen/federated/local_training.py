@@ -89,6 +89,11 @@ class GlobalModel:
     names: list[str]  # every tensor of the model, in wire order
     train_names: list[str]  # the tensors the sites update, in wire order
     weights: Weights = field(repr=False)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.shapes:
+            self.shapes = {n: list(self.weights[n].shape) for n in self.names}
 
     @property
     def fingerprint(self) -> str:
@@ -105,12 +110,21 @@ class GlobalModel:
         """The public description a site checks before training (JSON-able)."""
         return {"family": self.family, "spec": self.spec, "model_config": self.model_config,
                 "num_classes": self.num_classes, "trainable": self.trainable, "names": self.names,
-                "train_names": self.train_names}
+                "train_names": self.train_names, "shapes": self.shapes}
 
     @classmethod
     def from_schema(cls, schema: dict, weights: Weights) -> "GlobalModel":
         return cls(schema["family"], schema["spec"], schema["model_config"], int(schema["num_classes"]),
-                   schema["trainable"], list(schema["names"]), list(schema["train_names"]), weights)
+                   schema["trainable"], list(schema["names"]), list(schema["train_names"]), weights,
+                   {k: list(v) for k, v in schema["shapes"].items()})
+
+    @classmethod
+    def from_vector(cls, schema: dict, vector: np.ndarray) -> "GlobalModel":
+        """The model from its wire form: the public schema and one float32 vector."""
+        return cls.from_schema(schema, arrays.unflatten(vector, list(schema["names"]), schema["shapes"]))
+
+    def vector(self) -> np.ndarray:
+        return arrays.flatten(self.weights, self.names)
 
 
 def _build(family: str, spec: dict):
@@ -133,8 +147,10 @@ def load_global(path: Path, fed) -> GlobalModel:
 
     family, tensors, spec, _ = load_checkpoint(path)
     names = list(_build(family, spec).state_dict().keys())
-    weights = {n: tensors[n].numpy().astype(np.float32) if tensors[n].is_floating_point() else tensors[n].numpy()
-               for n in names}
+    bad = [n for n in names if not tensors[n].is_floating_point()]
+    if bad:
+        raise ValueError(f"{path}: federated models must hold floating-point tensors only ({bad[:3]})")
+    weights = {n: tensors[n].float().numpy() for n in names}
     return GlobalModel(family, spec, fed.model.model_dump(mode="json"), fed.data.num_classes,
                        fed.coordinator.trainable, names, _trainable_names(family, spec, fed.coordinator.trainable),
                        weights)

@@ -154,8 +154,9 @@ class FedRoundFailed(_Entry):
     attempt: int
     reason: str
     selected: list[str]
-    contributed: list[str]
+    contributed: list[str]  # sent an update (masked, with SecAgg+) that was not aggregated
     failures: list[str] = []
+    stages: list[dict] = []  # per message stage: which sites it went to and which answered
 
 
 class FedSiteFinal(_Entry):

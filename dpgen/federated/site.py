@@ -131,6 +131,7 @@ class SiteService:
         self.device = device
 
     def __call__(self, op: str, req: dict, arrays: dict | None) -> tuple[dict, dict | None]:
+        from dpgen.federated import arrays as warrays
         from dpgen.federated import local_training as lt
 
         site = self.site
@@ -144,7 +145,7 @@ class SiteService:
                 set_site_state(site, "connected", federation=req.get("federation"))
             return st, None
         if op == "train":
-            gm = lt.GlobalModel.from_schema(req["schema"], arrays or {})
+            gm = lt.GlobalModel.from_vector(req["schema"], (arrays or {})["global"])
             round_index = int(req["round"])
             if gm.fingerprint != req["global_sha256"]:
                 raise ValueError(f"site {site.name}: the global weights of round {round_index} arrived corrupted")
@@ -152,7 +153,7 @@ class SiteService:
             result = lt.local_round(site, gm, round_index, device=self.device)
             set_site_state(site, "waiting", last_round=round_index)
             facts = {**result.facts, "replayed": result.replayed}
-            return facts, {n: result.update[n] for n in gm.train_names}
+            return facts, {"update": warrays.flatten(result.update, gm.train_names)}
         if op == "finish":
             facts = lt.finish_site(site, req.get("reason", "the federation finished"))
             set_site_state(site, "finished", reason=req.get("reason"), facts=facts)
@@ -232,10 +233,10 @@ def train(msg: Message, context: Context) -> Message:
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     cfg = fitins.config
     schema = json.loads(str(cfg["dpgen.schema"]))
-    weights = dict(zip(schema["names"], parameters_to_ndarrays(fitins.parameters)))
+    (vector,) = parameters_to_ndarrays(fitins.parameters)  # the global weights as one vector
     facts, update = worker.call(root, "train", {"schema": schema, "round": int(cfg["dpgen.round"]),
-                                                "global_sha256": str(cfg["dpgen.global_sha256"])}, weights)
-    arrs = [update[n] for n in schema["train_names"]]
+                                                "global_sha256": str(cfg["dpgen.global_sha256"])}, {"global": vector})
+    arrs = [update["update"]]  # this site's update as one vector (train_names order)
     facts["update_max_abs"] = float(max((np.abs(u).max() for u in arrs), default=0.0))
     scale = _secagg_scale(context)
     facts["secure_aggregation"] = scale is not None
