@@ -28,6 +28,8 @@ import yaml
 
 from tests.conftest import REPO, TINY
 
+pytestmark = pytest.mark.federated
+
 flwr = pytest.importorskip("flwr", reason="Flower is an optional extra: pip install -e '.[federated]'")
 
 from dpgen.federated import arrays  # noqa: E402
@@ -152,7 +154,9 @@ def _entries(run_dir: Path, kind: str) -> list[dict]:
     return [e for e in PrivacyLedger.for_run(run_dir).entries() if e.get("kind") == kind]
 
 
-def test_two_rounds_two_sites_secagg(federation):
+def test_two_rounds_two_sites_secagg(federation, capsys):
+    from dpgen.cli import main
+
     f = federation
     assert f["rc"]["coordinator"] == 0, f["logs"]["coordinator"][-3000:]
     assert f["rc"]["a"] == 0 and f["rc"]["b"] == 0, (f["logs"]["a"][-2000:], f["logs"]["b"][-2000:])
@@ -169,8 +173,8 @@ def test_two_rounds_two_sites_secagg(federation):
     assert any(not np.array_equal(w0[k], w1[k]) for k in w0) and any(not np.array_equal(w1[k], w2[k]) for k in w1)
     assert (f["coord"] / "cohort" / "cohort.npz").is_file()
 
-    guarantees = {g["site"]: g for g in json.loads(subprocess.run(
-        _cli("report", str(f["coord"]), "--json"), capture_output=True, text=True, env=_env(), check=True).stdout)["sites"]}
+    assert main(["federated", "report", str(f["coord"]), "--json"]) == 0
+    guarantees = {g["site"]: g for g in json.loads(capsys.readouterr().out)["sites"]}
     for name, target in (("a", 8.0), ("b", 4.0)):
         ledger = PrivacyLedger.for_run(f["sites"][name])
         plan = ledger.latest("dp_plan")
@@ -306,15 +310,24 @@ def test_site_with_another_image_size_is_refused(tmp_path):
     assert not st["accept"] and st["fatal"] and "(1, 32, 32)" in st["reason"] and "(1, 28, 28)" in st["reason"]
 
 
-def test_unreachable_coordinator_is_a_clear_error(tmp_path):
+def test_unreachable_coordinator_is_a_clear_error(tmp_path, monkeypatch):
+    from dpgen.federated.site import SiteError, run_site
+
     cfg = _fed_config(_free_port())  # nothing listens there
     cfg["sites"]["a"]["connect_timeout_s"] = 3
     p = tmp_path / "f.yaml"
     p.write_text(yaml.safe_dump(cfg))
-    out = subprocess.run(_cli("site", str(p), "--site", "a", "--run-dir", str(tmp_path / "a")), env=_env(),
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert "could not be reached" in out.stderr and cfg["coordinator"]["address"] in out.stderr
+    for k, v in _env().items():
+        monkeypatch.setenv(k, v)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SiteError, match="could not be reached") as err:
+            run_site(p, "a", tmp_path / "a", log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)  # the site launcher limits its process to one thread
+    assert cfg["coordinator"]["address"] in str(err.value)
 
 
 def test_config_errors_name_the_key(tmp_path):

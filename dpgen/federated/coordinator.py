@@ -192,12 +192,12 @@ def _strategy_class():
 
 class Coordinator:
     def __init__(self, run_dir: Path, grid: Grid, context: Context):
-        from dpgen.privacy.ledger import PrivacyLedger
+        from dpgen.federated import local_training as lt
         from dpgen.rundir import RunDir
 
         self.rd = RunDir(Path(run_dir))
         self.fed: FederationConfig = federation_from_dict(yaml.safe_load(self.rd.config_path.read_text()))
-        self.ledger = PrivacyLedger(self.rd.ledger_path)
+        self.ledger = lt.ledger(self.rd.root)
         audit = self.rd.internal / "received" if os.environ.get(AUDIT_ENV) == "1" else None
         self.grid = AuditingGrid(grid, audit)
         self.context = context
@@ -226,10 +226,9 @@ class Coordinator:
 
     def load_model(self):
         from dpgen.federated import local_training as lt
-        from dpgen.training.families.shared import PRETRAIN_WEIGHTS
 
         done = self.committed_rounds()
-        path = self.rd.root / done[-1]["checkpoint"] if done else self.rd.checkpoints / PRETRAIN_WEIGHTS
+        path = self.rd.root / done[-1]["checkpoint"] if done else self.rd.checkpoints / lt.PRETRAIN_WEIGHTS
         return lt.load_global(path, self.fed), (done[-1]["round"] if done else 0)
 
     # ---- sites
@@ -449,7 +448,6 @@ class Coordinator:
     # ---- the whole run
     def run(self) -> None:
         from dpgen.federated import local_training as lt
-        from dpgen.training.families.shared import FINETUNE_WEIGHTS
 
         lt.limit_threads()
         gm, done = self.load_model()
@@ -467,8 +465,8 @@ class Coordinator:
 
     def finish(self, gm) -> None:
         from dpgen.federated import local_training as lt
-        from dpgen.training.families.shared import FINETUNE_WEIGHTS
 
+        FINETUNE_WEIGHTS = lt.FINETUNE_WEIGHTS
         done = self.committed_rounds()
         last = done[-1]["round"] if done else 0
         if not done:
@@ -535,7 +533,6 @@ def run_coordinator(config_path: str | Path, run_dir: str | Path | None = None, 
                     bind_host: str | None = None, log=print) -> dict:
     """Pretrain, run the federated rounds on Flower, sample. Returns a summary."""
     from dpgen.federated import local_training as lt
-    from dpgen.pipeline import check_sources  # noqa: F401  (sources are checked below)
     from dpgen.rundir import RunDir, default_run_dir
 
     fed = load_federation(config_path, overrides)
@@ -558,9 +555,7 @@ def run_coordinator(config_path: str | Path, run_dir: str | Path | None = None, 
         log(f"coordinator: public pretraining ({fed.pretrain.steps} steps) -> {rd.checkpoints}")
         gm = lt.pretrain_global(fed, rd, shape, device=device, progress=progress)
         rd.mark_done("pretrain", {"steps": fed.pretrain.steps, "image_shape": shape, "seconds": round(time.time() - t0, 1)})
-        from dpgen.privacy.ledger import PrivacyLedger
-
-        PrivacyLedger(rd.ledger_path).append({"kind": "artifact", "name": "pretrain_weights",
+        lt.ledger(rd.root).append({"kind": "artifact", "name": "pretrain_weights",
                                               "path": "checkpoints/pretrain.safetensors", "privacy_source": "public data",
                                               "trainable": gm.trainable, "train_tensors": len(gm.train_names)})
 
@@ -621,9 +616,9 @@ def _run_flower(fed: FederationConfig, rd, *, bind_host: str | None, log) -> Non
 
 def sample_cohort(fed: FederationConfig, rd, *, device="cpu", progress=False) -> dict:
     """The cohort from the final global model (post-processing), as `dpgen sample` writes it."""
+    from dpgen.federated import local_training as lt
     from dpgen.federated.config import coordinator_run_config
     from dpgen.pipeline import cohort_class_counts
-    from dpgen.privacy.ledger import PrivacyLedger
     from dpgen.sampling import load
 
     shape = (rd.state()["completed"].get("pretrain") or {}).get("image_shape") or fed.data.image_shape
@@ -636,7 +631,7 @@ def sample_cohort(fed: FederationConfig, rd, *, device="cpu", progress=False) ->
                                guidance_scale=s.guidance_scale, batch_size=s.batch_size,
                                class_names=config.data.class_names, nifti=s.nifti, progress=progress)
     result["class_counts_source"] = source
-    PrivacyLedger(rd.ledger_path).append({
+    lt.ledger(rd.root).append({
         "kind": "artifact", "name": "cohort", "path": "cohort/cohort.npz",
         "privacy_source": gen.info.get("cohort_privacy_source", "post-processing of the sites' DP-SGD updates"),
         "n": len(labels), "class_counts": result["class_counts"], "class_counts_source": source,

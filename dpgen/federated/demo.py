@@ -77,8 +77,9 @@ def run_demo(config_path: str | Path, run_dir: str | Path, overrides: list[str] 
     fed_file = root / "federation.yaml"
     env = os.environ.copy()
     env.setdefault("DPGEN_THREADS", "1")
-    coord = start_process(_cli("coordinator", str(fed_file), "--run-dir", str(root), "--resume", "--device", device),
-                          root / "logs" / "demo_coordinator.log", env)
+    coord_log = root / "logs" / "demo_coordinator.log"
+    coord = start_process(_cli("coordinator", str(fed_file), "--run-dir", str(root), "--resume", "--device", device,
+                               "--no-progress"), coord_log, env)
     log(f"demo: coordinator (pid {coord.pid}) on {fed.coordinator.address}, run directory {root}")
     sites = {}
     for name in fed.sites:
@@ -94,11 +95,26 @@ def run_demo(config_path: str | Path, run_dir: str | Path, overrides: list[str] 
 
     old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
     t0 = time.time()
+    shown = 0
+
+    def echo() -> None:  # the coordinator's progress lines, as they come
+        nonlocal shown
+        try:
+            lines = coord_log.read_text(errors="replace").splitlines()
+        except OSError:
+            return
+        for line in lines[shown:]:
+            if line.startswith(("coordinator:", "[dpgen coordinator]")) and "debug:" not in line:
+                log(line)
+        shown = len(lines)
+
     try:
         while coord.poll() is None:
             if timeout_s is not None and time.time() - t0 > timeout_s:
                 raise TimeoutError(f"demo: still running after {timeout_s:g} s")
+            echo()
             time.sleep(1.0)
+        echo()
         # the sites stop on the coordinator's finish message; after a failure they would wait
         end = time.time() + (60 if coord.returncode == 0 else 5)
         while any(p.poll() is None for p in sites.values()) and time.time() < end:

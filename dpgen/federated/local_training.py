@@ -55,6 +55,15 @@ from dpgen.federated.arrays import Weights
 
 FED_MECHANISM = "dp_sgd:finetune"  # the site's one DP mechanism (same id as a single-site run)
 ROUND_STATE = "round_state.safetensors"
+PRETRAIN_WEIGHTS = "pretrain.safetensors"  # = dpgen.training.families.shared.PRETRAIN_WEIGHTS
+FINETUNE_WEIGHTS = "finetune.safetensors"  # = dpgen.training.families.shared.FINETUNE_WEIGHTS
+
+
+def ledger(run_dir: str | Path):
+    """The privacy ledger of a run directory (the coordinator's or a site's)."""
+    from dpgen.privacy.ledger import PrivacyLedger
+
+    return PrivacyLedger.for_run(run_dir)
 
 
 class SiteRefusal(RuntimeError):
@@ -170,7 +179,6 @@ def pretrain_global(fed, rd, image_shape: list[int], device="cpu", progress: boo
     from dpgen.data import load_dataset
     from dpgen.federated.config import coordinator_run_config
     from dpgen.training.families import trainer
-    from dpgen.training.families.shared import PRETRAIN_WEIGHTS
 
     config = coordinator_run_config(fed, image_shape)
     public = load_dataset(fed.data.public) if fed.data.public is not None else None
@@ -217,9 +225,7 @@ class SiteRun:
 
     @property
     def ledger(self):
-        from dpgen.privacy.ledger import PrivacyLedger
-
-        return PrivacyLedger(self.rd.ledger_path)
+        return ledger(self.root)
 
 
 def load_site_data(site: SiteRun):

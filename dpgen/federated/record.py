@@ -169,9 +169,9 @@ class FedSiteFinal(_Entry):
 
 def per_site_guarantees(run_dir: str | Path) -> list[dict]:
     """Each site's guarantee as the coordinator's ledger records it (latest facts per site)."""
-    from dpgen.privacy.ledger import PrivacyLedger
+    from dpgen.federated.local_training import ledger
 
-    entries = PrivacyLedger.for_run(run_dir).entries()
+    entries = ledger(run_dir).entries()
     plans, progress, final, rounds = {}, {}, {}, {}
     for e in entries:
         kind = e.get("kind")
