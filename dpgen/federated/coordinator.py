@@ -599,7 +599,7 @@ def _run_flower(fed: FederationConfig, rd, *, bind_host: str | None, log) -> Non
                "--run-config", f'{flower.RUN_CONFIG_RUN_DIR}="{rd.root.resolve()}"']
         with open(run_log, "ab", buffering=0) as out:
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, cwd=str(app))
+                                    stdin=subprocess.DEVNULL, cwd=str(app), **flower.die_with_parent_kwargs())
             for line in proc.stdout:  # the ServerApp's log, streamed by `flwr run --stream`
                 out.write(line)
                 text = line.decode(errors="replace").rstrip()

@@ -122,11 +122,15 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         pass
 
 
+def die_with_parent_kwargs() -> dict:
+    return {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+
+
 def start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab", buffering=0)
-    kwargs = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kwargs)
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            **die_with_parent_kwargs())
 
 
 def stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
