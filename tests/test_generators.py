@@ -347,6 +347,12 @@ def test_trainable_config_errors(tiny_raw):
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.yaml")))
 def test_every_shipped_config_validates(path):
+    if "\nsites:" in (REPO / path).read_text():  # a federation (dpgen federated): its own schema
+        from dpgen.federated.config import load_federation
+
+        fed = load_federation(REPO / path)
+        assert fed.sites and all(s.privacy.epsilon > 0 for s in fed.sites.values())
+        return
     cfg = load_config(REPO / path)
     assert cfg.privacy.epsilon > 0 and cfg.model.generator in ("diffusion", "latent_diffusion", "cgan")
 

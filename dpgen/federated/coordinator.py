@@ -205,7 +205,7 @@ class Coordinator:
         self.node_status: dict[int, dict] = {}
         self.excluded: dict[int, str] = {}  # node id -> why it takes no more rounds
         self.plans: dict[str, dict] = {e["site"]: e["plan"] for e in self._entries("fed_site_plan")}
-        self.done_sites: set[str] = set()  # sites whose plan is used up
+        self.done_sites: set[str] = set()  # sites that take no more rounds (plan used up, or refused)
 
     # ---- ledger / state
     def _entries(self, kind: str) -> list[dict]:
@@ -242,7 +242,8 @@ class Coordinator:
         new = [n for n in nodes if n not in self.node_status and n not in self.excluded]
         if not new:
             return
-        payload = {"schema": gm.schema(), "round": round_index, "federation": self.fed.name}
+        payload = {"schema": gm.schema(), "round": round_index, "federation": self.fed.name,
+                   "secure_aggregation": self.fed.coordinator.secure_aggregation.enabled}
         replies = {m.metadata.src_node_id: m for m in self._send(new, "query.status", payload, round_index, 120.0)}
         for nid in new:
             m = replies.get(nid)
@@ -260,8 +261,7 @@ class Coordinator:
             self._check_plan(name, st["plan"], round_index, nid)
             if not st["accept"]:
                 self.excluded[nid] = st["reason"]
-                if not st.get("fatal"):
-                    self.done_sites.add(name)
+                self.done_sites.add(name)  # budget used up, or it can never join (fatal)
                 self._append(record.FedSiteRefused(site=name, round=round_index, reason=st["reason"],
                                                    fatal=bool(st.get("fatal"))))
                 _log(f"site {name} does not take round {round_index}: {st['reason']}")
@@ -279,6 +279,7 @@ class Coordinator:
             reason = (f"site {name} reports another plan than when it joined ({old} -> {facts.model_dump()}); a "
                       f"site's plan cannot change: it is refused")
             self.excluded[nid] = reason
+            self.done_sites.add(name)
             self._append(record.FedSiteRefused(site=name, round=round_index, reason=reason, fatal=True))
             _log(reason)
 
@@ -406,8 +407,8 @@ class Coordinator:
             reason = (f"{len(out['results'])} update(s) aggregated, coordinator.min_sites is {c.min_sites}"
                       + (f"; dropped out: {', '.join(dropped)}" if dropped else ""))
             if sa.enabled and out["delta"] is None:
-                reason += ("; SecAgg+ halted: a site dropped out and the others lack the reconstruction threshold's "
-                           "live neighbours to unmask the sum (2 sites: both must stay)")
+                reason += ("; SecAgg+ halted: with a site gone, the others lacked the reconstruction threshold's live "
+                           "neighbours to unmask the sum" + (" (with 2 sites both must stay)" if len(names) == 2 else ""))
             self._append(record.FedRoundFailed(round=round_index, attempt=attempt, reason=reason, selected=names,
                                                contributed=contributed, failures=out["failures"], stages=stages))
             _log(f"round {round_index} failed: {reason}")

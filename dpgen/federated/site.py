@@ -139,6 +139,10 @@ class SiteService:
             print(f"[dpgen site {site.name}] {time.strftime('%H:%M:%S')} request {op}", flush=True)
         if op == "status":
             st = lt.site_status(site, req["schema"], int(req["round"]))
+            if st["accept"] and not req.get("secure_aggregation", True) and site.config.require_secure_aggregation:
+                st.update(accept=False, fatal=True,
+                          reason=f"site {site.name}: the coordinator runs without secure aggregation and "
+                                 f"sites.{site.name}.require_secure_aggregation is true")
             if not st["accept"] and st["fatal"]:
                 set_site_state(site, "refused", reason=st["reason"])
             elif st["accept"] and site_state(site.root).get("status") == "starting":
