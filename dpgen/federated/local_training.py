@@ -17,12 +17,12 @@ What `local_round` does, on top of today's `dpgen.training.dp.run_dp_job` (uncha
 - The site's plan is one DP-SGD mechanism (`dp_sgd:finetune`) of rounds x local_steps steps
   at sample rate q = batch_size / N_site, registered once at launch (`plan_site`). Round r
   gets the next `local_steps` step indices [a, b) of that mechanism, written to the ledger
-  (`fed_round_start`) *before* any private data is touched. Indices are never reused for
+  (`fed_round_start`) before its first DP-SGD step. Indices are never reused for
   other inputs: a round retried with the very same global weights (same fingerprint)
   continues its allocation (resuming from the round's checkpoint, recomputing identically),
   anything else gets fresh indices. An allocation abandoned half-way stays spent.
 - A round that would go past the plan (b > rounds x local_steps, i.e. over budget) is refused
-  before any computation.
+  before any DP-SGD step.
 - `run_dp_job` runs steps a..b from a state file holding the global weights at step a; its
   per-step randomness is keyed by the absolute step index: Poisson masks from the site's
   *secret* sampling seed (passed as config.seed, in memory only: today's loop draws masks
