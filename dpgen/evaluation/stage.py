@@ -34,7 +34,7 @@ from dpgen.data import DataError
 from dpgen.evaluation import fidelity as fid
 from dpgen.evaluation.features import ENCODER_EPOCHS, FeatureExtractor, build_extractor, extract_features
 from dpgen.evaluation.inputs import check_cohort, check_real, class_name, load_cohort, load_real, require_split
-from dpgen.evaluation.utility import ROW_LABELS, ROWS, UtilityOptions, evaluate_rows, train_rows
+from dpgen.evaluation.utility import ROW_LABELS, ROWS, UtilityOptions, class_signal, evaluate_rows, train_rows
 from dpgen.privacy import accounting, mechanisms
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.privacy.randomness import EVALUATION_SECRET, secret_streams
@@ -227,6 +227,9 @@ def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, 
             "comparison": compare_rows(rows),
             "options": trained.info["options"],
         }
+        signal = class_signal(trained, cohort, k, names, device=dev, batch_size=opts.utility_options.eval_batch_size)
+        if signal is not None:
+            metrics["class_signal"] = signal
     metrics["privacy"] = {k_: v for k_, v in privacy.items() if k_ != "cohort_events"}
     timing["total_s"] = time.time() - t0
     metrics["timing"] = {k_: round(v, 2) for k_, v in timing.items()}
@@ -391,6 +394,11 @@ def format_summary(metrics: dict) -> str:
         if ft:
             lines.append(f"  (last row: epsilon composed = cohort {_num(ft['epsilon_cohort'], 3)} + classifier "
                          f"fine-tuning {_num(ft['epsilon_classifier_finetune'], 3)} -> {_num(ft['epsilon'], 3)})")
+    signal = metrics.get("class_signal")
+    if signal:
+        per = ", ".join(f"{c} {_pm(v['mean'], v['std'], 3)}" for c, v in signal["accuracy_per_class"].items())
+        lines.append(f"class signal (real-data classifiers on the cohort, accuracy per class): {per}; balanced "
+                     f"{_pm(signal['balanced_accuracy']['mean'], signal['balanced_accuracy']['std'], 3)}")
     if metrics.get("figures"):
         lines.append("figures: " + ", ".join(metrics["figures"]))
     lines.append(f"metrics (internal: never share): {RunDir(Path(metrics['run_dir'])).evaluation_file}")

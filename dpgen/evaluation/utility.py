@@ -338,5 +338,30 @@ def evaluate_rows(trained: TrainedRows, private_test: ImageDataset, num_classes:
     return out
 
 
+def class_signal(trained: TrainedRows, cohort: ImageDataset, num_classes: int, class_names: list[str] | None = None,
+                 device="cpu", batch_size: int = 512) -> dict | None:
+    """Does the cohort's class-k image look like class k to a classifier trained on the real data?
+
+    The non-private ceiling classifiers (row "real", trained on private train) applied to the
+    cohort: accuracy per class, mean and spread over seeds. A cohort with good marginals but lost
+    classes shows accuracies near the class prior. Internal: the classifiers are fitted to private
+    data without DP. Needs the "real" row."""
+    models = trained.models.get("real") or []
+    if not models:
+        return None
+    x, y = cohort.model_tensor(), np.asarray(cohort.labels)
+    names = [class_names[k] if class_names and k < len(class_names) else str(k) for k in range(num_classes)]
+    per_seed = [classification_metrics(predict_proba(m, x, batch_size, device), y, num_classes) for m in models]
+    return {
+        "what": "classifiers trained on the real private train split (the ceiling row), applied to the cohort: "
+                "the fraction of the cohort's class-k images they call class k",
+        "accuracy_per_class": {names[k]: _mean_std([p["recall_per_class"][k] for p in per_seed])
+                               for k in range(num_classes)},
+        "balanced_accuracy": _mean_std([p["balanced_accuracy"] for p in per_seed]),
+        "roc_auc": _mean_std([p["roc_auc"] for p in per_seed]),
+    }
+
+
 __all__ = ["ROWS", "ROW_LABELS", "UtilityOptions", "TrainedRows", "train_rows", "evaluate_rows", "dp_plan", "ClassifierObjective",
+           "class_signal",
            "classification_metrics", "roc_auc", "train_nonprivate", "train_dp", "new_classifier", "stratified_split"]

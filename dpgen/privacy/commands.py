@@ -89,15 +89,15 @@ def cmd_report(args) -> int:
 
     path = ledger_path(args.run_dir)
     if not path.is_file():
-        return _error("report", f"no privacy ledger at {path} (not a run directory, or no DP stage has run yet)", 1)
+        return _error("report", f"no privacy ledger at {path} (not a run directory, or no DP stage has run yet)")
     ledger = PrivacyLedger(path)
     entries = ledger.entries()
     try:
         summary = ledger.summary(args.delta)
     except ValueError as err:
-        return _error("report", f"{path}: {err} (pass --delta)")
+        return _error("report", f"{path}: {err}" + (" (pass --delta)" if "delta" in str(err) else ""))
     if args.json:
-        print(_dump({"summary": summary, "entries": entries}))
+        print(_dump({"summary": summary.to_dict(), "entries": entries}))
         return 0
     print(format_ledger(summary))
     if not args.brief:

@@ -164,6 +164,12 @@ def run_preflight(module: nn.Module, objective: DPObjective, mode: str, seed: in
 # ----------------------------------------------------------------------------- the loop
 
 
+def sample_units(units: PrivacyUnits, sample_rate: float, secret: SecretStreams, step: int) -> np.ndarray:
+    """The units that take part in `step`: each independently with probability q (what the
+    accountant assumes), decided by the mechanism's secret randomness."""
+    return units.poisson_sample(sample_rate, secret.poisson(step))
+
+
 @dataclass
 class StepStats:
     loss: float
@@ -210,8 +216,7 @@ class DPSGDLoop:
         self._draws = "" if not self.world.distributed else f"rank{self.world.rank}:"
 
     def sample(self, step: int) -> np.ndarray:
-        """The units of step `step`: each independently with probability q, from secret randomness."""
-        return self.units.poisson_sample(self.plan.sample_rate, self.secret.poisson(step))
+        return sample_units(self.units, self.plan.sample_rate, self.secret, step)
 
     def step(self, step: int) -> StepStats:
         chosen = self.sample(step)
@@ -236,4 +241,4 @@ class DPSGDLoop:
 
 
 __all__ = ["DPObjective", "DPSGDLoop", "DPSGDPlan", "PREFLIGHT_BATCH", "StepStats", "plan_dpsgd", "preflight_copy",
-           "run_preflight"]
+           "run_preflight", "sample_units"]

@@ -77,7 +77,7 @@ class SecretStreams:
     internal/secrets.json; `repr` does not show it.
     """
 
-    seed: int
+    secret_seed: int
     stream: str = ""
 
     def __repr__(self) -> str:
@@ -85,22 +85,22 @@ class SecretStreams:
 
     def poisson(self, step: int) -> torch.Generator:
         """Decides which privacy units take part in `step`."""
-        return step_generator(self.seed, step, f"{self.stream}poisson")
+        return step_generator(self.secret_seed, step, f"{self.stream}poisson")
 
     def draws(self, step: int, where: str) -> torch.Generator:
         """Per-row random inputs of a private row's loss (timesteps, noise, GAN latents)."""
-        return step_generator(self.seed, step, f"{self.stream}draw:{where}")
+        return step_generator(self.secret_seed, step, f"{self.stream}draw:{where}")
 
     def noise(self, step: int, device: str | torch.device = "cpu") -> torch.Generator:
         """The DP noise of `step`, on the device of the parameters it is added to."""
-        return step_generator(self.seed, step, f"{self.stream}noise", device=torch.device(device))
+        return step_generator(self.secret_seed, step, f"{self.stream}noise", device=torch.device(device))
 
     def extra(self, name: str, step: int = 0) -> torch.Generator:
         """Any other secret draw of this mechanism (e.g. the noise of a DP histogram)."""
-        return step_generator(self.seed, step, f"{self.stream}{name}")
+        return step_generator(self.secret_seed, step, f"{self.stream}{name}")
 
     def derived(self, stream: str) -> "SecretStreams":
-        return SecretStreams(self.seed, f"{self.stream}{stream}")
+        return SecretStreams(self.secret_seed, f"{self.stream}{stream}")
 
 
 def secret_streams(internal: Path, name: str = DP_SECRET, stream: str = "") -> SecretStreams:

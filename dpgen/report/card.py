@@ -190,9 +190,9 @@ def privacy_markdown(p: dict) -> list[str]:
         L.append(f"- Mechanism `{m['name']}`: {m['what']}" + (f" ({'; '.join(bits)})" if bits else "") + ".")
     lim = p.get("limits") or {}
     if lim:
-        tpr = ", ".join(f"{k}: {fmt_num(v, 3)}" for k, v in lim["membership_tpr"].items())
+        tpr = ", ".join(f"TPR ≤ {fmt_num(v, 3)} at {k}" for k, v in lim["membership_tpr"].items())
         L.append(f"- What (ε, δ) alone promises against membership inference: ROC-AUC ≤ "
-                 f"{fmt_num(lim['membership_auc'], 4)}, TPR ≤ {tpr} ({lim['source']}).")
+                 f"{fmt_num(lim['membership_auc'], 4)}, {tpr} ({lim['source']}).")
     ml = p.get("mechanism_limits")
     if ml:
         L.append(f"- Reconstruction: {ml['reconstruction']['meaning']} (composition of "

@@ -210,7 +210,7 @@ def release_problems(info: RunInfo) -> list[str]:
     problems.extend(f"the run is not finished: {p}" for p in info.unfinished())
     for check in (preflight_check(info), epsilon_check(info), delta_check(info)):
         if check["status"] == "fail":
-            problems.append(f"{check['title'].lower()}: {check['reason']}")
+            problems.append(f"{check['id']} check failed: {check['reason']}")
     return problems
 
 
@@ -266,6 +266,25 @@ def verify_bundle(out: str | Path) -> list[str]:
         if p.is_file() and p.name != CHECKSUMS and p.relative_to(out).as_posix() not in listed:
             problems.append(f"{p.relative_to(out).as_posix()}: not covered by {CHECKSUMS}")
     return problems
+
+
+def write_shareable_weights(src: Path, dst: Path, disclose_n: bool) -> None:
+    """The DP weights with the metadata that may be shared: the family and the spec that rebuild
+    the network (user choices) and which mechanisms trained it. The run's checkpoint also records
+    the completion entry (sigma, sample rate, exact epsilon: functions of N) and the preflight;
+    under add/remove neighbours those stay in the run directory."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    info = json.loads(meta.get("info", "{}"))
+    keep = ("stage", "privacy_mechanisms", "trainable", "autoencoder", "generator_privacy")
+    shared = {k: info[k] for k in keep if k in info}
+    if disclose_n:
+        shared["privacy"] = info.get("privacy")
+    save_file(load_file(str(src)), str(dst), metadata={"family": meta.get("family", "diffusion"),
+                                                       "spec": meta.get("spec", "{}"), "info": json.dumps(shared)})
 
 
 def read_cohort(path: Path) -> dict[str, np.ndarray]:
@@ -382,7 +401,8 @@ def release(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, in
                  "npz": "cohort.npz", "card": [CARD_MD, CARD_JSON], "checksums": CHECKSUMS}
         if include_weights:
             (stage / "weights").mkdir()
-            shutil.copyfile(info.root / weights_rel, stage / "weights" / "finetune.safetensors")
+            write_shareable_weights(info.root / weights_rel, stage / "weights" / "finetune.safetensors",
+                                    disclose_n=info.neighbouring == "replace_one")
             files["weights"] = "weights/finetune.safetensors"
         gone = left_out(info, used, allowed, refused, skip=(out, stage))
         card = build_card(info, items, cohort, files, gone, allowed, include_weights=include_weights)
