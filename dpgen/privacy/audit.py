@@ -506,7 +506,7 @@ def run_audit(
     noise_multiplicity: int = 1,
     physical_batch_size: int = 256,
     grad_sample_mode: str = "hooks",
-    confidence: float = 0.95,
+    confidence: float = 0.99,
     dataset: str = "breastmnist",
     n_real: int | None = 128,
     real_images: tuple[torch.Tensor, torch.Tensor] | None = None,
