@@ -151,13 +151,20 @@ def test_real_engine_passes_at_epsilon_10(audits):
     assert r["verdict"] == "PASS" and r["passed"] and not r["violation"], r
     assert r["tpr_lo"] <= r["claim_tpr_limit"]
     assert r["engine"]["engine_sigma"] == r["sigma"] and r["engine"]["preflight_max_error"] < 1e-4
+    # the canary coordinates move as the claim says (noise std sigma * C / B, signal q * C / B per step):
+    # the loop's clipping, noise and normalisation are what the statistic assumes
+    n_out = (r["m"] - r["n_canaries_in"]) * r["steps"]
+    assert abs(r["step_out_mean"]) < 4 * r["sigma"] / math.sqrt(n_out)
+    assert r["step_out_std"] == pytest.approx(r["sigma"], rel=0.05)
+    assert r["step_in_mean"] == pytest.approx(r["q"], abs=0.05)
+    assert r["step_in_std"] == pytest.approx(math.sqrt(r["sigma"] ** 2 + r["q"] * (1 - r["q"])), rel=0.05)
 
 
 @pytest.mark.parametrize("variant", BROKEN)
 def test_broken_engine_fails_at_epsilon_10(audits, variant):
     r = audits[variant]
     assert r["verdict"] == "FAIL" and r["violation"] and not r["passed"], r
-    assert r["tpr_lo"] > r["claim_tpr_limit"] + 0.1  # far from the edge
+    assert r["tpr_lo"] > r["claim_tpr_limit"] + 0.05  # not at the edge
     assert r["gdp_mu_lower"] > r["claimed_gdp_mu_clt"]
 
 
@@ -168,7 +175,7 @@ def test_subject_units_and_k2(images):
     assert real["n_units"] == 16 + real["n_canaries_in"]  # 32 images in pairs, one subject per canary
     assert real["verdict"] == "PASS", real
     broken = run_audit("noise_third", **kw)
-    assert broken["verdict"] == "FAIL" and broken["tpr_lo"] > broken["claim_tpr_limit"] + 0.1, broken
+    assert broken["verdict"] == "FAIL" and broken["tpr_lo"] > broken["claim_tpr_limit"] + 0.05, broken
 
 
 def test_audit_runs_the_production_loop(images, monkeypatch):
@@ -201,7 +208,9 @@ def test_one_run_cannot_certify_at_epsilon_10(images):
     r = run_audit("no_noise", method="one_run", epsilon=EPS, delta=DELTA, real_images=images, m=1000, steps=20)
     assert r["method"] == "one_run" and not r["can_fail"] and r["verdict"] == "INCONCLUSIVE", r
     assert r["max_certifiable_epsilon"] == pytest.approx(epsilon_lower_bound(1000, 200, 200, DELTA, 0.99))
-    assert r["max_certifiable_epsilon"] < 4.2 and r["v"] == r["r"]  # all guesses right, and still no verdict
+    # (nearly) all guesses right, and still no verdict: one run cannot certify more than ~3.7 here
+    # (a canary that Poisson sampling never picked in 20 steps looks like an out-canary)
+    assert r["max_certifiable_epsilon"] < 4.2 and r["v"] >= r["r"] - 3 and r["eps_lower"] <= r["max_certifiable_epsilon"]
     text = format_audit(r)
     assert f"cannot certify a violation of a claim above {r['max_certifiable_epsilon']:.3f}" in text
     # where it has power, it still catches the broken engine (epsilon 2)

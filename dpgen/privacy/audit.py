@@ -52,10 +52,11 @@ scored once at that tau: k1 of n1 in-canaries and k0 of n0 out-canaries above ta
 Clopper-Pearson bounds TPR_lo (one-sided, level alpha/2) and FPR_hi (alpha/2), and the audit
 FAILS if TPR_lo > 1 - f(FPR_hi). Why the threshold is chosen on held-out canaries and not
 from a grid fixed in advance: the claim's NP statistic of a noise-free sequence lies BELOW
-most of the claim's null distribution (the claim expects noise), so every threshold placed by
-the claim's own FPR levels misses a no-noise engine (measured: 0 of 500 in-canaries above the
-threshold of claimed FPR 0.3 at epsilon 10), while a threshold chosen on other canaries
-separates them perfectly.
+most of the claim's null distribution (the claim expects noise), so thresholds placed at the
+claim's own FPR levels miss a no-noise engine (simulated at epsilon 10, q 0.25, T 40: none of
+500 in-canaries above the threshold of claimed FPR 0.1, 30 above that of FPR 0.3, while its
+out-canaries all sit at one value below both), whereas a threshold chosen on other canaries
+separates in from out perfectly.
 
 Validity (no false FAIL beyond 1 - confidence): for the real engine each canary's sequence
 d_1..d_T depends only on its own Poisson inclusions and its own noise coordinate (iid across
@@ -658,6 +659,10 @@ def _tradeoff_analysis(setup: _Setup, trajectory: np.ndarray, head: dict, power:
         "margin": tpr_lo - limit, "gdp_mu_lower": mu, "gdp_epsilon_lower": gdp_epsilon(mu, head["delta"]),
         "claimed_gdp_mu_clt": gdp_mu(c.sigma, c.sample_rate, c.steps),
         "eps_lower": eps_delta_lower(tpr_lo, fpr_hi, head["delta"]),
+        # A check of the model the statistic assumes (for information; under the claim an
+        # out-canary step is N(0, sigma^2) and an in-canary step has mean q, std sqrt(sigma^2 + q(1-q))).
+        "step_out_mean": float(increments[~inc].mean()), "step_out_std": float(increments[~inc].std()),
+        "step_in_mean": float(increments[inc].mean()), "step_in_std": float(increments[inc].std()),
     }
 
 
@@ -724,6 +729,8 @@ def format_audit(result: dict) -> str:
             f"  observed: TPR >= {r['tpr_lo']:.4f} at FPR <= {r['fpr_hi']:.4f} ({r['eval_in_above']}/{r['n_eval_in']} "
             f"in, {r['eval_out_above']}/{r['n_eval_out']} out above the threshold chosen on {r['n_selection']} other "
             f"canaries); the claim allows TPR <= {r['claim_tpr_limit']:.4f} there",
+            f"  canary steps (in units of C / B): out mean {r['step_out_mean']:.3g} std {r['step_out_std']:.3g}, in "
+            f"mean {r['step_in_mean']:.3g}; the claim: out mean 0 std {r['sigma']:.3g}, in mean {r['q']:.3g}",
             f"  for information: GDP mu >= {r['gdp_mu_lower']:.3g} (epsilon {r['gdp_epsilon_lower']:.3g} at delta; "
             f"the claim's CLT mu is {r['claimed_gdp_mu_clt']:.3g}), (epsilon, delta) lower bound "
             f"{r['eps_lower']:.3g}",
