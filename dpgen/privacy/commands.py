@@ -201,7 +201,8 @@ def register(subparsers) -> None:
         "allows. --method tradeoff (default): every canary coordinate is read after every step, turned into the "
         "likelihood-ratio statistic of the claim, and TPR at FPR is compared with the claimed trade-off curve "
         "(Clopper-Pearson bounds); it can fail at epsilon 10. --method one_run: Steinke, Nasr & Jagielski 2023 "
-        "(final weights only); it cannot certify more than about 4 at m = 1000 and says so. The variants other "
+        "(final weights only); it cannot certify more than about 3.7 (m = 1000, 200 guesses, 99% confidence) and "
+        "says so. The variants other "
         "than real hand the loop a broken plan (no noise, sigma/3, no clipping, q = 1, rows as units) while the "
         "claim stays the calibrated one: they should FAIL. Exit codes: 0 PASS, 1 FAIL, 2 error, 3 INCONCLUSIVE "
         "(the audit cannot show a violation of this claim: a pass would be no evidence).",
