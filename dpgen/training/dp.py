@@ -334,7 +334,9 @@ def record_composed_bound(ledger: PrivacyLedger, units: PrivacyUnits, neighbouri
     composed), at the prior kappa = 1/N (one record guessed at random). Written when a
     mechanism completes; the latest entry covers the whole run."""
     events = ledger.events()
-    names = ledger.summary().release_mechanisms
+    s = ledger.summary()
+    names = sorted({n for n, m in s.mechanisms.items() if m.scope == "release" and m.steps_done > 0}
+                   | {r.name for r in s.releases})  # what ran so far, not what is only planned
     last = ledger.latest("bound")
     if last is not None and sorted(last.get("mechanisms") or []) == names:
         return
