@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from dpgen import __version__
@@ -156,11 +157,13 @@ def cmd_stage(args) -> int:
         _single_process_only(args.command)
         w = None
     ok = False
+    t0 = time.time()
     try:
         kwargs = {}
         if args.command == "sample":
             kwargs = {"num_images": args.num_images, "seed": args.seed, "name": args.name, "overwrite": args.overwrite}
         result = STAGE_FUNCS[args.command](config, rd, device=device, progress=not args.no_progress, **kwargs)
+        result["seconds"] = round(time.time() - t0, 1)
         ok = True
     finally:
         if w is not None and w.distributed:
@@ -170,6 +173,9 @@ def cmd_stage(args) -> int:
         ledger = PrivacyLedger(rd.ledger_path)
         summary["privacy"] = ledger.summary(config.privacy.delta) if ledger.path.is_file() else None
         _print_summary(summary, args.json)
+        if not args.json and args.command == "sample" and Path(result.get("cohort", rd.cohort)) != rd.cohort:
+            print(f"note: a new cohort beside the run's own (cohort/cohort.npz, which evaluate, audit and release "
+                  f"use); evaluate or audit it with --cohort {shlex.quote(str(Path(result['cohort']) / 'cohort.npz'))}")
     return 0
 
 
@@ -231,11 +237,12 @@ def build_parser(command: str | None = None, *, lazy: bool = False) -> argparse.
     _common(p)
     p.set_defaults(func=cmd_stage)
 
+    wanted = LAZY_COMMANDS[command][0] if command in LAZY_COMMANDS else None
     registered: set[str] = set()
     for name, (module, help_line) in LAZY_COMMANDS.items():
         if name in registered:
             continue
-        if lazy and name != command:
+        if lazy and module != wanted:
             sub.add_parser(name, help=help_line, add_help=False)
             registered.add(name)
             continue

@@ -183,27 +183,28 @@ def sample_stage(config: RunConfig, rd: RunDir, device="auto", progress: bool = 
     use). Once the run has its cohort, sampling again writes a new cohort beside it, in
     cohort/NAME/ (default NAME: a time stamp), and never replaces the run's cohort unless
     `overwrite` (without `name`). Every cohort is its own artifact in the ledger."""
-    from dpgen.sampling import load
-
     s = config.sample
     n = s.num_images if num_images is None else int(num_images)
     if n <= 0:
         raise ConfigError(f"--num-images {n}: the cohort needs at least one image")
     seed = s.seed if seed is None else seed
     folder, rel, artifact = cohort_target(rd, name, overwrite)
-    gen = load(rd.root, device=str(resolve_device(device)))  # first: its error names the missing stage
-    counts, source = cohort_class_counts(config, rd, n)
-    labels = np.concatenate([np.full(c, k) for k, c in counts.items()]).astype(np.int64)
-    attributes, attr_source = cohort_attributes(config, len(labels), seed, rd)
     fresh = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)  # a read-only run fails here, before any work
     try:
+        from dpgen.sampling import load
+
+        gen = load(rd.root, device=str(resolve_device(device)))  # before the counts: its error names the missing stage
+        counts, source = cohort_class_counts(config, rd, n)
+        labels = np.concatenate([np.full(c, k) for k, c in counts.items()]).astype(np.int64)
+        attributes, attr_source = cohort_attributes(config, len(labels), seed, rd)
         result = gen.sample_cohort(
             folder, labels=labels, attributes=attributes, seed=seed, sampler=s.sampler, steps=s.steps,
             guidance_scale=s.guidance_scale, batch_size=s.batch_size, class_names=config.data.class_names,
             nifti=s.nifti, progress=progress,
         )
     except BaseException:
-        if fresh and folder != rd.cohort:  # a new cohort folder this call made: leave nothing half-written
+        if fresh:  # a cohort folder this call made: leave nothing half-written
             import shutil
 
             shutil.rmtree(folder, ignore_errors=True)

@@ -54,7 +54,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:  # name the file the user knows, not the temporary one
+        raise OSError(err.errno, err.strerror, str(path)) from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -205,7 +208,7 @@ class RunDir:
             shutil.rmtree(rd.root)
             exists = False
         if resume:
-            old = yaml.safe_load(rd.config_path.read_text())
+            old = _normalised(yaml.safe_load(rd.config_path.read_text()))
             new = config.to_dict()
             if old != new:
                 if rd.has_progress():
@@ -271,6 +274,17 @@ class RunDir:
         if not self.config_path.is_file():
             raise RunDirError(f"{self.root} has no config.yaml; it is not a dpgen run directory")
         return config_from_dict(yaml.safe_load(self.config_path.read_text()))
+
+
+def _normalised(raw: Any) -> Any:
+    """A stored config with today's defaults filled in (a key added to the schema since the run
+    started is not a change of config); as stored when it no longer validates."""
+    from dpgen.config import ConfigError, config_from_dict
+
+    try:
+        return config_from_dict(raw).to_dict()
+    except (ConfigError, TypeError, ValueError):
+        return raw
 
 
 # ----------------------------------------------------------------------------- what dpgen made
