@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dpgen.config import ConfigError, RunConfig, load_config
-from dpgen.data import DataError, ImageDataset, check_spatial_dims, load_dataset, resolve_source
+from dpgen.data import DataError, ImageDataset, check_labels, check_spatial_dims, load_dataset, resolve_source
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.privacy.mechanisms import counts_from_histogram, split_total
 from dpgen.rundir import RunDir, default_run_dir, write_json_atomic
@@ -88,6 +88,7 @@ def pretrain_stage(config: RunConfig, rd: RunDir, device="auto", progress: bool 
     for role, ds in (("public", public), ("private", private)):
         if ds is not None:
             check_spatial_dims(config.data, role, ds.image_shape)  # folder sources are first read here
+    check_labels(config.data, private.labels)
     result = pretrain(config, rd, public, shape, resolve_device(device), progress)
     rd.mark_done("pretrain", result)
     return result
@@ -96,11 +97,17 @@ def pretrain_stage(config: RunConfig, rd: RunDir, device="auto", progress: bool 
 def finetune_stage(config: RunConfig, rd: RunDir, device="auto", progress: bool = True) -> dict:
     from dpgen.training.finetune import finetune
 
+    if not rd.is_done("pretrain"):
+        from dpgen.rundir import RunDirError
+
+        raise RunDirError(f"{rd.root}: its pretraining has not finished, so there is nothing to fine-tune yet; finish it "
+                          f"first: dpgen pretrain {rd.config_path} --run-dir {rd.root} --resume")
     if config.finetune.steps == 0:
         result = {"steps": 0, "note": "finetune.steps is 0: no private data used; sampling uses the pretrained model"}
         rd.mark_done("finetune", result)
         return result
     private = load_role(config, "private")
+    check_labels(config.data, private.labels)
     _record(rd, "private", private)
     result = finetune(config, rd, private, resolve_device(device), progress)
     rd.mark_done("finetune", result)

@@ -209,6 +209,7 @@ class RunDir:
             exists = False
         if resume:
             old = _normalised(yaml.safe_load(rd.config_path.read_text()))
+            old = old if isinstance(old, dict) else {}
             new = config.to_dict()
             if old != new:
                 if rd.has_progress():

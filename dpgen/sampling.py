@@ -309,8 +309,10 @@ def load(run_dir: str | Path, device: str = "auto", stage: str | None = None) ->
             f"{run_dir} has no DP fine-tuned generator yet, only the public pretrained one: run `dpgen finetune "
             f"{run_dir}` first (or, for the public model on purpose, dpgen.load(run_dir, stage='pretrain'))"
         )
-    raise FileNotFoundError(f"{run_dir}: no trained generator (no checkpoints/finetune.safetensors); run `dpgen run` "
-                            f"or `dpgen pretrain` + `dpgen finetune` first")
+    if (root / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: no trained generator yet (its pretraining has not finished); finish the "
+                                f"run first: dpgen run {root / 'config.yaml'} --run-dir {root} --resume")
+    raise FileNotFoundError(f"{run_dir}: no trained generator (no checkpoints/); not a dpgen run directory?")
 
 
 def _completed(root: Path) -> dict:

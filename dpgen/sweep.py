@@ -173,6 +173,7 @@ def sweep(
     check_sources(config)
     root = Path(sweep_dir or default_run_dir(f"{config.name}-sweep"))
     _open_sweep_dir(root, resume, overwrite, protect=read_paths(config, config_path))
+    log(f"sweep: directory {root}" + (" (resumed)" if resume else ""))
     t_all = time.time()
 
     # 1. the public pretraining, once

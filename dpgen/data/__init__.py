@@ -6,11 +6,11 @@ from pathlib import Path
 
 from dpgen.data.dataset import DataError, ImageDataset, from_model_range, to_model_range
 from dpgen.data.folder import load_folder
-from dpgen.data.medmnist import MEDMNIST, load_npz, npz_image_shape, resolve_medmnist
+from dpgen.data.medmnist import MEDMNIST, load_npz, peek_npz, resolve_medmnist
 
 __all__ = [
     "DataError", "ImageDataset", "load_dataset", "resolve_source", "to_model_range", "from_model_range",
-    "load_npz", "load_folder", "MEDMNIST", "check_sources", "check_spatial_dims",
+    "load_npz", "load_folder", "MEDMNIST", "check_sources", "check_spatial_dims", "check_labels",
 ]
 
 
@@ -58,7 +58,10 @@ def check_sources(data) -> None:
         except DataError as err:
             raise ConfigError(f"config error: data.{role}.source = {spec.source!r}: {err}") from None
         if path.is_file() and path.suffix == ".npz":
-            check_spatial_dims(data, role, npz_image_shape(path, spec.split))
+            shape, labels = peek_npz(path, spec.split)
+            check_spatial_dims(data, role, shape)
+            if role == "private":
+                check_labels(data, labels[: spec.max_images])
 
 
 def check_spatial_dims(data, role: str, shape: tuple[int, ...]) -> None:
@@ -77,3 +80,19 @@ def check_spatial_dims(data, role: str, shape: tuple[int, ...]) -> None:
         f"of shape {'x'.join(map(str, shape))}, but this config is for {what[want]} (data.spatial_dims = {want}); "
         f"use a dataset of the right kind, or {fix}"
     )
+
+
+def check_labels(data, labels) -> None:
+    """Private labels are class indices 0..data.num_classes-1: label K would be read as the
+    model's "no label" token (num_classes is its null class), a larger one would crash training."""
+    import numpy as np
+
+    from dpgen.config import ConfigError
+
+    labels = np.asarray(labels)
+    k = data.num_classes
+    if len(labels) and (labels.min() < 0 or labels.max() >= k):
+        raise ConfigError(
+            f"config error: data.private.source = {data.private.source!r} has labels outside 0..{k - 1} "
+            f"(data.num_classes = {k}); set data.num_classes to the private label space"
+        )

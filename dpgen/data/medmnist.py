@@ -142,16 +142,16 @@ def _npy_shape(zf: zipfile.ZipFile, member: str) -> tuple | None:
     return None
 
 
-def npz_image_shape(path: str | Path, split: str = "train") -> tuple[int, ...]:
-    """The channel-first shape of one image of a split, checked like `load_npz` checks it, reading
-    the labels and only the images' header (fast: the CLI calls it before starting a run)."""
+def peek_npz(path: str | Path, split: str = "train") -> tuple[tuple[int, ...], np.ndarray]:
+    """(channel-first shape of one image, labels) of a split, checked like `load_npz` checks them,
+    reading the labels and only the images' header (fast: the CLI calls it before starting a run)."""
     path = Path(path)
     shape, labels = _read_npz(path, split, images=False)
     if len(shape) not in (3, 4) or not shape[0]:
         raise DataError(f"{path}: {split}_images have shape {tuple(shape)}; not a MedMNIST 2D or 3D layout")
     if len(labels) != shape[0]:
         raise DataError(f"{path} (split {split!r}): {len(labels)} labels for {shape[0]} images")
-    return medmnist_to_channel_first(np.empty((1, *shape[1:]), dtype=np.uint8), path).shape[1:]
+    return medmnist_to_channel_first(np.empty((1, *shape[1:]), dtype=np.uint8), path).shape[1:], labels
 
 
 def load_npz(path: str | Path, split: str = "train", name: str | None = None) -> ImageDataset:
