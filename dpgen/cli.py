@@ -156,6 +156,7 @@ def cmd_stage(args) -> int:
     else:
         _single_process_only(args.command)
         w = None
+    had_cohort = rd.is_done("sample")
     ok = False
     t0 = time.time()
     try:
@@ -176,6 +177,9 @@ def cmd_stage(args) -> int:
         if not args.json and args.command == "sample" and Path(result.get("cohort", rd.cohort)) != rd.cohort:
             print(f"note: a new cohort beside the run's own (cohort/cohort.npz, which evaluate, audit and release "
                   f"use); evaluate or audit it with --cohort {shlex.quote(str(Path(result['cohort']) / 'cohort.npz'))}")
+        elif not args.json and args.command == "sample" and had_cohort:
+            print("note: the run's cohort was replaced (--overwrite); results of an earlier `dpgen evaluate`, "
+                  "`dpgen audit` or `dpgen report` describe the previous one: run them again")
     return 0
 
 
