@@ -316,7 +316,10 @@ def test_float_labels_are_refused_not_truncated(tmp_path):
 
 
 def test_3d_data_with_a_2d_config_is_refused(tmp_path, capsys):
+    """Public and private volumes with a 2D config used to train a 3D pixel UNet without a word."""
     for raw in (TINY, yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())):
+        raw = copy.deepcopy(raw)
+        raw["data"]["public"].update({"source": "adrenalmnist3d", "split": "val"})
         config = write_config(tmp_path / "c.yaml", raw, private="adrenalmnist3d")
         code, _, err = cli(capsys, "run", config, "--run-dir", tmp_path / "run", "--no-progress")
         assert code == 2 and "data.spatial_dims" in one_error_line(err) and "3D volumes" in err
