@@ -172,7 +172,7 @@ def cmd_stage(args) -> int:
     if w is None or w.is_main:
         summary = {"run_dir": str(rd.root), "stages": {args.command: result}, "target_epsilon": config.privacy.epsilon}
         ledger = PrivacyLedger(rd.ledger_path)
-        summary["privacy"] = ledger.summary(config.privacy.delta) if ledger.path.is_file() else None
+        summary["privacy"] = ledger.summary(config.privacy.delta).to_dict() if ledger.path.is_file() else None
         _print_summary(summary, args.json)
         if not args.json and args.command == "sample" and Path(result.get("cohort", rd.cohort)) != rd.cohort:
             print(f"note: a new cohort beside the run's own (cohort/cohort.npz, which evaluate, audit and release "

@@ -233,9 +233,20 @@ class FinetuneConfig(_Section):
 
 
 class PrivacyConfig(_Section):
+    """The run's one privacy budget, covering every mechanism whose outputs may be released.
+
+    `neighbouring` is the relation epsilon is for. "add_remove" (default): neighbouring data
+    sets differ by one unit added or removed; it requires that the number of private units N
+    stays secret, so nothing shareable states N or a quantity it follows from (the sample
+    rate, sigma, the exact spent epsilon). "replace_one": data sets of the same size differ in
+    one unit; N is public and the card states it (for the same noise, epsilon is about twice
+    the add/remove one).
+    """
+
     epsilon: float = 10.0
     delta: float = 1e-5
     accountant: Literal["pld", "rdp"] = "pld"
+    neighbouring: Literal["add_remove", "replace_one"] = "add_remove"
 
     @field_validator("epsilon")
     @classmethod
@@ -250,6 +261,13 @@ class PrivacyConfig(_Section):
         if not (0 < v < 1):
             raise ValueError("must be in the open interval (0, 1)")
         return v
+
+    @model_validator(mode="after")
+    def _rdp_relation(self) -> "PrivacyConfig":
+        if self.accountant == "rdp" and self.neighbouring != "add_remove":
+            raise ValueError("privacy.accountant = 'rdp' supports only neighbouring = 'add_remove' (dp-accounting "
+                             "has no replace-one RDP for Poisson subsampling); use 'pld'")
+        return self
 
 
 class ClassCounts(_Section):

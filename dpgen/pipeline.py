@@ -17,8 +17,10 @@ import torch
 
 from dpgen.config import ConfigError, RunConfig, load_config
 from dpgen.data import DataError, ImageDataset, check_labels, check_spatial_dims, load_dataset, resolve_source
+from dpgen.privacy import mechanisms
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.privacy.mechanisms import counts_from_histogram, split_total
+from dpgen.privacy.schema import ArtifactEntry, PrivacySource
 from dpgen.rundir import RunDir, default_run_dir, write_json_atomic
 from dpgen.training.common import resolve_device
 
@@ -127,7 +129,7 @@ def cohort_class_counts(config: RunConfig, rd: RunDir, n: int) -> tuple[dict[int
                 f"but sample.num_images = {n}"
             )
         return counts, "fixed by the user"
-    release = PrivacyLedger(rd.ledger_path).latest("dp_release", name="label_histogram")
+    release = PrivacyLedger(rd.ledger_path).latest("dp_release", name=mechanisms.LABEL_HISTOGRAM)
     if release is None:
         raise ConfigError(
             "sample.class_counts.mode = 'dp_histogram' but the ledger holds no DP label histogram "
@@ -139,7 +141,7 @@ def cohort_class_counts(config: RunConfig, rd: RunDir, n: int) -> tuple[dict[int
 def cohort_attributes(config: RunConfig, n: int, seed: int, rd: RunDir | None = None) -> tuple[dict | None, str]:
     """The attributes the cohort is generated with, and where they come from (never the
     private table: user values, the fixed ranges, the public dataset, or DP histograms)."""
-    from dpgen.privacy.engine import step_generator
+    from dpgen.privacy.randomness import step_generator
 
     a = config.sample.attributes
     names = list(config.data.attributes)
@@ -153,7 +155,7 @@ def cohort_attributes(config: RunConfig, n: int, seed: int, rd: RunDir | None = 
         return ({k: (r.min + u[:, j] * (r.max - r.min)).tolist() for j, (k, r) in enumerate(config.data.attributes.items())},
                 "uniform over the configured ranges (public: uses no data)")
     if a.mode == "dp_histogram":
-        release = PrivacyLedger(rd.ledger_path).latest("dp_release", name="attribute_histogram") if rd else None
+        release = PrivacyLedger(rd.ledger_path).latest("dp_release", name=mechanisms.ATTRIBUTE_HISTOGRAM) if rd else None
         if release is None:
             raise ConfigError(
                 "sample.attributes.mode = 'dp_histogram' but the ledger holds no DP attribute histogram "
@@ -220,15 +222,11 @@ def sample_stage(config: RunConfig, rd: RunDir, device="auto", progress: bool = 
     result["attributes_source"] = attr_source
     result["cohort"] = str(folder)
     ledger = PrivacyLedger(rd.ledger_path)
-    if (rd.checkpoints / "finetune.safetensors").is_file():
-        dp_source = gen.info.get("cohort_privacy_source", "post-processing of dp_sgd:finetune")
-    else:
-        dp_source = "public data only (no fine-tuning)"
-    entry = {"kind": "artifact", "name": artifact, "path": rel, "privacy_source": dp_source,
-             "n": len(labels), "class_counts": result["class_counts"], "class_counts_source": source,
-             "generator": gen.family, "attributes_source": attr_source}
-    if "nifti" in result:
-        entry["nifti"] = str(Path(rel).parent / "nifti")
+    entry = ArtifactEntry(name=artifact, path=rel,
+                          privacy_source=cohort_privacy_source(config, gen.info.get("privacy_mechanisms") or []),
+                          n=len(labels), class_counts=result["class_counts"], class_counts_source=source,
+                          generator=gen.family, attributes_source=attr_source,
+                          **({"nifti": str(Path(rel).parent / "nifti")} if "nifti" in result else {}))
     ledger.append(entry)
     if artifact == "cohort":
         rd.mark_done("sample", {"n": result["n"], "class_counts": result["class_counts"]})
@@ -255,6 +253,21 @@ def cohort_target(rd: RunDir, name: str | None, overwrite: bool) -> tuple[Path, 
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise RunDirError(f"cohort {folder} already exists; choose another --name, or pass --overwrite to replace it")
     return folder, f"cohort/{name}/cohort.npz", f"cohort/{name}"
+
+
+def cohort_privacy_source(config: RunConfig, weight_mechanisms: list[str]) -> PrivacySource:
+    """The cohort is computed from the generator's weights, the class counts and the
+    attributes, and public randomness: post-processing of the mechanisms behind them."""
+    used = list(weight_mechanisms)
+    if config.sample.class_counts.mode == "dp_histogram":
+        used.append(mechanisms.LABEL_HISTOGRAM)
+    if config.sample.attributes.mode == "dp_histogram":
+        used.append(mechanisms.ATTRIBUTE_HISTOGRAM)
+    if not used:
+        public = config.sample.attributes.mode == "public" or config.data.public is not None
+        return PrivacySource(kind="public" if public else "user",
+                             note="no fine-tuning: the generator saw public data only")
+    return PrivacySource(kind="post_processing", mechanisms=tuple(dict.fromkeys(used)))
 
 
 STAGE_FUNCS = {"pretrain": pretrain_stage, "finetune": finetune_stage, "sample": sample_stage}
@@ -305,7 +318,7 @@ def run(
             _remove_new_run(rd.root, was_empty)
         raise
     ledger = PrivacyLedger(rd.ledger_path)
-    summary["privacy"] = ledger.summary(config.privacy.delta) if ledger.path.is_file() else None
+    summary["privacy"] = ledger.summary(config.privacy.delta).to_dict() if ledger.path.is_file() else None
     summary["target_epsilon"] = config.privacy.epsilon
     summary["generator"] = config.model.generator
     write_json_atomic(rd.root / "summary.json", summary)
@@ -348,15 +361,12 @@ def format_summary(summary: dict) -> str:
         lines.append(f"cohort: {s.get('n')} images, class counts {s.get('class_counts')} -> {where}")
     priv = summary.get("privacy")
     if priv and priv.get("epsilon") is not None:
-        if priv.get("within_target") is None and priv.get("target_epsilon") is None:
-            # several mechanisms (e.g. a DP autoencoder too): compare with the run's target
-            target = summary.get("target_epsilon")
-            priv = {**priv, "target_epsilon": target,
-                    "within_target": None if target is None else priv["epsilon"] <= target * (1 + 1e-9)}
+        rdp = priv.get("epsilon_rdp")
+        rdp_s = f"; RDP {rdp:.3f}" if isinstance(rdp, float) else ""
         lines.append(
-            f"privacy: epsilon {priv['epsilon']:.3f} (PLD; RDP {priv.get('epsilon_rdp', float('nan')):.3f}) at delta "
-            f"{priv['delta']:g}, {priv.get('unit')}, target {priv.get('target_epsilon')}: "
-            f"{'within target' if priv.get('within_target') else 'NOT within target'}; ledger {priv.get('ledger')}"
+            f"privacy: epsilon {priv['epsilon']:.3f} (PLD{rdp_s}) at delta {priv['delta']:g} for "
+            f"{priv['neighbouring'].replace('_', '/')} neighbours, {priv.get('unit')}, budget {priv.get('target_epsilon')}: "
+            f"{'within budget' if priv.get('within_target') else 'NOT within budget'}; ledger {priv.get('ledger')}"
         )
     return "\n".join(lines)
 

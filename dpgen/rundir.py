@@ -8,8 +8,11 @@
       privacy/ledger.jsonl  the append-only privacy ledger
       logs/                 TensorBoard event files
       cohort/               the synthetic cohort (.npz in MedMNIST layout, PNG grids)
-      internal/             anything that shows or derives from private data without DP;
-                            never released
+      report/report.html    the shareable release review (DP outputs, public data, user choices only)
+      internal/             anything that shows or derives from private data without DP, and
+                            secrets; never released: secrets.json (0600), logs/ (fine-tuning
+                            curves), sampling/ (per-step sampled counts), evaluation/, audit/,
+                            review/review.html (the data holder's internal review)
 
 Every file is written atomically (write to a temporary file, then rename), so a crash leaves
 either the old file or the new one, never half of one.
@@ -50,8 +53,11 @@ class RunDirError(RuntimeError):
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it over `path`."""
+def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it over `path`.
+
+    The file gets the usual permissions (0666 minus the umask), or `mode` (e.g. 0o600 for
+    secrets: the temporary file is created 0600, so it is never readable by others)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -63,19 +69,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
+        os.chmod(tmp, 0o666 & ~_UMASK if mode is None else mode)  # mkstemp makes 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+def write_text_atomic(path: str | Path, text: str, mode: int | None = None) -> None:
     from dpgen.distributed import is_writer
 
     if not is_writer():  # distributed fine-tuning: rank 0 writes the run directory
         return
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode) as tmp:
         tmp.write_text(text)
 
 
@@ -104,8 +110,8 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+def write_json_atomic(path: str | Path, obj: Any, mode: int | None = None) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", mode)
 
 
 def save_tensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -187,6 +193,44 @@ class RunDir:
     @property
     def internal(self) -> Path:
         return self.root / "internal"
+
+    # Outputs of the evaluate and audit stages: statistics of private data computed without
+    # DP, so they live under internal/ (the data holder's internal review reads them).
+    @property
+    def evaluation_dir(self) -> Path:
+        return self.internal / "evaluation"
+
+    @property
+    def evaluation_file(self) -> Path:
+        return self.evaluation_dir / "evaluation.json"
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.internal / "audit"
+
+    @property
+    def probes_file(self) -> Path:
+        """Every probe result, per record."""
+        return self.audit_dir / "probes.json"
+
+    @property
+    def probes_summary_file(self) -> Path:
+        """The probes' aggregates (still internal: computed on private data without DP)."""
+        return self.audit_dir / "probes_summary.json"
+
+    @property
+    def review_html(self) -> Path:
+        """The internal release review (evaluation, probes, ledger): never shared."""
+        return self.internal / "review" / "review.html"
+
+    @property
+    def report_html(self) -> Path:
+        """The shareable release review."""
+        return self.root / "report" / "report.html"
+
+    @property
+    def cohort_file(self) -> Path:
+        return self.cohort / "cohort.npz"
 
     # --- lifecycle
     @classmethod
@@ -291,7 +335,7 @@ def _normalised(raw: Any) -> Any:
 # ----------------------------------------------------------------------------- what dpgen made
 
 
-SWEEP_MARKERS = ("sweep.json", "pretrain")  # dpgen.sweep: SWEEP_JSON, PRETRAIN_DIR
+SWEEP_MARKERS = ("internal/sweep.json", "sweep.json", "pretrain")  # dpgen.sweep: SWEEP_JSON (and its older place), PRETRAIN_DIR
 
 
 def _read_json_quiet(path: Path) -> Any:
@@ -315,9 +359,9 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def is_sweep_dir(path: str | Path) -> bool:
-    """A sweep directory dpgen wrote: sweep.json, or its shared pretraining run in pretrain/."""
+    """A sweep directory dpgen wrote: its sweep.json, or its shared pretraining run in pretrain/."""
     p = Path(path)
-    return (p / SWEEP_MARKERS[0]).is_file() or is_run_dir(p / SWEEP_MARKERS[1])
+    return any((p / m).is_file() for m in SWEEP_MARKERS[:2]) or is_run_dir(p / SWEEP_MARKERS[2])
 
 
 def enclosing_run(path: str | Path) -> Path | None:

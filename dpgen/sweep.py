@@ -6,9 +6,10 @@
                            hard link to (or a copy of) the shared one, state.json marks pretrain done,
                            then finetune -> sample -> evaluate ran in it as in `dpgen run`
       eps_inf/             epsilon = inf: non-private fine-tuning (sigma 0, clipping still on)
-      sweep.json           per-epsilon results (spent epsilon, fidelity, the four utility rows)
-      curve.png            fidelity (FD) and downstream ROC-AUC vs epsilon (log x, inf at the right end),
+      internal/sweep.json  per-epsilon results (spent epsilon, fidelity, the four utility rows)
+      internal/curve.png   fidelity (FD) and downstream ROC-AUC vs epsilon (log x, inf at the right end),
                            with the non-private ceiling and the DP-SGD baseline as lines
+                           (internal: the evaluation is computed on private data without DP)
 
 Public pretraining costs no privacy, so sharing it across the epsilons changes nothing in any
 run's ledger; each run's ledger holds only its own fine-tuning. Each epsilon is a separate
@@ -30,8 +31,9 @@ from typing import Any
 from dpgen.config import ConfigError, RunConfig, config_from_dict, load_config
 from dpgen.rundir import RunDir, RunDirError, default_run_dir, to_jsonable, write_json_atomic
 
-SWEEP_JSON = "sweep.json"
-CURVE_PNG = "curve.png"
+# Evaluation results are statistics of private data without DP: the sweep keeps them internal.
+SWEEP_JSON = "internal/sweep.json"
+CURVE_PNG = "internal/curve.png"
 PRETRAIN_DIR = "pretrain"
 PRETRAIN_WEIGHTS = "pretrain.safetensors"
 
@@ -216,8 +218,8 @@ def sweep(
             rec["timing"][f"{name}_s"] = round(time.time() - t, 2)
         evaluation = None
         if evaluate_stage is not None:
-            if rd.is_done("evaluate") and (rd.root / "metrics" / "evaluation.json").is_file():
-                evaluation = RunDir.read_json(rd.root / "metrics" / "evaluation.json")
+            if rd.is_done("evaluate") and rd.evaluation_file.is_file():
+                evaluation = RunDir.read_json(rd.evaluation_file)
             else:
                 _share_public_encoder(root, eps_list, rd)
                 t = time.time()
@@ -287,7 +289,7 @@ def _spent_epsilon(rd: RunDir, cfg: RunConfig) -> float | None:
     if not ledger.exists():
         return None
     try:
-        return float(ledger.summary(cfg.privacy.delta)["epsilon"])
+        return float(ledger.summary(cfg.privacy.delta).epsilon)
     except Exception:  # noqa: BLE001 - a summary problem must not lose the sweep
         return None
 

@@ -185,12 +185,12 @@ def test_release_overwrite_replaces_only_a_bundle(finished, tmp_path, capsys):
 
 def test_sweep_resume_and_overwrite_rules(cfg, tmp_path, capsys):
     sweep_dir = tmp_path / "sweep"
-    sweep_dir.mkdir()
-    (sweep_dir / "sweep.json").write_text("{}\n")
+    (sweep_dir / "internal").mkdir(parents=True)
+    (sweep_dir / "internal" / "sweep.json").write_text("{}\n")
     base = ["sweep", cfg, "--epsilons", "8", "--no-evaluate", "--no-progress"]
     code, _, err = cli(capsys, *base, "--run-dir", sweep_dir, "--resume", "--overwrite")
     assert code == 2 and "exclude each other" in one_error_line(err)
-    assert (sweep_dir / "sweep.json").is_file()
+    assert (sweep_dir / "internal" / "sweep.json").is_file()
     code, _, err = cli(capsys, *base, "--run-dir", tmp_path / "no_such_sweep", "--resume")
     assert code == 2 and "there is no sweep in" in one_error_line(err)
     assert not (tmp_path / "no_such_sweep").exists()

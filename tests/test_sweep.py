@@ -50,7 +50,8 @@ def swept(tmp_path_factory):
 
 def test_sweep_shares_pretraining_and_fine_tunes_once_per_epsilon(swept):
     _, d = swept
-    assert sorted(p.name for p in d.iterdir()) == ["curve.png", "eps_2", "eps_inf", "pretrain", "sweep.json"]
+    assert sorted(p.name for p in d.iterdir()) == ["eps_2", "eps_inf", "internal", "pretrain"]
+    assert sorted(p.name for p in (d / "internal").iterdir()) == ["curve.png", "sweep.json"]  # evaluation: internal
     shared = d / "pretrain" / "checkpoints" / "pretrain.safetensors"
     for name in ("eps_2", "eps_inf"):
         run = d / name
@@ -68,29 +69,29 @@ def test_sweep_shares_pretraining_and_fine_tunes_once_per_epsilon(swept):
 
     # epsilon 2: DP within target; inf: non-private (sigma 0, clipping kept)
     s2 = PrivacyLedger.for_run(d / "eps_2").summary()
-    assert s2["within_target"] and 0 < s2["epsilon"] <= 2
+    assert s2.within_target and 0 < s2.epsilon <= 2
     sinf = PrivacyLedger.for_run(d / "eps_inf").summary()
-    assert sinf["non_private"] and math.isinf(sinf["epsilon"])
+    assert sinf.non_private and math.isinf(sinf.epsilon)
     plan = PrivacyLedger.for_run(d / "eps_inf").latest("dp_plan")
     assert plan["sigma"] == 0 and plan["max_grad_norm"] > 0
 
 
 def test_sweep_writes_results_and_draws_the_curve(swept):
     _, d = swept
-    res = json.loads((d / "sweep.json").read_text())
+    res = json.loads((d / "internal" / "sweep.json").read_text())
     assert res["epsilons"] == [2.0, "inf"]
     assert [r["run_dir"] for r in res["runs"]] == ["eps_2", "eps_inf"]
-    png = (d / "curve.png").read_bytes()
+    png = (d / "internal" / "curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     from PIL import Image
 
-    with Image.open(d / "curve.png") as im:
+    with Image.open(d / "internal" / "curve.png") as im:
         assert im.width > 400 and im.height > 200
     if HAVE_EVAL:
         assert res["evaluation"] == "run"
         for r in res["runs"]:
             p = r["point"]
-            assert r["evaluated"] and (d / r["run_dir"] / "metrics" / "evaluation.json").is_file()
+            assert r["evaluated"] and (d / r["run_dir"] / "internal" / "evaluation" / "evaluation.json").is_file()
             for key in ("tstr_auc", "dp_sgd_auc", "ceiling_auc", "fd", "fd_real"):
                 assert p[key] is not None, (r["run_dir"], key)
             assert 0 <= p["tstr_auc"] <= 1 and 0 <= p["dp_sgd_auc"] <= 1
@@ -114,17 +115,18 @@ def test_sweep_resume_skips_finished_work_and_refuses_to_overwrite(swept, capsys
     assert main([*base, "--resume"] + ([] if HAVE_EVAL else ["--no-evaluate"])) == 0
     assert time.time() - t0 < 60  # nothing trained again
     assert (d / "eps_2" / "privacy" / "ledger.jsonl").read_bytes() == before  # nothing re-spent
-    res = json.loads((d / "sweep.json").read_text())
+    res = json.loads((d / "internal" / "sweep.json").read_text())
     assert all("finetune_s" in r["timing"] for r in res["runs"])  # the first pass's timings are kept
 
 
-def test_report_of_a_sweep_run_shows_the_curve(swept):
-    from dpgen.report.html import render
+def test_internal_review_of_a_sweep_run_shows_the_curve(swept):
+    from dpgen.report.html import render_internal, render_shareable
     from dpgen.report.runinfo import load_run
 
     _, d = swept
-    html_text = render(load_run(d / "eps_2"))
-    assert "From the privacy-utility sweep this run belongs to (sweep/sweep.json)" in html_text
+    assert "From the privacy-utility sweep this run belongs to (sweep/internal/sweep.json)" in render_internal(
+        load_run(d / "eps_2"))
+    assert "privacy-utility sweep" not in render_shareable(load_run(d / "eps_2"))
 
 
 def test_parse_epsilons():
