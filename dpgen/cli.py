@@ -66,8 +66,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="delete --run-dir first (only a run directory dpgen wrote)")
 
 
-def _stderr(line: str) -> None:
-    print(f"dpgen: {line}", file=sys.stderr, flush=True)
+def _announce(as_json: bool):
+    """Where a run says what it is doing: stdout (stderr is for errors), or stderr when stdout is
+    JSON for a script."""
+    def log(line: str) -> None:
+        print(f"dpgen: {line}", file=sys.stderr if as_json else sys.stdout, flush=True)
+
+    return log
 
 
 def _print_summary(summary: dict, as_json: bool) -> None:
@@ -105,7 +110,7 @@ def cmd_run(args, stages=None) -> int:
     _single_process_only(args.command)
     summary = run(
         args.config, run_dir, overrides=args.overrides, resume=args.resume, overwrite=args.overwrite,
-        device=args.device, progress=not args.no_progress, stages=stages or STAGES, log=_stderr,
+        device=args.device, progress=not args.no_progress, stages=stages or STAGES, log=_announce(args.json),
     )
     _print_summary(summary, args.json)
     return 0
@@ -195,7 +200,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
               "privacy probes (memorization, membership inference, reconstruction) on a finished run; "
               "results and figures go to RUN/internal/audit/"),
     "release": ("dpgen.report.commands", "write the shareable bundle of a finished run (and nothing else)"),
-    "report": ("dpgen.report.commands", "write the release review (RUN/report/report.html, + PDF with chromium)"),
+    "report": ("dpgen.report.commands", "write the release review: RUN/report/report.html (shareable, + PDF with "
+               "chromium) and RUN/internal/review/review.html (internal)"),
     "sweep": ("dpgen.report.commands", "privacy-utility sweep: one public pretraining, one DP fine-tune per epsilon"),
 }
 
