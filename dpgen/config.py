@@ -79,6 +79,10 @@ class DataConfig(_Section):
     # brighter images) taught "class 1 = brighter", which 120 DP steps did not undo (TSTR AUC
     # 0.43); with "ignore" it was 0.59.
     public_labels: Literal["use", "ignore"] = "ignore"
+    # What the config is sized for: 2 (images, the default) or 3 (volumes). Checked against the
+    # data before training: a 2D config given 3D volumes would otherwise build a 3D pixel-space
+    # UNet (slow, and not what the config's sizes were chosen for) without a word.
+    spatial_dims: Literal[2, 3] = 2
 
 
 class GANConfig(_Section):
@@ -359,6 +363,14 @@ class RunConfig(_Section):
             )
         self._check_families()
         self._check_attributes()
+        if self.finetune.steps == 0:
+            for key, mode in (("sample.class_counts.mode", self.sample.class_counts.mode),
+                              ("sample.attributes.mode", self.sample.attributes.mode)):
+                if mode == "dp_histogram":
+                    raise ValueError(
+                        f"{key} = 'dp_histogram' needs the DP histogram the finetune stage releases, but "
+                        f"finetune.steps = 0 (no fine-tuning); use another mode (e.g. uniform)"
+                    )
         counts = self.sample.class_counts.counts
         if counts:
             bad = [k for k in counts if not 0 <= k < self.data.num_classes]
@@ -482,6 +494,8 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; give a YAML file (e.g. configs/quickstart.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:

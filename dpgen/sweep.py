@@ -113,17 +113,33 @@ def _link_or_copy(src: Path, dst: Path) -> str:
         return "copy"
 
 
-def _open_sweep_dir(root: Path, resume: bool, overwrite: bool) -> None:
+def _open_sweep_dir(root: Path, resume: bool, overwrite: bool, protect: tuple = ()) -> None:
+    from dpgen.rundir import is_sweep_dir, overwrite_refusal
+
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite exclude each other: --resume continues the sweep in --run-dir, "
+                          "--overwrite deletes it first; pass one")
+    if root.exists() and not root.is_dir():
+        raise RunDirError(f"--run-dir {root} is a file, not a directory; choose a folder path")
     exists = root.exists() and any(root.iterdir())
+    if resume and not exists:
+        raise RunDirError(f"--resume: there is no sweep in {root} (the directory is missing or empty); check the path, "
+                          f"or start a new sweep without --resume")
+    if resume and not is_sweep_dir(root):
+        raise RunDirError(f"--resume: {root} is not a dpgen sweep directory (no {SWEEP_JSON}, no {PRETRAIN_DIR}/ run); "
+                          f"check the path")
     if exists and overwrite:
-        if not (root / SWEEP_JSON).is_file() and not (root / PRETRAIN_DIR).is_dir():
-            raise RunDirError(f"--overwrite: {root} does not look like a sweep directory (no {SWEEP_JSON}, no "
-                              f"{PRETRAIN_DIR}/); remove it yourself if you mean it")
+        why = overwrite_refusal(root, kind="sweep directory", recognise=is_sweep_dir, protect=protect)
+        if why:
+            raise RunDirError(f"--overwrite refused: {why}")
         shutil.rmtree(root)
         exists = False
     if exists and not resume:
-        raise RunDirError(f"sweep directory {root} already exists and is not empty; pass --resume to continue it "
-                          f"or --overwrite to replace it")
+        if is_sweep_dir(root):
+            raise RunDirError(f"sweep directory {root} already exists and is not empty; pass --resume to continue it "
+                              f"or --overwrite to replace it (deletes it), or choose another --run-dir")
+        raise RunDirError(f"{root} already exists and is not empty, and it is not a dpgen sweep directory; "
+                          f"choose another --run-dir")
     root.mkdir(parents=True, exist_ok=True)
 
 
@@ -150,18 +166,21 @@ def sweep(
     log=print,
 ) -> dict:
     """Run the sweep; returns (and writes) the sweep.json dict."""
-    from dpgen.pipeline import check_sources, finetune_stage, pretrain_stage, sample_stage
+    from dpgen.pipeline import check_sources, finetune_stage, pretrain_stage, read_paths, sample_stage
 
+    config_path = None if isinstance(config, RunConfig) else Path(config)
     if not isinstance(config, RunConfig):
         config = load_config(config, overrides)
     eps_list = parse_epsilons(epsilons) if not isinstance(epsilons, list) else parse_epsilons([str(e) for e in epsilons])
     check_sources(config)
     root = Path(sweep_dir or default_run_dir(f"{config.name}-sweep"))
-    _open_sweep_dir(root, resume, overwrite)
+    _open_sweep_dir(root, resume, overwrite, protect=read_paths(config, config_path))
+    log(f"sweep: directory {root}" + (" (resumed)" if resume else ""))
     t_all = time.time()
 
     # 1. the public pretraining, once
-    pre = RunDir.create(root / PRETRAIN_DIR, config, resume=resume)
+    # a sweep resumed before it reached a directory creates it
+    pre = RunDir.create(root / PRETRAIN_DIR, config, resume=resume and (root / PRETRAIN_DIR).is_dir())
     timing: dict[str, float] = {}
     if not pre.is_done("pretrain"):
         t = time.time()
@@ -183,7 +202,7 @@ def sweep(
         raw["privacy"]["epsilon"] = eps
         raw["name"] = f"{config.name}-{eps_dirname(eps)}"
         cfg = config_from_dict(raw)
-        rd = RunDir.create(root / eps_dirname(eps), cfg, resume=resume)
+        rd = RunDir.create(root / eps_dirname(eps), cfg, resume=resume and (root / eps_dirname(eps)).is_dir())
         rec: dict = {"epsilon": eps, "run_dir": eps_dirname(eps), "timing": {}}
         if not rd.is_done("pretrain"):
             how = _link_or_copy(weights, rd.checkpoints / PRETRAIN_WEIGHTS)

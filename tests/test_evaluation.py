@@ -399,7 +399,7 @@ def test_volumes_run_end_to_end_with_a_volumetric_classifier(tmp_path):
     if not (DATA / "adrenalmnist3d.npz").is_file():
         pytest.skip("no adrenalmnist3d.npz")
     config = config_from_dict({"name": "vol", "data": {"private": {"source": "adrenalmnist3d", "max_images": 40},
-                                                       "num_classes": 2}})
+                                                       "num_classes": 2, "spatial_dims": 3}})
     rd = RunDir.create(tmp_path / "run", config)
     val = load_npz(DATA / "adrenalmnist3d.npz", "val").subset(40)
     write_cohort_npz(rd.cohort / "cohort.npz", val.images, val.labels)

@@ -164,7 +164,7 @@ def test_gan_discriminator_step_keeps_generator_out_of_dp():
 def volume_run(tmp_path_factory):
     raw = _tiny(
         data={"public": {"source": "adrenalmnist3d", "split": "val", "max_images": 16},
-              "private": {"source": "adrenalmnist3d", "max_images": 16}, "num_classes": 2},
+              "private": {"source": "adrenalmnist3d", "max_images": 16}, "num_classes": 2, "spatial_dims": 3},
         model={"generator": "latent_diffusion", "channels": [8, 16], "attention_levels": [False, True],
                "num_head_channels": 8, "norm_num_groups": 4, "num_train_timesteps": 50},
         autoencoder={"channels": [4, 8], "latent_channels": 2, "norm_num_groups": 4,

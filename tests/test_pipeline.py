@@ -107,12 +107,13 @@ def test_generate_is_reproducible_and_checks_labels(finished_run):
 
 
 def test_sample_command_reproduces_the_cohort(finished_run, tmp_path):
-    """`dpgen sample` with the same seed writes the same cohort bit for bit."""
+    """`dpgen sample` with the same seed writes the same cohort bit for bit (beside the run's own:
+    a finished run's cohort is never replaced without --overwrite)."""
     _, run_dir = finished_run
     with np.load(run_dir / "cohort" / "cohort.npz") as z:
         first = z["train_images"].copy()
-    assert main(["sample", str(run_dir), "--no-progress"]) == 0
-    with np.load(run_dir / "cohort" / "cohort.npz") as z:
+    assert main(["sample", str(run_dir), "--name", "again", "--no-progress"]) == 0
+    with np.load(run_dir / "cohort" / "again" / "cohort.npz") as z:
         assert np.array_equal(z["train_images"], first)
 
 
