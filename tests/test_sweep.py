@@ -129,6 +129,36 @@ def test_internal_review_of_a_sweep_run_shows_the_curve(swept):
     assert "privacy-utility sweep" not in render_shareable(load_run(d / "eps_2"))
 
 
+def test_repeats_fine_tune_each_epsilon_with_its_own_secret(tmp_path):
+    """--repeats 2: two DP fine-tunes of one epsilon, each its own run directory and secret seed."""
+    from dpgen.privacy.randomness import read_secret
+    from dpgen.training.dp import SampledCounts
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(small_raw()))
+    d = tmp_path / "s"
+    assert main(["sweep", str(cfg), "sample.class_counts.mode=uniform", "--epsilons", "4", "--repeats", "2",
+                 "--run-dir", str(d), "--no-evaluate", "--no-progress", "--device", "cpu"]) == 0
+    runs = [d / "eps_4", d / "eps_4_rep2"]
+    assert all((r / "cohort" / "cohort.npz").is_file() for r in runs)
+    assert read_secret(runs[0] / "internal") != read_secret(runs[1] / "internal")
+    counts = [SampledCounts.read(r / "internal" / "sampling" / "dp_sgd_finetune.jsonl") for r in runs]
+    assert counts[0].keys() == counts[1].keys()
+    res = json.loads((d / "internal" / "sweep.json").read_text())
+    assert res["repeats"] == 2 and [p["repeats"] for p in res["points"]] == [2]
+    assert [r["run_dir"] for r in res["runs"]] == ["eps_4", "eps_4_rep2"]
+
+
+def test_aggregate_point_is_mean_and_std_over_fine_tunes():
+    from dpgen.sweep import aggregate_point
+
+    p = aggregate_point(10.0, [{"tstr_auc": 0.6, "dp_sgd_auc": 0.7, "fd": 1.0}, {"tstr_auc": 0.8, "dp_sgd_auc": 0.7,
+                                                                                  "fd": 3.0}])
+    assert p["tstr_auc"] == pytest.approx(0.7) and p["tstr_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert p["dp_sgd_std"] == 0.0 and p["fd"] == 2.0 and p["repeats"] == 2
+    assert aggregate_point(1.0, [{"tstr_auc": 0.5, "tstr_std": 0.02}])["tstr_std"] == 0.02  # one run: seed spread
+
+
 def test_parse_epsilons():
     assert parse_epsilons("1,3,10,inf") == [1.0, 3.0, 10.0, math.inf]
     assert parse_epsilons("inf, 0.5 ,∞,3") == [0.5, 3.0, math.inf]

@@ -72,6 +72,7 @@ def cmd_sweep(args) -> int:
     eps = parse_epsilons(args.epsilons)
     result = sweep(args.config, eps, args.run_dir, overrides=args.overrides, device=args.device,
                    progress=not args.no_progress, evaluate=not args.no_evaluate, eval_options=_eval_options(args),
+                   repeats=args.repeats,
                    resume=args.resume, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
     print(format_sweep(result))
     return 0
@@ -100,6 +101,9 @@ def register(subparsers) -> None:
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.add_argument("--epsilons", required=True, help="comma-separated, e.g. 1,3,10,inf (inf = non-private)")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="DP fine-tunes per epsilon, each with its own secret seed; figures are mean ± std over them "
+                        "(default 1)")
     p.add_argument("--run-dir", help="sweep directory (default: runs/<config name>-sweep-<time>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --run-dir")
     p.add_argument("--overwrite", action="store_true", help="replace --run-dir")
