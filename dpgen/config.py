@@ -79,6 +79,10 @@ class DataConfig(_Section):
     # brighter images) taught "class 1 = brighter", which 120 DP steps did not undo (TSTR AUC
     # 0.43); with "ignore" it was 0.59.
     public_labels: Literal["use", "ignore"] = "ignore"
+    # What the config is sized for: 2 (images, the default) or 3 (volumes). Checked against the
+    # data before training: a 2D config given 3D volumes would otherwise build a 3D pixel-space
+    # UNet (slow, and not what the config's sizes were chosen for) without a word.
+    spatial_dims: Literal[2, 3] = 2
 
 
 class GANConfig(_Section):
@@ -229,9 +233,20 @@ class FinetuneConfig(_Section):
 
 
 class PrivacyConfig(_Section):
+    """The run's one privacy budget, covering every mechanism whose outputs may be released.
+
+    `neighbouring` is the relation epsilon is for. "add_remove" (default): neighbouring data
+    sets differ by one unit added or removed; it requires that the number of private units N
+    stays secret, so nothing shareable states N or a quantity it follows from (the sample
+    rate, sigma, the exact spent epsilon). "replace_one": data sets of the same size differ in
+    one unit; N is public and the card states it (for the same noise, epsilon is about twice
+    the add/remove one).
+    """
+
     epsilon: float = 10.0
     delta: float = 1e-5
     accountant: Literal["pld", "rdp"] = "pld"
+    neighbouring: Literal["add_remove", "replace_one"] = "add_remove"
 
     @field_validator("epsilon")
     @classmethod
@@ -246,6 +261,13 @@ class PrivacyConfig(_Section):
         if not (0 < v < 1):
             raise ValueError("must be in the open interval (0, 1)")
         return v
+
+    @model_validator(mode="after")
+    def _rdp_relation(self) -> "PrivacyConfig":
+        if self.accountant == "rdp" and self.neighbouring != "add_remove":
+            raise ValueError("privacy.accountant = 'rdp' supports only neighbouring = 'add_remove' (dp-accounting "
+                             "has no replace-one RDP for Poisson subsampling); use 'pld'")
+        return self
 
 
 class ClassCounts(_Section):
@@ -341,6 +363,14 @@ class RunConfig(_Section):
             )
         self._check_families()
         self._check_attributes()
+        if self.finetune.steps == 0:
+            for key, mode in (("sample.class_counts.mode", self.sample.class_counts.mode),
+                              ("sample.attributes.mode", self.sample.attributes.mode)):
+                if mode == "dp_histogram":
+                    raise ValueError(
+                        f"{key} = 'dp_histogram' needs the DP histogram the finetune stage releases, but "
+                        f"finetune.steps = 0 (no fine-tuning); use another mode (e.g. uniform)"
+                    )
         counts = self.sample.class_counts.counts
         if counts:
             bad = [k for k in counts if not 0 <= k < self.data.num_classes]
@@ -464,6 +494,8 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; give a YAML file (e.g. configs/quickstart.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:

@@ -281,13 +281,48 @@ def from_checkpoint(path: str | Path, device="auto") -> Generator:
 
 
 def load(run_dir: str | Path, device: str = "auto", stage: str | None = None) -> Generator:
-    """The generator of a finished run (fine-tuned weights, else pretrained)."""
-    ck = Path(run_dir) / "checkpoints"
-    names = [f"{stage}.safetensors"] if stage else ["finetune.safetensors", "pretrain.safetensors"]
-    for name in names:
-        if (ck / name).is_file():
-            return from_checkpoint(ck / name, device=device)
-    raise FileNotFoundError(f"{run_dir}: no trained generator (looked for {', '.join(names)} in {ck})")
+    """The generator of a run: its DP fine-tuned weights.
+
+    A run whose fine-tuning has not run yet holds only the public pretrained model; loading it
+    is an error unless asked for explicitly with `stage="pretrain"` (a run configured with
+    `finetune.steps: 0` has the pretrained model as its generator and loads it by default).
+    `stage="finetune"` or `"pretrain"` loads that checkpoint."""
+    root = Path(run_dir)
+    ck = root / "checkpoints"
+    if stage is not None:
+        if stage not in ("finetune", "pretrain"):
+            raise ValueError(f"stage={stage!r}: choose 'finetune' (the DP fine-tuned generator) or 'pretrain' "
+                             f"(the public pretrained one)")
+        path = ck / f"{stage}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{run_dir}: no {stage} checkpoint ({path} is missing)")
+        return from_checkpoint(path, device=device)
+    if (ck / "finetune.safetensors").is_file():
+        return from_checkpoint(ck / "finetune.safetensors", device=device)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    if (ck / "pretrain.safetensors").is_file():
+        done = _completed(root).get("finetune")
+        if isinstance(done, dict) and not done.get("steps"):  # finetune.steps: 0 -- the run's generator is public
+            return from_checkpoint(ck / "pretrain.safetensors", device=device)
+        raise FileNotFoundError(
+            f"{run_dir} has no DP fine-tuned generator yet, only the public pretrained one: run `dpgen finetune "
+            f"{run_dir}` first (or, for the public model on purpose, dpgen.load(run_dir, stage='pretrain'))"
+        )
+    if (root / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: no trained generator yet (its pretraining has not finished); finish the "
+                                f"run first: dpgen run {root / 'config.yaml'} --run-dir {root} --resume")
+    raise FileNotFoundError(f"{run_dir}: no trained generator (no checkpoints/); not a dpgen run directory?")
+
+
+def _completed(root: Path) -> dict:
+    import json
+
+    try:
+        state = json.loads((root / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return state.get("completed") or {} if isinstance(state, dict) else {}
 
 
 __all__ = ["Generator", "DiffusionGenerator", "LatentDiffusionGenerator", "GANGenerator", "Samples", "load",

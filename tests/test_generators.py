@@ -45,7 +45,7 @@ def _check_private_path(run_dir: Path, trains: str) -> PrivacyLedger:
     pre = ledger.latest("preflight", mechanism="dp_sgd:finetune")
     assert pre["passed"] and pre["max_relative_error"] < 1e-4 and trains in pre["trains"]
     s = ledger.summary(1e-5)
-    assert 0 < s["epsilon"] <= 8.0
+    assert 0 < s.epsilon <= 8.0 and s.within_target
     assert ledger.latest("artifact", name="cohort") is not None
     assert (run_dir / "cohort" / "cohort.npz").is_file()
     return ledger
@@ -74,7 +74,8 @@ def test_latent_diffusion_end_to_end(latent_run):
     assert plan["trainable"]["mode"] == "attention"
     assert plan["trainable"]["trainable_parameters"] < plan["trainable"]["total_parameters"] / 2
     art = ledger.latest("artifact", name="finetune_weights")
-    assert "autoencoder: public data only" in art["privacy_source"]
+    assert art["privacy_source"] == {"kind": "dp", "mechanisms": ["dp_sgd:finetune"],
+                                     "note": "the autoencoder saw public data only"}
     with np.load(latent_run / "cohort" / "cohort.npz") as z:
         assert z["train_images"].shape == (6, 28, 28)
 
@@ -115,9 +116,10 @@ def gan_run(tmp_path_factory):
 
 def test_cgan_private_discriminator_and_post_processing(gan_run):
     ledger = _check_private_path(gan_run, "discriminator")
-    assert ledger.latest("artifact", name="generator_weights")["privacy_source"] == \
-        "post-processing of dp_sgd:finetune (discriminator)"
-    assert ledger.latest("artifact", name="cohort")["privacy_source"] == "post-processing of dp_sgd:finetune (discriminator)"
+    source = ledger.latest("artifact", name="generator_weights")["privacy_source"]
+    assert source["kind"] == "post_processing" and source["mechanisms"] == ["dp_sgd:finetune"]
+    cohort = ledger.latest("artifact", name="cohort")["privacy_source"]
+    assert cohort["kind"] == "post_processing" and cohort["mechanisms"][0] == "dp_sgd:finetune"
     assert len([e for e in ledger.entries() if e["kind"] == "dp_plan"]) == 1  # one mechanism: D only
     gen = dpgen.load(gan_run, device="cpu")
     a, la = gen.generate(labels=[0, 1, 1, 0], seed=1)
@@ -162,7 +164,7 @@ def test_gan_discriminator_step_keeps_generator_out_of_dp():
 def volume_run(tmp_path_factory):
     raw = _tiny(
         data={"public": {"source": "adrenalmnist3d", "split": "val", "max_images": 16},
-              "private": {"source": "adrenalmnist3d", "max_images": 16}, "num_classes": 2},
+              "private": {"source": "adrenalmnist3d", "max_images": 16}, "num_classes": 2, "spatial_dims": 3},
         model={"generator": "latent_diffusion", "channels": [8, 16], "attention_levels": [False, True],
                "num_head_channels": 8, "norm_num_groups": 4, "num_train_timesteps": 50},
         autoencoder={"channels": [4, 8], "latent_channels": 2, "norm_num_groups": 4,
@@ -229,7 +231,7 @@ def test_attribute_conditioning(attribute_run):
     assert names == ["age", "brightness"] and attrs.shape == (6, 2)
     assert (attrs[:, 0] >= 18).all() and (attrs[:, 0] <= 90).all()
     assert "DP attribute histograms" in ledger.latest("artifact", name="cohort")["attributes_source"]
-    release = ledger.latest("dp_release", name="attribute_histogram")
+    release = ledger.latest("dp_release", name="gaussian:attribute_histogram")
     assert np.asarray(release["values"]).shape == (2, 5) and release["event"]["sigma"] == pytest.approx(20 / 2 ** 0.5)
     assert release["event"] in ledger.latest("dp_plan")["other_events"]  # planned with DP-SGD's budget
 
@@ -317,7 +319,7 @@ def test_lora_errors_and_merge():
     make_conv_inputs_contiguous(model)
     obj = DiffusionObjective(model, 0.1)
     g = torch.Generator().manual_seed(0)
-    from dpgen.training.dp import preflight_copy
+    from dpgen.privacy.dpsgd import preflight_copy
 
     probe, n_zero = preflight_copy(model, g)  # LoRA `up` starts at zero: perturbed for the check
     assert n_zero >= len(layers)

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
+
+# torch is imported where tensors are made: reading and checking data needs only numpy.
 
 
 class DataError(ValueError):
@@ -72,7 +73,7 @@ class ImageDataset:
             attribute_names=list(self.attribute_names),
         )
 
-    def model_tensor(self) -> torch.Tensor:
+    def model_tensor(self) -> "torch.Tensor":
         return to_model_range(self.images, self.intensity_range)
 
     def info(self) -> dict:
@@ -109,6 +110,8 @@ def to_model_range(images: np.ndarray | torch.Tensor, intensity_range: tuple[flo
     min and max (a per-record map). Using private dataset-wide min/max or mean/std here would
     release a statistic of the private data outside DP.
     """
+    import torch
+
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
@@ -125,6 +128,8 @@ def to_model_range(images: np.ndarray | torch.Tensor, intensity_range: tuple[flo
 
 def from_model_range(x: torch.Tensor) -> np.ndarray:
     """float [-1, 1] -> uint8 [0, 255] (the cohort's storage format)."""
+    import torch
+
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
 

@@ -39,6 +39,17 @@ def _read_image(path: Path) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+def _label(text: str, csv_path: Path, row: int, column: str) -> int:
+    """A class index from the CSV: "1" or "1.0", never a truncated "1.5"."""
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        v = None
+    if v is None or not v.is_integer():
+        raise DataError(f"{csv_path}: row {row}: {column} = {text!r} is not an integer class index (0..K-1)")
+    return int(v)
+
+
 def load_folder(
     root: str | Path,
     labels_csv: str | None = None,
@@ -78,8 +89,8 @@ def load_folder(
                 f"all images must have one size (resample them first)"
             )
         images.append(img)
+        labels.append(_label(r[label_column], csv_path, i + 2, label_column))
         try:
-            labels.append(int(r[label_column]))
             attrs.append([float(r[c]) for c in attribute_columns])
         except ValueError as err:
             raise DataError(f"{csv_path}: row {i + 2}: {err}") from None

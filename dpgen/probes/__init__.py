@@ -11,11 +11,12 @@ diffusion model, the non-DP overfit control, a discriminator attack for GANs), `
 bound), `stats` (AUC, TPR at low FPR, bootstrap intervals, DP limits), `figures`, `stage` (the
 stage function, outputs), `commands` (`dpgen audit`).
 
-Everything per-image, and every figure, goes to RUN/internal/audit/ (never released); only an
-aggregate summary goes to RUN/metrics/probes_summary.json.
+Everything goes to RUN/internal/audit/ (never released): per-image results, figures, and the
+aggregate summary the internal release review reads. The probes are computed on private data
+without DP, so not even their aggregates leave the run directory.
 """
 
-__all__ = ["AuditOptions", "audit_stage", "format_summary", "releasable_summary"]
+__all__ = ["AuditOptions", "audit_stage", "format_summary", "aggregate_summary"]
 
 
 def __getattr__(name: str):

@@ -11,15 +11,13 @@ Data it reads (never the private test split, which stays for the final evaluatio
   of membership inference;
 - the pretrained (public-only) and fine-tuned checkpoints, and the privacy ledger.
 
-Outputs:
-- RUN/internal/audit/probes.json: every result, with per-image tables (nearest-neighbour indices
-  and distances, attack scores, per-target inversion metrics). Marked internal.
-- RUN/internal/audit/*.png: closest pairs, distance histograms, ROC curves, reconstructions.
-  They show private images: internal.
-- RUN/metrics/probes_summary.json: aggregate numbers only (counts, fractions, quantiles, AUCs,
-  TPRs, intervals, bounds), no image, no per-record value; "contains_private_images": false.
-  Like the evaluation metrics these aggregates are computed from private data without DP: they
-  are the data custodian's evidence for the release review.
+Outputs, all under RUN/internal/audit/ (never released):
+- probes.json: every result, with per-image tables (nearest-neighbour indices and distances,
+  attack scores, per-target inversion metrics);
+- *.png: closest pairs, distance histograms, ROC curves, reconstructions (private images);
+- probes_summary.json: the aggregates the internal release review reads (counts, fractions,
+  quantiles, AUCs, TPRs, intervals, bounds; no image, no per-record value). They are still
+  statistics of private data computed without DP, so they stay internal too.
 """
 
 from __future__ import annotations
@@ -32,6 +30,8 @@ import numpy as np
 import torch
 
 from dpgen.data import DataError, load_dataset, load_npz
+from dpgen.privacy import mechanisms
+from dpgen.privacy.bounds import rero_bound_events
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.probes import membership as mia
 from dpgen.probes import memorization as mem
@@ -41,15 +41,12 @@ from dpgen.probes.stats import dp_tpr_limits, roc_curve
 from dpgen.rundir import RunDir, to_jsonable, write_json_atomic
 from dpgen.training.common import resolve_device
 
-AUDIT_DIR = Path("internal") / "audit"
-RESULTS_FILE = AUDIT_DIR / "probes.json"
-SUMMARY_FILE = Path("metrics") / "probes_summary.json"
-MECHANISM = "dp_sgd:finetune"
+MECHANISM = mechanisms.FINETUNE
 
 PRIVACY_NOTE = (
-    "Aggregate statistics of privacy probes computed on the private data without differential privacy "
-    "(counts, fractions, quantiles, attack AUCs and TPRs, bounds). No image and no per-record value. "
-    "Per-image results and every figure showing private images are in internal/audit/ and are never released."
+    "INTERNAL: aggregate statistics of privacy probes computed on the private data without differential privacy "
+    "(counts, fractions, quantiles, attack AUCs and TPRs, bounds). For the data holder's internal release review "
+    "only; never part of a bundle or of the shareable report. Per-image results and figures are beside this file."
 )
 
 
@@ -91,8 +88,11 @@ def privacy_context(config, rd: RunDir) -> dict:
         ctx["note"] = "no privacy ledger: the run has no DP fine-tuning record"
         return ctx
     summary = ledger.summary(delta)
-    ctx["epsilon"] = summary["epsilon"]
-    ctx["unit"] = summary["unit"]
+    ctx["epsilon"] = summary.epsilon
+    ctx["unit"] = summary.unit
+    ctx["events"] = summary.events  # every released mechanism: limits and bounds are for their composition
+    ctx["neighbouring"] = summary.neighbouring
+    ctx["mechanisms"] = summary.release_mechanisms
     plan = ledger.latest("dp_plan", mechanism=MECHANISM) or {}
     done = ledger.latest("dp_complete", mechanism=MECHANISM) or ledger.latest("dp_progress", mechanism=MECHANISM)
     ev = (done or {}).get("event") or {}
@@ -100,21 +100,20 @@ def privacy_context(config, rd: RunDir) -> dict:
                steps=ev.get("steps", (done or {}).get("steps_done")), n_units=plan.get("n_units"))
     if plan.get("max_grad_norm") is not None:
         ctx["max_grad_norm"] = plan["max_grad_norm"]
-    b = ledger.latest("bound", mechanism=MECHANISM) or ledger.latest("bound")
+    b = ledger.latest("bound")
     if b is not None:
-        bound = b["bound"] if isinstance(b.get("bound"), dict) else b
-        ctx["ledger_bound"] = {k: bound.get(k) for k in ("bound", "method", "kappa", "sigma", "sample_rate", "steps", "tolerance")}
+        ctx["ledger_bound"] = {**{k: b["bound"].get(k) for k in ("bound", "method", "kappa", "tolerance")},
+                               "mechanisms": b.get("mechanisms")}
     return ctx
 
 
 def _run_bound_at(ctx: dict, kappa: float) -> dict | None:
-    """The run's ReRo bound (all steps, subsampled) at a given prior."""
-    from dpgen.privacy.bounds import rero_bound_tight
-
-    if not ctx.get("sigma") or not ctx.get("steps"):
+    """The ReRo bound of every released mechanism composed, at a given prior."""
+    if not ctx.get("sigma") or not ctx.get("events"):
         return None
-    b = rero_bound_tight(ctx["sigma"], ctx["sample_rate"], int(ctx["steps"]), kappa)
-    return {"bound": b["bound"], "kappa": kappa, "method": "tight", "tolerance": b["tolerance"]}
+    b = rero_bound_events(ctx["events"], kappa, neighbouring=ctx.get("neighbouring", "add_remove"))
+    return {"bound": b["bound"], "kappa": kappa, "method": "tight", "tolerance": b["tolerance"],
+            "mechanisms": ctx.get("mechanisms")}
 
 
 # ----------------------------------------------------------------------------- probes
@@ -181,8 +180,9 @@ def _membership(config, rd, train, val, pre, ft, ctx, opts: AuditOptions, device
         "options": la.to_dict(),
     }
     raw: dict = {}
-    limits = dp_tpr_limits(epsilon=ctx["epsilon"], delta=ctx["delta"], sigma=ctx["sigma"],
-                           sample_rate=ctx["sample_rate"], steps=ctx["steps"])
+    limits = dp_tpr_limits(epsilon=ctx["epsilon"], delta=ctx["delta"],
+                           events=None if not ctx.get("sigma") else ctx.get("events"),
+                           neighbouring=ctx.get("neighbouring", "add_remove"))
     out["dp_limits"] = limits
     target = ft if ft is not None else pre
     if ft is None:
@@ -297,7 +297,7 @@ def audit_stage(config, rd: RunDir, device="auto", progress: bool = True, option
     dev = resolve_device(device)
     t_start = time.time()
     rd = RunDir(Path(rd.root))
-    out_dir = rd.root / AUDIT_DIR
+    out_dir = rd.audit_dir
     out_dir.mkdir(parents=True, exist_ok=True)
 
     spec = config.data.private
@@ -311,7 +311,7 @@ def audit_stage(config, rd: RunDir, device="auto", progress: bool = True, option
     ctx = privacy_context(config, rd)
 
     results: dict = {
-        "run_dir": str(rd.root), "internal": True, "contains_private_images": True,
+        "run_dir": str(rd.root), "internal": True, "contains_private_images": True, "privacy_note": PRIVACY_NOTE,
         "privacy": {k: ctx[k] for k in ("epsilon", "delta", "unit", "sigma", "sample_rate", "steps", "max_grad_norm")},
         "data": {"train": train.info(), "held_out": val.info(), "test_split_used": False},
         "options": options.to_dict(),
@@ -345,10 +345,11 @@ def audit_stage(config, rd: RunDir, device="auto", progress: bool = True, option
             config, rd, train, pre, ctx, options, progress, out_dir)
     results["seconds"] = round(time.time() - t_start, 1)
     results = to_jsonable(results)
-    write_json_atomic(rd.root / RESULTS_FILE, {**results, "per_record": to_jsonable(per_record)})
-    summary = releasable_summary(results)
-    write_json_atomic(rd.root / SUMMARY_FILE, summary)
-    results["outputs"] = {"internal": str(RESULTS_FILE), "releasable_summary": str(SUMMARY_FILE)}
+    write_json_atomic(rd.probes_file, {**results, "per_record": to_jsonable(per_record)})
+    summary = aggregate_summary(results)
+    write_json_atomic(rd.probes_summary_file, summary)
+    results["outputs"] = {"internal": rd_rel(rd, rd.probes_file), "summary": rd_rel(rd, rd.probes_summary_file),
+                          "figures": rd_rel(rd, rd.audit_dir)}
     return results
 
 
@@ -385,11 +386,11 @@ def _attack_summary(r: dict) -> dict:
             "tpr_at_fpr": {k: {"fpr": v["fpr"], "tpr": v["tpr"], "ci": v["ci"]} for k, v in r["tpr_at_fpr"].items()}}
 
 
-def releasable_summary(results: dict) -> dict:
+def aggregate_summary(results: dict) -> dict:
     """Aggregate numbers only: built field by field from an allow-list, so nothing per-record slips in."""
-    s: dict = {"kind": "privacy_probes_summary", "contains_private_images": False, "internal": False,
+    s: dict = {"kind": "privacy_probes_summary", "contains_private_images": False, "internal": True,
                "privacy_note": PRIVACY_NOTE, "privacy": results.get("privacy"),
-               "details": f"{RESULTS_FILE} (internal)"}
+               "details": "probes.json beside this file (per record)"}
     if "memorization" in results:
         m = results["memorization"]
         s["memorization"] = {"criteria": m["criteria"], "flagged": m["flagged"], "verdict": m["verdict"],
@@ -506,10 +507,10 @@ def format_summary(results: dict) -> str:
                          f"{_ci([100 * c for c in gi1['success_ci']])}% with noise; bound for this release "
                          f"{100 * t['attack_bound']['bound']:.1f}% (prior {100 * gi1['prior_kappa']:.0f}%)")
     out = results.get("outputs", {})
-    lines.append(f"results (internal): {out.get('internal', RESULTS_FILE)}; figures in {AUDIT_DIR}/; "
-                 f"releasable summary: {out.get('releasable_summary', SUMMARY_FILE)}")
+    lines.append(f"results (internal: never share): {out.get('internal')}, summary {out.get('summary')}, "
+                 f"figures in {out.get('figures')}/")
     return "\n".join(lines)
 
 
-__all__ = ["AuditOptions", "audit_stage", "format_summary", "releasable_summary", "privacy_context",
-           "RESULTS_FILE", "SUMMARY_FILE", "AUDIT_DIR"]
+__all__ = ["AuditOptions", "audit_stage", "format_summary", "aggregate_summary", "privacy_context",
+]

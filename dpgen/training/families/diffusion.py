@@ -9,6 +9,7 @@ from dpgen.models import ConditionalDiffusion, diffusion_spec_from_config
 from dpgen.models.lora import merge_lora
 from dpgen.privacy.engine import PrivacyUnits
 from dpgen.privacy.ledger import PrivacyLedger
+from dpgen.privacy.schema import ArtifactEntry, PrivacySource
 from dpgen.rundir import RunDir
 from dpgen.training.common import build_from_checkpoint, save_weights
 from dpgen.training.dp import (
@@ -85,13 +86,18 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
                                                                         spec.num_classes, rows.get("attributes")))
     complete, report = job_result["complete"], job_result["report"]
     info = {"stage": "finetune", "privacy": complete, "preflight": report.to_dict(), "trainable": trainable,
-            "cohort_privacy_source": f"post-processing of {MECHANISM}"}
+            "privacy_mechanisms": [MECHANISM]}
     save_weights(rd.checkpoints / FINETUNE_WEIGHTS, released_state(model, job_result["ema"]), spec.to_dict(), info,
                  family=NAME)
-    if ledger.latest("artifact", name="finetune_weights") is None:
-        ledger.append({"kind": "artifact", "name": "finetune_weights", "path": f"checkpoints/{FINETUNE_WEIGHTS}",
-                       "privacy_source": MECHANISM})
+    record_weights(ledger, PrivacySource(kind="dp", mechanisms=(MECHANISM,)))
     return summary(config, job_result, units, trainable)
+
+
+def record_weights(ledger: PrivacyLedger, source: PrivacySource, name: str = "finetune_weights",
+                   path: str = f"checkpoints/{FINETUNE_WEIGHTS}", **more) -> None:
+    """The fine-tuned weights as a ledger artifact (once)."""
+    if ledger.latest("artifact", name=name) is None:
+        ledger.append(ArtifactEntry(name=name, path=path, privacy_source=source, **more))
 
 
 def summary(config, job_result: dict, units: PrivacyUnits, trainable: dict) -> dict:

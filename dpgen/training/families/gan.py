@@ -20,12 +20,13 @@ from dpgen.models import ConditionalGAN, gan_spec_from_config
 from dpgen.models.lora import merge_lora
 from dpgen.privacy.engine import PrivacyUnits, step_generator
 from dpgen.privacy.ledger import PrivacyLedger
+from dpgen.privacy.schema import PrivacySource
 from dpgen.rundir import RunDir
 from dpgen.training.common import EMA, TBLogger, build_from_checkpoint, load_state, save_state, save_weights
 from dpgen.training.dp import (
     MECHANISM, DPJob, histogram_events, register_finetune_plan, release_histogram_once, run_dp_job,
 )
-from dpgen.training.families.diffusion import summary
+from dpgen.training.families.diffusion import record_weights, summary
 from dpgen.training.families.shared import (
     FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, check_trainable, classes_start_unconditional,
     config_errors, private_rows, public_rows, uses_public_labels,
@@ -157,11 +158,11 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
     merge_lora(D)
     g_ema.copy_to(G)
     info = {"stage": "finetune", "privacy": result["complete"], "preflight": result["report"].to_dict(),
-            "trainable": trainable, "generator_privacy": GENERATOR_SOURCE, "cohort_privacy_source": GENERATOR_SOURCE}
+            "trainable": trainable, "generator_privacy": GENERATOR_SOURCE, "privacy_mechanisms": [MECHANISM]}
     save_weights(rd.checkpoints / FINETUNE_WEIGHTS, gan.state_dict(), spec.to_dict(), info, family=NAME)
-    if ledger.latest("artifact", name="finetune_weights") is None:
-        ledger.append({"kind": "artifact", "name": "finetune_weights", "path": f"checkpoints/{FINETUNE_WEIGHTS}",
-                       "privacy_source": f"{MECHANISM} (discriminator weights); generator weights: {GENERATOR_SOURCE}"})
-        ledger.append({"kind": "artifact", "name": "generator_weights", "path": f"checkpoints/{FINETUNE_WEIGHTS}",
-                       "tensors": "generator.*", "privacy_source": GENERATOR_SOURCE})
+    record_weights(ledger, PrivacySource(kind="dp", mechanisms=(MECHANISM,),
+                                         note="discriminator by DP-SGD; generator by post-processing of it"))
+    record_weights(ledger, PrivacySource(kind="post_processing", mechanisms=(MECHANISM,),
+                                         note="generator updates read only the DP discriminator"),
+                   name="generator_weights", tensors="generator.*")
     return summary(config, result, units, trainable)

@@ -19,13 +19,14 @@ from dpgen.models import LatentDiffusion, LatentDiffusionSpec, autoencoder_spec_
 from dpgen.models.autoencoder import LatentAutoencoder, encode_dataset
 from dpgen.privacy.engine import PrivacyUnits
 from dpgen.privacy.ledger import PrivacyLedger
+from dpgen.privacy.schema import PrivacySource
 from dpgen.rundir import RunDir
 from dpgen.training.common import build_from_checkpoint, load_checkpoint, save_weights
 from dpgen.training.dp import (
-    AE_MECHANISM, MECHANISM, DPJob, DPSettings, dp_event, histogram_events, plan_mechanism, register_plan,
+    AE_MECHANISM, MECHANISM, DPJob, DPSettings, histogram_events, plan_mechanism, register_plan,
     release_histogram_once, run_dp_job,
 )
-from dpgen.training.families.diffusion import released_state, summary, unet_job
+from dpgen.training.families.diffusion import record_weights, released_state, summary, unet_job
 from dpgen.training.families.shared import (
     FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, check_trainable, classes_start_unconditional,
     config_errors, private_rows, public_rows, train_public, uses_public_labels,
@@ -130,11 +131,11 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
         # any histogram) as other events, so the composition stays within privacy.epsilon.
         ae_settings = DPSettings.from_autoencoder(ae_cfg, config.finetune.grad_sample_mode)
         ae_plan = register_plan(ledger, plan_mechanism(
-            config, ae_settings, len(units), units.kind, mechanism=AE_MECHANISM,
+            config, ae_settings, units, mechanism=AE_MECHANISM,
             budget=config.privacy.epsilon * ae_cfg.epsilon_fraction, other_events=[], trains="autoencoder",
             epsilon_fraction=ae_cfg.epsilon_fraction,
         ))
-        other = [dp_event(ae_plan["sigma"], ae_plan["sample_rate"], ae_plan["planned_steps"]), *other]
+        other = [ae_plan.event.model_dump(), *other]
     rows_img = private_rows(private, spec.attributes)
     job, trainable = unet_job(config, rd, ledger, model.unet, {}, units, other, "latent diffusion UNet")
 
@@ -155,9 +156,8 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
             save_weights(ae_path, ae.state_dict(), spec.autoencoder.to_dict(),
                          {"stage": "autoencoder_finetune", "privacy": result_ae["complete"],
                           "preflight": result_ae["report"].to_dict()}, family="autoencoder")
-            if ledger.latest("artifact", name="autoencoder_dp_weights") is None:
-                ledger.append({"kind": "artifact", "name": "autoencoder_dp_weights",
-                               "path": f"checkpoints/{AE_DP_WEIGHTS}", "privacy_source": AE_MECHANISM})
+            record_weights(ledger, PrivacySource(kind="dp", mechanisms=(AE_MECHANISM,)), name="autoencoder_dp_weights",
+                           path=f"checkpoints/{AE_DP_WEIGHTS}")
     for p in model.autoencoder.parameters():
         p.requires_grad_(False)
 
@@ -168,17 +168,16 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
                         before_steps=lambda: release_histogram_once(config, rd, ledger, private.labels, units,
                                                                     spec.num_classes, rows_img.get("attributes")))
     released_state(model.unet, result["ema"])
-    source = MECHANISM + (f" and {AE_MECHANISM}" if ae_dp else "")
+    used = (MECHANISM, AE_MECHANISM) if ae_dp else (MECHANISM,)
     info = {"stage": "finetune", "privacy": result["complete"], "preflight": result["report"].to_dict(),
             "trainable": trainable, "autoencoder": "DP fine-tuned" if ae_dp else "public, frozen",
-            "cohort_privacy_source": f"post-processing of {source}"}
+            "privacy_mechanisms": list(used)}
     save_weights(rd.checkpoints / FINETUNE_WEIGHTS, model.state_dict(), spec.to_dict(), info, family=NAME)
-    if ledger.latest("artifact", name="finetune_weights") is None:
-        ledger.append({"kind": "artifact", "name": "finetune_weights", "path": f"checkpoints/{FINETUNE_WEIGHTS}",
-                       "privacy_source": source if ae_dp else f"{MECHANISM} (UNet); autoencoder: public data only"})
+    record_weights(ledger, PrivacySource(kind="dp", mechanisms=used,
+                                         note="" if ae_dp else "the autoencoder saw public data only"))
     out = summary(config, result, units, trainable)
     out["latent_shape"] = list(spec.unet.image_shape)
     if ae_dp:
-        out["autoencoder_sigma"] = ae_plan["sigma"]
-        out["autoencoder_steps"] = ae_plan["planned_steps"]
+        out["autoencoder_sigma"] = ae_plan.sigma
+        out["autoencoder_steps"] = ae_plan.planned_steps
     return out
