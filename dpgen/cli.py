@@ -144,12 +144,37 @@ def _open_run(path: str):
     return rd.load_config(), rd
 
 
+def _open_coordinator(args):
+    """(config, RunDir) of a federated coordinator's run directory for `dpgen sample` (its cohort is
+    post-processing of the global model), else None; `dpgen finetune` says what to run instead."""
+    from dpgen.federated.config import coordinator_sample_config, read_federation
+    from dpgen.rundir import RunDir, RunDirError, is_run_dir
+
+    root = Path(args.run_dir)
+    if not (root.is_dir() and is_run_dir(root)):
+        return None
+    fed = read_federation(root)
+    if fed is None:
+        return None
+    if args.command == "finetune":
+        raise RunDirError(f"{root} is a federated coordinator's run directory: its fine-tuning is the sites' DP-SGD "
+                          f"rounds. Continue it with `dpgen federated coordinator CONFIG --run-dir "
+                          f"{shlex.quote(str(root))} --resume` (and the sites with `dpgen federated site`), or "
+                          f"`dpgen federated demo CONFIG --run-dir {shlex.quote(str(root))} --resume`")
+    rd = RunDir(root)
+    if not rd.is_done("federated"):
+        raise RunDirError(f"{root}: the federated rounds have not finished; nothing to sample from yet (continue "
+                          f"with `dpgen federated coordinator CONFIG --run-dir {shlex.quote(str(root))} --resume`)")
+    return coordinator_sample_config(fed, rd), rd
+
+
 def cmd_stage(args) -> int:
     """`dpgen finetune RUN_DIR` / `dpgen sample RUN_DIR`: one stage on an existing run.
 
     `dpgen finetune` joins a torch.distributed process group when a launcher started it on
     several processes (dpgen.distributed); rank 0 writes and prints."""
-    config, rd = _open_run(args.run_dir)
+    coordinator = _open_coordinator(args)
+    config, rd = coordinator or _open_run(args.run_dir)
     args.started_run_dir = rd.root
     from dpgen.distributed import init_from_env, shutdown
     from dpgen.pipeline import STAGE_FUNCS
@@ -175,10 +200,18 @@ def cmd_stage(args) -> int:
         if w is not None and w.distributed:
             shutdown(wait=ok)  # a failed rank must not wait for the others
     if w is None or w.is_main:
-        summary = {"run_dir": str(rd.root), "stages": {args.command: result}, "target_epsilon": config.privacy.epsilon}
-        ledger = PrivacyLedger(rd.ledger_path)
-        summary["privacy"] = ledger.summary(config.privacy.delta).to_dict() if ledger.path.is_file() else None
+        summary = {"run_dir": str(rd.root), "stages": {args.command: result}}
+        if coordinator is not None:  # no single epsilon: the sites' guarantees as they reported them
+            from dpgen.federated.record import format_guarantees, per_site_guarantees
+
+            summary.update(privacy=None, federated_sites=per_site_guarantees(rd.root))
+        else:
+            summary["target_epsilon"] = config.privacy.epsilon
+            ledger = PrivacyLedger(rd.ledger_path)
+            summary["privacy"] = ledger.summary(config.privacy.delta).to_dict() if ledger.path.is_file() else None
         _print_summary(summary, args.json)
+        if coordinator is not None and not args.json:
+            print(format_guarantees(summary["federated_sites"]))
         if not args.json and args.command == "sample" and Path(result.get("cohort", rd.cohort)) != rd.cohort:
             print(f"note: a new cohort beside the run's own (cohort/cohort.npz, which evaluate, audit and release "
                   f"use); evaluate or audit it with --cohort {shlex.quote(str(Path(result['cohort']) / 'cohort.npz'))}")

@@ -150,6 +150,36 @@ def federation(tmp_path_factory):
             "logs": out, "events": events}
 
 
+def _site_figures(site_dir: Path) -> list[str]:
+    """What would reveal a site's N: N itself, its sample rate, noise multiplier and exact
+    epsilons (as text, in the formats dpgen and json write floats)."""
+    led = PrivacyLedger.for_run(site_dir)
+    plan = led.latest("dp_plan")
+    floats = {plan["sample_rate"], plan["sigma"], plan["epsilon_planned_pld"]}
+    floats |= {e["epsilon_pld"] for e in led.entries() if isinstance(e.get("epsilon_pld"), float) and e["epsilon_pld"]}
+    out = [f"N = {plan['n_units']}", f"n_units\": {plan['n_units']}", f"{plan['n_units']} private"]
+    for x in floats:
+        out += [repr(x), f"{x:.5g}", f"{x:.5f}"]
+    return out
+
+
+def _assert_no_site_figures(coord_dir: Path, site_dirs, also=()) -> None:
+    """Nothing the coordinator holds (its run directory, minus the demo's sites/ folder and the
+    site processes' logs, which belong to the sites) states a site's N or what it follows from."""
+    figures = {fig: site for site in site_dirs for fig in _site_figures(site)}
+    keys = ('"n_units"', '"sample_rate"', '"sigma"', "sample rate q =", "noise multiplier σ =")
+    files = [p for p in Path(coord_dir).rglob("*") if p.is_file() and "sites" not in p.relative_to(coord_dir).parts[:1]
+             and not p.name.startswith("demo_site_")]
+    files += [p for d in also for p in Path(d).rglob("*") if p.is_file()]
+    assert files
+    for p in files:
+        text = p.read_bytes().decode("utf-8", errors="replace")
+        for k in keys:
+            assert k not in text, f"{p}: {k}"
+        for fig, site in figures.items():
+            assert fig not in text, f"{p} holds {fig!r}, a figure of site {site.name}"
+
+
 def _entries(run_dir: Path, kind: str) -> list[dict]:
     return [e for e in PrivacyLedger.for_run(run_dir).entries() if e.get("kind") == kind]
 
@@ -174,26 +204,30 @@ def test_two_rounds_two_sites_secagg(federation, capsys):
     assert (f["coord"] / "cohort" / "cohort.npz").is_file()
 
     assert main(["federated", "report", str(f["coord"]), "--json"]) == 0
-    guarantees = {g["site"]: g for g in json.loads(capsys.readouterr().out)["sites"]}
+    report = json.loads(capsys.readouterr().out)
+    assert report["finished"] and report["problems"] == []
+    guarantees = {g["site"]: g for g in report["sites"]}
     for name, target in (("a", 8.0), ("b", 4.0)):
         ledger = PrivacyLedger.for_run(f["sites"][name])
         plan = ledger.latest("dp_plan")
         done = ledger.latest("dp_complete")
         assert plan["planned_steps"] == 8 and plan["target_epsilon"] == target
         assert done is not None and done["steps_done"] == 8 and done["epsilon_pld"] <= target
-        assert ledger.summary()["epsilon"] == pytest.approx(done["epsilon_pld"]) and ledger.summary()["within_target"]
-        # the coordinator's record matches the site's ledger
+        assert ledger.summary().epsilon == pytest.approx(done["epsilon_pld"]) and ledger.summary().within_target
+        assert len([e for e in ledger.entries() if e["kind"] == "dp_plan"]) == 1  # planned once, never recalibrated
+        # the coordinator's record matches the site's ledger, on facts that do not depend on N
         g = guarantees[name]
-        assert g["epsilon"] == pytest.approx(done["epsilon_pld"]) and g["steps_done"] == 8
-        assert g["delta"] == plan["delta"] and g["unit"] == plan["unit"] == "per image" and g["within_target"]
+        assert g["epsilon"] == target and g["epsilon_kind"] == "at most the site's budget"  # add/remove: the budget
+        assert g["steps_done"] == 8 and g["within_budget"] and g["neighbouring"] == plan["neighbouring"]
+        assert g["delta"] == plan["delta"] and g["unit"] == plan["unit"] == "per image"
         assert g["complete"] and g["confirmed_at_finish"] and g["rounds_contributed"] == [1, 2]
         progress = [e for e in _entries(f["coord"], "fed_site_progress") if e["site"] == name]
-        by_round = {e["round"]: e["progress"]["epsilon_pld"] for e in progress}
-        site_rounds = {e["round"]: e["epsilon_pld"] for e in ledger.entries() if e["kind"] == "fed_round_done"}
-        assert by_round == pytest.approx(site_rounds)
-        # the site never told the coordinator its data size
-        reported = json.dumps([e for e in PrivacyLedger.for_run(f["coord"]).entries() if e.get("site") == name])
-        assert "n_units" not in reported and "sample_rate" not in reported and '"sigma"' not in reported
+        by_round = {e["round"]: e["progress"]["steps_done"] for e in progress}
+        site_rounds = {e["round"]: e["last_step"] for e in ledger.entries() if e["kind"] == "fed_round_done"}
+        assert by_round == site_rounds
+        assert all(e["progress"]["preflight_passed"] and e["progress"]["noisy"] for e in progress)
+    # no site told the coordinator its data size or what it follows from
+    _assert_no_site_figures(f["coord"], f["sites"].values())
 
 
 def test_coordinator_never_holds_an_individual_update(federation):
@@ -347,3 +381,179 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="no such site"):
         load_site_config(p, "zzz")
     assert federation_from_dict(yaml.safe_load((REPO / "configs" / "federated_breast.yaml").read_text())).sites
+
+
+# ----------------------------------------------------------------------------- a site's rounds, in process
+
+
+def _global_model(fed):
+    from dpgen.federated import local_training as lt
+    from dpgen.federated.config import coordinator_run_config
+    from dpgen.models import ConditionalDiffusion, diffusion_spec_from_config
+
+    spec = diffusion_spec_from_config(coordinator_run_config(fed, [1, 28, 28]), (1, 28, 28))
+    model = ConditionalDiffusion(spec)
+    weights = {n: v.detach().float().numpy().copy() for n, v in model.state_dict().items()}
+    return lt.GlobalModel("diffusion", spec.to_dict(), fed.model.model_dump(mode="json"), fed.data.num_classes, "all",
+                          list(weights), lt._trainable_names("diffusion", spec.to_dict(), "all"), weights)
+
+
+def test_site_rounds_run_the_registered_plan_on_the_one_loop(tmp_path, monkeypatch):
+    """A site's rounds are steps of its one registered plan, run by dpgen's DP-SGD loop: the plan
+    is calibrated once, the preflight runs once per process, the Poisson masks come from the
+    site's own secret (its run directory), and a round killed mid-way resumes exactly."""
+    import shutil
+
+    import torch
+
+    from dpgen.federated import local_training as lt
+    from dpgen.federated.config import federation_from_dict, load_site_config
+    from dpgen.federated.site import open_site_dir
+    from dpgen.privacy import dpsgd
+    from dpgen.privacy.randomness import read_secret
+    from dpgen.training.dp import SampledCounts
+
+    cfg = _fed_config(_free_port())
+    cfg["sites"]["a"]["finetune"].update(batch_size=4, physical_batch_size=4)  # ~4 rows a step: quick
+    p = tmp_path / "f.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    fed = federation_from_dict(cfg)
+    gm = _global_model(fed)
+    site_file = load_site_config(p, "a")
+    a = open_site_dir(tmp_path / "a", site_file, "a")
+    plan = lt.plan_site(a)
+    read_secret(a.rd.internal)  # the site's secret exists before the copy: b is the same site
+    shutil.copytree(a.root, tmp_path / "b")
+    b = lt.SiteRun("a", site_file, tmp_path / "b")
+    calls = {"calibrate": 0}
+    real_plan = dpsgd.plan_dpsgd
+
+    def counting(*args, **kwargs):
+        calls["calibrate"] += 1
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(dpsgd, "plan_dpsgd", counting)
+    monkeypatch.setattr("dpgen.training.dp.plan_dpsgd", counting)
+
+    r1 = lt.local_round(a, gm, 1)
+    gm2 = gm.with_weights({n: gm.weights[n] + r1.update[n] if n in r1.update else gm.weights[n] for n in gm.names})
+    r2 = lt.local_round(a, gm2, 2)
+    led = PrivacyLedger.for_run(a.root)
+    assert calls["calibrate"] == 0  # rounds read the registered plan
+    assert [e["kind"] for e in led.entries()].count("dp_plan") == 1
+    assert [e["kind"] for e in led.entries()].count("preflight") == 1  # once per process, on this module
+    assert [(e["first_step"], e["last_step"]) for e in led.entries() if e["kind"] == "fed_round_start"] == [(0, 4), (4, 8)]
+    assert r2.facts.complete and r2.facts.steps_done == 8 and r2.facts.within_budget and r2.facts.preflight_passed
+    done = led.latest("dp_complete")
+    assert done["steps_done"] == 8 and done["epsilon_pld"] <= 8.0 and led.latest("bound") is not None
+    # the masks are the secret streams of the site's run directory at the plan's step indices
+    from dpgen.training.dp import run_secret
+
+    secret = run_secret(a.rd)
+    units = lt._units(lt.load_site_data(a))
+    counts = SampledCounts.read(a.rd.internal / "sampling" / "dp_sgd_finetune.jsonl")
+    assert sorted(counts) == list(range(8))
+    assert all(counts[i] == len(dpsgd.sample_units(units, plan.plan.sample_rate, secret, i)) for i in range(8))
+    # nothing the site reports depends on N
+    facts = json.dumps(r2.facts.model_dump(mode="json"))
+    assert "epsilon" not in facts.replace("epsilon_replace_one\": null", "") and "sample_rate" not in facts
+
+    # site b (a copy of a before round 1) is killed at step 3 of round 1, then resumes
+    real_step = dpsgd.DPSGDLoop.step
+    state = {"failed": False}
+
+    def dying(self, i):
+        if i == 3 and not state["failed"]:
+            state["failed"] = True
+            raise KeyboardInterrupt
+        return real_step(self, i)
+
+    monkeypatch.setattr(dpsgd.DPSGDLoop, "step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        lt.local_round(b, gm, 1)
+    rb = lt.local_round(b, gm, 1)
+    for n in r1.update:
+        assert torch.equal(torch.from_numpy(rb.update[n]), torch.from_numpy(r1.update[n])), n
+    b_done = PrivacyLedger.for_run(b.root).latest("fed_round_done")
+    assert b_done["resumed_from"] == 2 and b_done["update_sha256"] == led.latest("fed_round_done", round=1)["update_sha256"]
+
+
+# ----------------------------------------------------------------------------- a demo run, released
+
+
+def _npz_of_shape(path: Path, side: int, n: int = 40) -> Path:
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 255, (n, side, side), dtype=np.uint8)
+    labels = rng.integers(0, 2, (n, 1))
+    np.savez(path, train_images=imgs, train_labels=labels, val_images=imgs[:4], val_labels=labels[:4],
+             test_images=imgs[:4], test_labels=labels[:4])
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """`dpgen federated demo` with two sites that train one round (SecAgg+) and a third whose
+    images have another size (it refuses at the status query)."""
+    root = tmp_path_factory.mktemp("demo")
+    cfg = _fed_config(9092)
+    cfg["coordinator"]["rounds"] = 1
+    for name in ("a", "b"):
+        cfg["sites"][name]["finetune"].update(rounds=1, local_steps=2, checkpoint_every=2)
+    c = copy.deepcopy(cfg["sites"]["a"])
+    c.update(data={"source": str(_npz_of_shape(root / "big.npz", 32))}, rows=None)
+    cfg["sites"]["c"] = c
+    path = root / "fed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_dir = root / "run"
+    t0 = time.time()
+    out = subprocess.run(_cli("demo", str(path), "--run-dir", str(run_dir)), env=_env(), capture_output=True,
+                         text=True, timeout=TIMEOUT)
+    return {"root": root, "dir": run_dir, "out": out, "seconds": time.time() - t0}
+
+
+def test_demo_release_states_the_guarantee_per_site(demo_run, tmp_path, capsys):
+    from dpgen.cli import main
+
+    d, out = demo_run["dir"], demo_run["out"]
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    sites = {n: d / "sites" / n for n in ("a", "b")}
+    # the coordinator's files hold no site's section (the sites have their own files under sites/)
+    assert "sites: {}" in (d / "config.yaml").read_text() and "rows" not in (d / "federation.yaml").read_text()
+
+    assert main(["release", str(d), str(tmp_path / "bundle")]) == 0
+    capsys.readouterr()
+    card = json.loads((tmp_path / "bundle" / "dataset_card.json").read_text())
+    p = card["privacy"]
+    assert p["epsilon"] is None and p["neighbouring"] == "per site" and "no single ε" in p["meaning"]
+    rows = {r["site"]: r for r in p["sites"]}
+    assert sorted(rows) == ["a", "b"]
+    for name, budget in (("a", 8.0), ("b", 4.0)):
+        r = rows[name]
+        assert r["epsilon"] == budget and r["epsilon_kind"].startswith("the site's budget") and r["delta"] == 1e-5
+        assert r["unit"] == "per image" and r["neighbouring"] == "add_remove" and r["within_budget"]
+        assert r["rounds_contributed"] == [1] and r["complete"] and r["confirmed_at_finish"]
+        assert "reported by the site" in r["source"]
+    f = p["federation"]
+    assert [x["site"] for x in f["did_not_take_part"]] == ["c"] and "(1, 32, 32)" in f["did_not_take_part"][0]["reason"]
+    assert f["secure_aggregation"][0]["enabled"] and f["secure_aggregation"][0]["protocol"].startswith("SecAgg+")
+    assert "cannot verify" in f["reported_not_verified"] and "no composition across sites" in f["no_bound_across_sites"]
+    md = (tmp_path / "bundle" / "dataset_card.md").read_text()
+    assert "| a | ≤ 8 | 1e-05 | per image | add/remove | 1 |" in md and "| b | ≤ 4 | 1e-05 | per image |" in md
+    assert "Did not take part: site `c`" in md and "Secure aggregation: SecAgg+" in md and "No bound across sites" in md
+    # DIR/sites/ is one left-out entry, never listed file by file, never bundled
+    left = [x["path"] for x in card["left_out"]]
+    assert "sites/" in left and not any(x.startswith("sites/") and x != "sites/" for x in left)
+    assert not any("sites" in q.relative_to(tmp_path / "bundle").parts for q in (tmp_path / "bundle").rglob("*"))
+    # nothing the coordinator holds, nor the bundle, states a site's N or what it follows from
+    _assert_no_site_figures(d, sites.values(), also=[tmp_path / "bundle"])
+
+    # `dpgen privacy report` and `dpgen sample` work on the coordinator's directory
+    assert main(["privacy", "report", str(d), "--brief"]) == 0
+    text = capsys.readouterr().out
+    assert "no single epsilon" in text and "site a: epsilon <= 8" in text and "site c: no plan" not in text
+    assert main(["sample", str(d), "--name", "more", "--num-images", "4", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "per-site privacy guarantees" in text and (d / "cohort" / "more" / "cohort.npz").is_file()
+    more = PrivacyLedger.for_run(d).latest("artifact", name="cohort/more")
+    assert more["privacy_source"] == {"kind": "post_processing", "mechanisms": ["dp_sgd:federated_finetune"], "note": ""}
+    assert main(["finetune", str(d)]) == 2 and "federated coordinator" in capsys.readouterr().err

@@ -69,15 +69,22 @@ def cmd_demo(args) -> int:
 def cmd_report(args) -> int:
     from pathlib import Path
 
-    from dpgen.federated.record import CARD_NOTE, format_guarantees, per_site_guarantees
+    from dpgen.federated.record import federated_state, format_guarantees, per_site_guarantees
 
     if not (Path(args.run_dir) / "privacy" / "ledger.jsonl").is_file():
         return _fail(FileNotFoundError(f"{args.run_dir}: no privacy ledger (not a coordinator run directory?)"))
+    state = federated_state(args.run_dir)
+    if state is None:
+        return _fail(ValueError(f"{args.run_dir}: its ledger records no federation (not a coordinator run "
+                                f"directory?); `dpgen privacy report` reads an ordinary run's or a site's ledger"))
     rows = per_site_guarantees(args.run_dir)
     if args.json:
-        print(json.dumps({"sites": rows, "card_note": CARD_NOTE}, indent=2))
+        print(json.dumps({"sites": rows, "rounds": [r.round for r in state.rounds],
+                          "finished": state.finished is not None, "problems": state.problems()}, indent=2))
     else:
         print(format_guarantees(rows))
+        for p in state.problems():
+            print(f"  PROBLEM: {p}")
     return 0
 
 

@@ -188,6 +188,16 @@ class FederationConfig(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def coordinator_part(self) -> "FederationConfig":
+        """What the coordinator keeps (its run directory's config.yaml): everything but the sites'
+        sections, which name the sites' data (and, for the demo's slices, their sizes)."""
+        return self.model_copy(update={"sites": {}})
+
+    def site_file(self, name: str) -> dict:
+        """A site's own config file: the coordinator's address and its own section only."""
+        return {"name": self.name, "coordinator": {"address": self.coordinator.address},
+                "sites": {name: self.sites[name].model_dump(mode="json")}}
+
 
 def _read_yaml(path: str | Path) -> dict:
     path = Path(path)
@@ -264,15 +274,36 @@ def coordinator_run_config(fed: FederationConfig, image_shape: list[int]) -> Run
     return config_from_dict(raw)
 
 
-def site_run_config(site_name: str, site: SiteConfig, *, model: dict, num_classes: int, trainable: str,
-                    seed: int) -> RunConfig:
+def coordinator_sample_config(fed: FederationConfig, rd) -> RunConfig:
+    """The RunConfig `dpgen sample` uses on a coordinator's run directory (the image shape the
+    pretraining recorded)."""
+    shape = (rd.state()["completed"].get("pretrain") or {}).get("image_shape") or fed.data.image_shape
+    if not shape:
+        raise ConfigError(f"{rd.root}: the coordinator has not pretrained yet (no image shape recorded)")
+    return coordinator_run_config(fed, list(shape))
+
+
+def read_federation(root: str | Path) -> FederationConfig | None:
+    """The federation config of a coordinator's run directory, or None when ROOT/config.yaml is
+    not one (an ordinary run, a site, no config)."""
+    path = Path(root) / "config.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    if not (isinstance(raw, dict) and isinstance(raw.get("coordinator"), dict) and "sites" in raw):
+        return None
+    return federation_from_dict(raw)
+
+
+def site_run_config(site_name: str, site: SiteConfig, *, model: dict, num_classes: int, trainable: str) -> RunConfig:
     """The RunConfig a site's DP-SGD runs under: the coordinator's model, the site's data,
-    schedule and budget. `finetune.steps` is the whole plan (rounds x local steps). `seed`
-    is the site's *secret* seed (today's DP loop draws its Poisson masks from config.seed);
-    this config lives in memory only and is never written to disk."""
+    schedule and budget. `finetune.steps` is the whole plan (rounds x local steps). Its seed is
+    public (the preflight's random inputs); every random choice that touches the site's data
+    comes from the secret seed in the site's internal/secrets.json (dpgen.privacy.randomness)."""
     ft = site.finetune
     raw = {
-        "name": site_name, "seed": int(seed),
+        "name": site_name, "seed": 0,
         "data": {"private": site.data.model_dump(), "num_classes": num_classes},
         "model": copy.deepcopy(model),
         "finetune": {"steps": ft.rounds * ft.local_steps, "batch_size": ft.batch_size,

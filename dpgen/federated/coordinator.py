@@ -46,9 +46,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from dpgen.federated import arrays, flower, record
+from dpgen.privacy import schema
 from dpgen.federated.config import FederationConfig, federation_from_dict, load_federation
 
 server_app = ServerApp()
+FEDERATED_FINETUNE = "dp_sgd:federated_finetune"  # = dpgen.privacy.mechanisms.FEDERATED_FINETUNE
 AUDIT_ENV = "DPGEN_FED_AUDIT_RECEIVED"  # keep a copy of every message the ServerApp receives
 POLL_S = 0.25
 
@@ -262,25 +264,25 @@ class Coordinator:
             if not st["accept"]:
                 self.excluded[nid] = st["reason"]
                 self.done_sites.add(name)  # budget used up, or it can never join (fatal)
-                self._append(record.FedSiteRefused(site=name, round=round_index, reason=st["reason"],
+                self._append(schema.FedSiteRefusedEntry(site=name, round=round_index, reason=st["reason"],
                                                    fatal=bool(st.get("fatal"))))
                 _log(f"site {name} does not take round {round_index}: {st['reason']}")
 
     def _check_plan(self, name: str, plan: dict, round_index: int, nid: int) -> None:
-        facts = record.SitePlanFacts.model_validate(plan)
+        facts = schema.SitePlanFacts.model_validate(plan)
         if name not in self.plans:
             self.plans[name] = facts.model_dump(mode="json")
-            self._append(record.FedSitePlan(site=name, first_round=round_index, plan=facts))
+            self._append(schema.FedSitePlanEntry(site=name, first_round=round_index, plan=facts))
             _log(f"site {name} joined: epsilon {facts.target_epsilon:g}, delta {facts.delta:g}, {facts.unit}, "
                  f"{facts.rounds} round(s) x {facts.local_steps} steps, expected batch {facts.expected_batch_size}")
             return
-        old = record.SitePlanFacts.model_validate(self.plans[name]).model_dump(mode="json")
+        old = schema.SitePlanFacts.model_validate(self.plans[name]).model_dump(mode="json")
         if old != facts.model_dump(mode="json"):
             reason = (f"site {name} reports another plan than when it joined ({old} -> {facts.model_dump()}); a "
                       f"site's plan cannot change: it is refused")
             self.excluded[nid] = reason
             self.done_sites.add(name)
-            self._append(record.FedSiteRefused(site=name, round=round_index, reason=reason, fatal=True))
+            self._append(schema.FedSiteRefusedEntry(site=name, round=round_index, reason=reason, fatal=True))
             _log(reason)
 
     def _can_take(self, nid: int) -> bool:
@@ -374,13 +376,13 @@ class Coordinator:
             {Key.CURRENT_ROUND: round_index, Key.START_TIME: timeit.default_timer()})
         ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
             ndarrays_to_parameters([gm.vector()]), keep_input=True)  # one vector: see arrays.flatten
-        sa_facts = record.SecureAggregationFacts(enabled=sa.enabled)
+        sa_facts = schema.SecureAggregationFacts(enabled=sa.enabled)
         _log(f"round {round_index} (attempt {attempt}): training at {', '.join(names)}"
              f"{' with SecAgg+' if sa.enabled else ' WITHOUT secure aggregation'}")
         try:
             if sa.enabled:
                 max_weight = float(max(weights.values()))
-                sa_facts = record.SecureAggregationFacts(
+                sa_facts = schema.SecureAggregationFacts(
                     enabled=True, protocol="SecAgg+ (flwr.server.workflow.SecAggPlusWorkflow)",
                     num_shares=sa.num_shares, reconstruction_threshold=sa.reconstruction_threshold,
                     clipping_range=sa.clipping_range, quantization_range=sa.quantization_range, max_weight=max_weight)
@@ -409,7 +411,7 @@ class Coordinator:
             if sa.enabled and out["delta"] is None:
                 reason += ("; SecAgg+ halted: with a site gone, the others lacked the reconstruction threshold's live "
                            "neighbours to unmask the sum" + (" (with 2 sites both must stay)" if len(names) == 2 else ""))
-            self._append(record.FedRoundFailed(round=round_index, attempt=attempt, reason=reason, selected=names,
+            self._append(schema.FedRoundFailedEntry(round=round_index, attempt=attempt, reason=reason, selected=names,
                                                contributed=contributed, failures=out["failures"], stages=stages))
             _log(f"round {round_index} failed: {reason}")
             for nid in takers:  # ask them again next attempt (a site may have restarted)
@@ -425,18 +427,18 @@ class Coordinator:
         new = gm.with_weights(new_weights)
         ck = self.rd.checkpoints / f"global_round_{round_index:04d}.safetensors"
         lt.save_global(ck, new, {"stage": "federated round", "round": round_index, "sites": contributed,
-                                 "cohort_privacy_source": "post-processing of the sites' DP-SGD updates"})
+                                 "privacy_mechanisms": [FEDERATED_FINETUNE]})
         for nid, _, metrics in out["results"]:
-            facts = json.loads(str(metrics.get("dpgen.facts", "{}")))
+            reply = json.loads(str(metrics.get("dpgen.facts", "{}")))  # what the site sent: see site.train
             name = self.node_site.get(nid, str(metrics.get("dpgen.site")))
-            self._append(record.FedSiteProgress(
-                site=name, round=round_index, progress=record.SiteProgressFacts.model_validate(facts),
-                update_max_abs=facts.get("update_max_abs"), secagg_clipped_entries=facts.get("secagg_clipped_entries"),
-                replayed=bool(facts.get("replayed"))))
+            progress = schema.SiteProgressFacts.model_validate(reply["progress"])
+            self._append(schema.FedSiteProgressEntry(
+                site=name, round=round_index, progress=progress,
+                secagg_clipped_entries=reply.get("secagg_clipped_entries"), replayed=bool(reply.get("replayed"))))
             st = self.node_status.get(nid)
             if st is not None:
-                st["progress"] = facts
-        self._append(record.FedRound(
+                st["progress"] = progress.model_dump(mode="json")
+        self._append(schema.FedRoundEntry(
             round=round_index, attempt=attempt, sites=contributed,
             weights={s: weights[s] for s in contributed}, secure_aggregation=sa_facts, dropped=dropped,
             global_before=fp, global_after=new.fingerprint, checkpoint=str(ck.relative_to(self.rd.root)),
@@ -484,18 +486,22 @@ class Coordinator:
         last_progress = {e["site"]: e["progress"] for e in self._entries("fed_site_progress")}
         for site in self.plans:
             facts = confirmed.get(site) or last_progress.get(site)
-            self._append(record.FedSiteFinal(
+            self._append(schema.FedSiteFinalEntry(
                 site=site, confirmed=site in confirmed,
-                progress=record.SiteProgressFacts.model_validate(facts) if facts else None))
+                progress=schema.SiteProgressFacts.model_validate(facts) if facts else None))
         path = self.rd.checkpoints / FINETUNE_WEIGHTS
-        lt.save_global(path, gm, {"stage": "federated finetune", "rounds": last,
-                                  "sites": sorted({s for e in done for s in e["sites"]}),
-                                  "cohort_privacy_source": "post-processing of the sites' DP-SGD updates (federated; "
-                                                           "per-site guarantees in the ledger)"})
+        contributors = sorted({s for e in done for s in e["sites"]})
+        lt.save_global(path, gm, {"stage": "federated finetune", "rounds": last, "sites": contributors,
+                                  "privacy_mechanisms": [FEDERATED_FINETUNE]})
+        if self.ledger.latest("fed_finished") is None:
+            self._append(schema.FedFinishedEntry(rounds=last, sites=contributors,
+                                                 checkpoint=str(path.relative_to(self.rd.root))))
         if self.ledger.latest("artifact", name="finetune_weights") is None:
-            self._append({"kind": "artifact", "name": "finetune_weights", "path": f"checkpoints/{FINETUNE_WEIGHTS}",
-                          "privacy_source": "post-processing of the sites' DP-SGD updates (federated)",
-                          "rounds": last, "per_site_guarantees": "fed_site_final entries"})
+            # DP for each contributing site (its own guarantee); no single epsilon
+            self._append(schema.ArtifactEntry(
+                name="finetune_weights", path=f"checkpoints/{FINETUNE_WEIGHTS}",
+                privacy_source=schema.PrivacySource(kind="dp", mechanisms=(FEDERATED_FINETUNE,),
+                                                    note="per-site guarantees: the sites' fed_site_final entries")))
         self._set_state(status="finished", rounds_done=last)
         self.rd.mark_done("federated", {"rounds": last, "sites": sorted(self.plans)})
         _log(f"finished after round {last}: {record.format_guarantees(record.per_site_guarantees(self.rd.root))}")
@@ -545,6 +551,9 @@ def run_coordinator(config_path: str | Path, run_dir: str | Path | None = None, 
             resolve_source(fed.data.public.source)
         except DataError as err:
             raise ConfigError(f"config error: data.public.source = {fed.data.public.source!r}: {err}") from None
+    # The coordinator keeps no site's section (they name the sites' data): a federation file that
+    # holds them (one file for a whole demo) is read for the coordinator's part only.
+    fed = fed.coordinator_part()
     rd = RunDir.create(run_dir or default_run_dir(fed.name), fed, resume=resume, overwrite=overwrite)
     lt.limit_threads()
     summary: dict = {"run_dir": str(rd.root)}
@@ -556,9 +565,10 @@ def run_coordinator(config_path: str | Path, run_dir: str | Path | None = None, 
         log(f"coordinator: public pretraining ({fed.pretrain.steps} steps) -> {rd.checkpoints}")
         gm = lt.pretrain_global(fed, rd, shape, device=device, progress=progress)
         rd.mark_done("pretrain", {"steps": fed.pretrain.steps, "image_shape": shape, "seconds": round(time.time() - t0, 1)})
-        lt.ledger(rd.root).append({"kind": "artifact", "name": "pretrain_weights",
-                                              "path": "checkpoints/pretrain.safetensors", "privacy_source": "public data",
-                                              "trainable": gm.trainable, "train_tensors": len(gm.train_names)})
+        lt.ledger(rd.root).append(schema.ArtifactEntry(
+            name="pretrain_weights", path=f"checkpoints/{lt.PRETRAIN_WEIGHTS}",
+            privacy_source=schema.PrivacySource(kind="public"), trainable=gm.trainable,
+            train_tensors=len(gm.train_names)))
 
     # 2. the rounds, on Flower
     if not rd.is_done("federated"):
@@ -615,27 +625,10 @@ def _run_flower(fed: FederationConfig, rd, *, bind_host: str | None, log) -> Non
         flower.stop(link)
 
 
-def sample_cohort(fed: FederationConfig, rd, *, device="cpu", progress=False) -> dict:
-    """The cohort from the final global model (post-processing), as `dpgen sample` writes it."""
-    from dpgen.federated import local_training as lt
-    from dpgen.federated.config import coordinator_run_config
-    from dpgen.pipeline import cohort_class_counts
-    from dpgen.sampling import load
+def sample_cohort(fed: FederationConfig, rd, *, device="cpu", progress=False, **kwargs) -> dict:
+    """The cohort from the final global model: `dpgen sample`'s own stage on the coordinator's
+    run config (post-processing of `dp_sgd:federated_finetune`; its ledger artifact says so)."""
+    from dpgen.federated.config import coordinator_sample_config
+    from dpgen.pipeline import sample_stage
 
-    shape = (rd.state()["completed"].get("pretrain") or {}).get("image_shape") or fed.data.image_shape
-    config = coordinator_run_config(fed, list(shape))
-    s = config.sample
-    counts, source = cohort_class_counts(config, rd, s.num_images)
-    labels = np.concatenate([np.full(c, k) for k, c in counts.items()]).astype(np.int64)
-    gen = load(rd.root, device=device)
-    result = gen.sample_cohort(rd.cohort, labels=labels, attributes=None, seed=s.seed, sampler=s.sampler, steps=s.steps,
-                               guidance_scale=s.guidance_scale, batch_size=s.batch_size,
-                               class_names=config.data.class_names, nifti=s.nifti, progress=progress)
-    result["class_counts_source"] = source
-    lt.ledger(rd.root).append({
-        "kind": "artifact", "name": "cohort", "path": "cohort/cohort.npz",
-        "privacy_source": gen.info.get("cohort_privacy_source", "post-processing of the sites' DP-SGD updates"),
-        "n": len(labels), "class_counts": result["class_counts"], "class_counts_source": source,
-        "generator": gen.family, "federated": True})
-    rd.mark_done("sample", {"n": result["n"], "class_counts": result["class_counts"]})
-    return result
+    return sample_stage(coordinator_sample_config(fed, rd), rd, device=device, progress=progress, **kwargs)

@@ -3,9 +3,13 @@ separate processes on this machine (127.0.0.1), exactly as on separate machines,
 
     DIR/                   the coordinator's run directory (global checkpoints, ledger with the
                            sites' reported facts, cohort/)
-    DIR/federation.yaml    the config the processes read (the coordinator port chosen here)
+    DIR/federation.yaml    the coordinator's config (no site's section; the port chosen here)
+    DIR/sites/NAME.yaml    each site's own file: the coordinator's address and its section
     DIR/sites/NAME/        each site's own run directory (its ledger, secrets, updates)
-    DIR/logs/demo_*.log    each process's output
+    DIR/logs/demo_*.log    each process's output (demo_site_NAME.log belongs to that site)
+
+DIR/sites/ belongs to the sites: the coordinator reads nothing there, and `dpgen release DIR`
+lists it as one left-out folder without reading it.
 
 Each process is in its own process group (a test can kill one site, all of it). A site that
 refuses to take part (budget too small, another image size) stops with its reason and the
@@ -54,7 +58,9 @@ def stop_group(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 15.0
 
 def prepare(config_path: str | Path, run_dir: str | Path, overrides: list[str] | None = None, *,
             resume: bool = False, overwrite: bool = False) -> tuple[Path, object]:
-    """Create DIR (the coordinator's run directory) and DIR/federation.yaml with a free port."""
+    """Create DIR (the coordinator's run directory), DIR/federation.yaml (the coordinator's part,
+    with a free port) and DIR/sites/NAME.yaml (each site's own file: the address and its section),
+    as on separate machines: the coordinator's files hold no site's section."""
     from dpgen.rundir import RunDir
 
     root = Path(run_dir).resolve()
@@ -65,8 +71,11 @@ def prepare(config_path: str | Path, run_dir: str | Path, overrides: list[str] |
         fed.coordinator.address = federation_from_dict(yaml.safe_load(fed_file.read_text())).coordinator.address
     else:
         fed.coordinator.address = f"127.0.0.1:{flower.free_port()}"
-    RunDir.create(root, fed, resume=resume, overwrite=overwrite)
-    fed_file.write_text(yaml.safe_dump(fed.to_dict(), sort_keys=False))
+    RunDir.create(root, fed.coordinator_part(), resume=resume, overwrite=overwrite)
+    fed_file.write_text(yaml.safe_dump(fed.coordinator_part().to_dict(), sort_keys=False))
+    (root / "sites").mkdir(exist_ok=True)
+    for name in fed.sites:
+        (root / "sites" / f"{name}.yaml").write_text(yaml.safe_dump(fed.site_file(name), sort_keys=False))
     return root, fed
 
 
@@ -84,7 +93,8 @@ def run_demo(config_path: str | Path, run_dir: str | Path, overrides: list[str] 
     sites = {}
     for name in fed.sites:
         sites[name] = start_process(
-            _cli("site", str(fed_file), "--site", name, "--run-dir", str(root / "sites" / name), "--device", device),
+            _cli("site", str(root / "sites" / f"{name}.yaml"), "--site", name, "--run-dir", str(root / "sites" / name),
+                 "--device", device),
             root / "logs" / f"demo_site_{name}.log", env)
         log(f"demo: site {name} (pid {sites[name].pid}), run directory {root / 'sites' / name}")
 

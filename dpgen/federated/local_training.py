@@ -1,49 +1,51 @@
 """The ONE place where federated code calls dpgen's training and privacy code.
 
 Everything else under dpgen/federated/ (Flower apps, launchers, records) goes through the
-functions below; when the DP core changes (issue 11: one DP-SGD loop, secret Poisson
-sampling from dpgen/privacy/randomness.py, a typed ledger), this module is what gets
-re-pointed. The interface:
+functions below. The interface:
 
     plan_site(site)                          -> SitePlan   # at site launch: plan in the ledger, or refuse
-    site_status(site, schema, round_index)   -> dict       # may this site take round r? (public facts only)
+    site_status(site, schema, round_index)   -> dict       # may this site take round r? (N-free facts only)
     local_round(site, global_model, round_index) -> RoundResult(update, facts)
-    finish_site(site, reason)                -> dict       # completion entry + bound in the site's ledger
+    finish_site(site, reason)                -> SiteProgressFacts  # completion entry + bound in the site's ledger
     pretrain_global(fed, rd, image_shape, device) -> GlobalModel   # coordinator: public pretraining
     load_global(path, fed) / save_global(path, global_model, info)
 
-What `local_round` does, on top of today's `dpgen.training.dp.run_dp_job` (unchanged):
+A site is an ordinary dpgen run directory with one DP mechanism, `dp_sgd:finetune`, run with
+dpgen's one DP-SGD loop (`dpgen.privacy.dpsgd.DPSGDLoop` through
+`dpgen.training.dp.run_dp_job`):
 
-- The site's plan is one DP-SGD mechanism (`dp_sgd:finetune`) of rounds x local_steps steps
-  at sample rate q = batch_size / N_site, registered once at launch (`plan_site`). Round r
-  gets the next `local_steps` step indices [a, b) of that mechanism, written to the ledger
-  (`fed_round_start`) before its first DP-SGD step. Indices are never reused for
-  other inputs: a round retried with the very same global weights (same fingerprint)
-  continues its allocation (resuming from the round's checkpoint, recomputing identically),
-  anything else gets fresh indices. An allocation abandoned half-way stays spent.
-- A round that would go past the plan (b > rounds x local_steps, i.e. over budget) is refused
-  before any DP-SGD step.
-- `run_dp_job` runs steps a..b from a state file holding the global weights at step a; its
-  per-step randomness is keyed by the absolute step index: Poisson masks from the site's
-  *secret* sampling seed (passed as config.seed, in memory only: today's loop draws masks
-  from config.seed), DP noise from the secret noise seed in internal/. Its progress entries
-  carry cumulative events, so the ledger composes all rounds as one mechanism. Its one-shot
-  completion and bound entries are deferred (`_RoundLedger`) and written for the whole plan by
-  `finish_site`, after the site's last round.
+- Its plan covers rounds x local_steps steps at sample rate q = batch_size / N_site, calibrated
+  and registered once at launch (`plan_site`, `register_plan`); nothing is recalibrated per
+  round (`local_round` reads the registered `PlanEntry`).
+- Round r gets the next `local_steps` step indices [a, b) of that plan, written to the ledger
+  (`fed_round_start`) before its first DP-SGD step. A round retried with the very same global
+  weights (same fingerprint) continues its allocation (resuming from the round's checkpoint,
+  recomputing identically); anything else gets fresh indices. An allocation abandoned half-way
+  stays spent. A round that would go past the plan (over the budget) is refused first.
+- `run_dp_job(..., first_step=a, last_step=b, start_key=..., complete=False)` runs steps a..b of
+  the plan from the global weights. Step i's Poisson sample, per-row draws and noise come from
+  the site's own secret seed (internal/secrets.json of the site's run directory, through
+  `run_secret`), so a site's masks are a function of (its secret, the global step index). Its
+  progress entries carry the cumulative event, so the site's ledger composes all rounds as
+  one mechanism. The completion and bound entries are written by `finish_site`
+  (`complete_mechanism`) when the site's last round is done or the federation ends, counting
+  every allocated step.
+- The module and its objective are built once per site process and trained again every round
+  (new weights), so the per-sample-gradient preflight runs once per process on the exact
+  module and mode trained, before any private data (`DPJob.reuse_preflight`).
 - The update is (weights after the round) - (global weights), for the coordinator's trainable
-  names only; it is DP (post-processing of DP-SGD) and is also kept in internal/rounds/.
+  names only: post-processing of DP-SGD, kept in internal/rounds/ and sent masked.
 
-Hooks the lead may want in the new DP core so this module can shrink: a loop entry point
-taking (first_step, last_step, initial weights) instead of a state file; a way to defer the
-completion/bound entries (or to mark a mechanism "in progress across jobs"); secret sampling
-that does not ride on config.seed.
+What a site tells the coordinator (`SitePlanFacts`, `SiteProgressFacts`, typed in
+dpgen/privacy/schema.py) never depends on its number of units N: no N, sample rate, noise
+multiplier or exact epsilon under add/remove neighbours (the exact replace-one epsilon only
+when the site's relation is replace_one).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,10 +55,20 @@ import numpy as np
 from dpgen.federated import arrays
 from dpgen.federated.arrays import Weights
 
-FED_MECHANISM = "dp_sgd:finetune"  # the site's one DP mechanism (same id as a single-site run)
 ROUND_STATE = "round_state.safetensors"
 PRETRAIN_WEIGHTS = "pretrain.safetensors"  # = dpgen.training.families.shared.PRETRAIN_WEIGHTS
 FINETUNE_WEIGHTS = "finetune.safetensors"  # = dpgen.training.families.shared.FINETUNE_WEIGHTS
+
+
+def _mechanisms():
+    from dpgen.privacy import mechanisms
+
+    return mechanisms
+
+
+def site_mechanism() -> str:
+    """The site's one DP mechanism: the same id as a single-site fine-tune."""
+    return _mechanisms().FINETUNE
 
 
 def ledger(run_dir: str | Path):
@@ -68,8 +80,6 @@ def ledger(run_dir: str | Path):
 
 class SiteRefusal(RuntimeError):
     """The site will not take part (in this round): over budget, wrong schema, no SecAgg..."""
-
-
 # ----------------------------------------------------------------------------- threads
 
 
@@ -256,85 +266,68 @@ def _units(ds):
     return PrivacyUnits.from_subjects(ds.subjects, len(ds))
 
 
-def _secrets(site: SiteRun) -> dict:
-    """The site's secret seeds (internal/secrets.json, never sent, never released): DP noise
-    (dpgen's own secret_noise_seed) and the Poisson sampling stream."""
-    from dpgen.privacy.engine import new_secret_seed
-    from dpgen.rundir import write_json_atomic
-    from dpgen.training.dp import secret_noise_seed
-
-    rd = site.rd
-    secret_noise_seed(rd)
-    path = rd.internal / "secrets.json"
-    secrets = rd.read_json(path)
-    if "sampling_seed" not in secrets:
-        secrets["sampling_seed"] = new_secret_seed()
-        write_json_atomic(path, secrets)
-    return secrets
-
-
-def _run_config(site: SiteRun, *, model: dict | None = None, num_classes: int = 1, trainable: str = "all",
-                seed: int = 0):
+def _run_config(site: SiteRun, *, model: dict | None = None, num_classes: int = 1, trainable: str = "all"):
     from dpgen.federated.config import site_run_config
 
-    return site_run_config(site.name, site.config, model=model or {}, num_classes=num_classes, trainable=trainable,
-                           seed=seed)
+    return site_run_config(site.name, site.config, model=model or {}, num_classes=num_classes, trainable=trainable)
 
 
 @dataclass
 class SitePlan:
-    plan: dict  # the ledger's dp_plan entry (holds N, q and sigma: stays at the site)
-    facts: dict  # what the site tells the coordinator (no count of private data)
+    plan: object  # the ledger's PlanEntry (holds N, q and sigma: stays at the site)
+    facts: object  # SitePlanFacts: what the site tells the coordinator (nothing that depends on N)
 
 
-def _public_plan_facts(site: SiteRun, plan: dict) -> dict:
+def plan_facts(site: SiteRun, entry) -> "SitePlanFacts":  # noqa: F821
+    """The public part of the site's plan: its budget, relation, unit and user choices."""
+    from dpgen.privacy.schema import SitePlanFacts
+
     ft = site.config.finetune
-    return {
-        "site": site.name, "mechanism": plan["mechanism"], "unit": plan["unit"],
-        "target_epsilon": plan["target_epsilon"], "delta": plan["delta"], "accountant": plan["accountant"],
-        "neighbouring_relation": plan.get("neighbouring", "add_remove"), "rounds": ft.rounds,
-        "local_steps": ft.local_steps, "planned_steps": plan["planned_steps"],
-        "expected_batch_size": plan["expected_batch_size"], "max_grad_norm": plan["max_grad_norm"],
-        "noise_multiplicity": plan["noise_multiplicity"], "poisson_sampling": True,
-    }
+    return SitePlanFacts(
+        site=site.name, unit=entry.unit, target_epsilon=entry.target_epsilon, delta=entry.delta,
+        neighbouring=entry.neighbouring, accountant=entry.accountant, rounds=ft.rounds, local_steps=ft.local_steps,
+        planned_steps=entry.planned_steps, expected_batch_size=ft.batch_size, max_grad_norm=entry.max_grad_norm,
+        noise_multiplicity=entry.noise_multiplicity)
 
 
-def _affordable_rounds(sigma: float, q: float, local_steps: int, rounds: int, epsilon: float, delta: float,
-                       accountant: str) -> int:
+def _affordable_rounds(sigma: float, q: float, local_steps: int, rounds: int, pv) -> int:
     from dpgen.privacy import accounting
     from dpgen.training.dp import dp_event
 
     for k in range(rounds, 0, -1):
-        if accounting.epsilon([dp_event(sigma, q, k * local_steps)], delta, accountant) <= epsilon:
+        if accounting.epsilon([dp_event(sigma, q, k * local_steps)], pv.delta, pv.accountant,
+                              pv.neighbouring) <= pv.epsilon:
             return k
     return 0
 
 
 def plan_site(site: SiteRun) -> SitePlan:
     """Calibrate and register the site's plan (once; a restarted site must present the same
-    plan). Refuses (SiteRefusal) when the budget cannot pay for the planned rounds."""
-    from dpgen.privacy import accounting
+    plan). Refuses (SiteRefusal) when the budget cannot pay for the planned rounds. The
+    messages stay at the site (it refuses before connecting anywhere)."""
     from dpgen.privacy.engine import PrivacyError
     from dpgen.training.dp import DPSettings, plan_mechanism, register_plan
 
-    cfg, ft = site.config, site.config.finetune
-    ds = load_site_data(site)
-    units = _units(ds)
+    cfg, ft, pv = site.config, site.config.finetune, site.config.privacy
+    units = _units(load_site_data(site))
     config = _run_config(site)
     settings = DPSettings.from_finetune(config.finetune)
-    what = f"site {site.name}: epsilon {cfg.privacy.epsilon:g} for {ft.rounds} round(s) x {ft.local_steps} steps"
+    what = f"site {site.name}: epsilon {pv.epsilon:g} for {ft.rounds} round(s) x {ft.local_steps} steps"
+    q = settings.batch_size / max(len(units), 1)
     try:
-        plan = plan_mechanism(config, settings, len(units), units.kind, mechanism=FED_MECHANISM,
-                              budget=cfg.privacy.epsilon, other_events=[], trains="diffusion UNet (federated site)",
-                              federated={"site": site.name, "rounds": ft.rounds, "local_steps": ft.local_steps})
+        entry = plan_mechanism(config, settings, units, mechanism=site_mechanism(), budget=pv.epsilon,
+                               other_events=[], trains="diffusion UNet (federated site)",
+                               federated={"site": site.name, "rounds": ft.rounds, "local_steps": ft.local_steps})
     except PrivacyError as err:
-        raise SiteRefusal(f"site {site.name}: {err}") from None
-    except ValueError as err:
+        if q > 1 or pv.delta * len(units) >= 1:  # not a calibration failure: the batch or delta
+            raise SiteRefusal(f"site {site.name}: {err}") from None
         one = ft.rounds > 1
         if one:
+            from dpgen.privacy import accounting
+
             try:
-                accounting.calibrate_sigma(cfg.privacy.epsilon, cfg.privacy.delta, settings.batch_size / len(units),
-                                           ft.local_steps, accountant=cfg.privacy.accountant)
+                accounting.calibrate_sigma(pv.epsilon, pv.delta, q, ft.local_steps, accountant=pv.accountant,
+                                           neighbouring=pv.neighbouring)
             except ValueError:
                 one = False
         if not one:
@@ -343,46 +336,48 @@ def plan_site(site: SiteRun) -> SitePlan:
         raise SiteRefusal(f"{what}: the privacy budget is too small for the planned rounds ({err}); "
                           f"lower finetune.rounds or raise privacy.epsilon") from None
     cap = ft.max_noise_multiplier
-    if cap is not None and plan["sigma"] > cap:
-        k = _affordable_rounds(cap, plan["sample_rate"], ft.local_steps, ft.rounds, cfg.privacy.epsilon,
-                               cfg.privacy.delta, cfg.privacy.accountant)
+    if cap is not None and entry.sigma > cap:
+        k = _affordable_rounds(cap, entry.sample_rate, ft.local_steps, ft.rounds, pv)
         if k == 0:
             raise SiteRefusal(f"{what}: the privacy budget is too small for one round at noise multiplier <= {cap:g} "
                               f"(finetune.max_noise_multiplier); raise privacy.epsilon or lower finetune.local_steps")
-        raise SiteRefusal(f"{what} needs noise multiplier {plan['sigma']:.3g} > finetune.max_noise_multiplier = {cap:g}; "
+        raise SiteRefusal(f"{what} needs noise multiplier {entry.sigma:.3g} > finetune.max_noise_multiplier = {cap:g}; "
                           f"at {cap:g} the budget pays for {k} round(s): set finetune.rounds <= {k}")
-    ledger = site.ledger
     try:
-        plan = register_plan(ledger, plan)
+        entry = register_plan(site.ledger, entry)
     except PrivacyError as err:
         raise SiteRefusal(f"site {site.name}: {err}") from None
-    _secrets(site)
-    facts = _public_plan_facts(site, plan)
-    if ledger.latest("fed_site_plan") is None:
-        ledger.append({"kind": "fed_site_plan", **facts, "site_data": ds.info()})
-    return SitePlan(plan, facts)
+    return SitePlan(entry, plan_facts(site, entry))
 
 
-def _registered_plan(site: SiteRun) -> dict:
-    plan = site.ledger.latest("dp_plan", mechanism=FED_MECHANISM)
-    if plan is None:
+def registered_plan(site: SiteRun):
+    """The site's registered PlanEntry (never recalibrated)."""
+    from dpgen.privacy.schema import PlanEntry
+
+    raw = site.ledger.latest("dp_plan", mechanism=site_mechanism())
+    if raw is None:
         raise SiteRefusal(f"site {site.name}: no privacy plan in {site.rd.ledger_path}; start the site with "
                           f"`dpgen federated site`")
-    return plan
+    return PlanEntry.model_validate(raw)
+
+
+def _entries(ledger, kind: str) -> list[dict]:
+    return [e for e in ledger.entries() if e.get("kind") == kind]
 
 
 def _allocated_end(ledger) -> int:
-    ends = [int(e["last_step"]) for e in ledger.entries() if e.get("kind") == "fed_round_start"]
-    return max(ends, default=0)
+    return max((int(e["last_step"]) for e in _entries(ledger, "fed_round_start")), default=0)
 
 
-def _epsilon_at(plan: dict, steps: int, accountant: str) -> float:
-    from dpgen.privacy import accounting
-    from dpgen.training.dp import dp_event
+def _epsilon_at(entry, steps: int) -> float:
+    """The site's epsilon after `steps` steps of its plan (its relation, its accountant)."""
+    from dpgen.training.dp import loop_plan
 
-    if steps <= 0:
-        return 0.0
-    return accounting.epsilon([dp_event(plan["sigma"], plan["sample_rate"], steps)], plan["delta"], accountant)
+    return 0.0 if steps <= 0 else loop_plan(entry).epsilon(steps, entry.accountant)
+
+
+def _within(entry, steps: int) -> bool:
+    return _epsilon_at(entry, steps) <= entry.target_epsilon * (1 + 1e-9)
 
 
 def check_schema(site: SiteRun, schema: dict, ds=None) -> None:
@@ -393,94 +388,93 @@ def check_schema(site: SiteRun, schema: dict, ds=None) -> None:
                           f"support 'diffusion'")
     shape = list(schema["spec"]["image_shape"])
     if list(ds.image_shape) != shape:
-        raise SiteRefusal(f"site {site.name}: its images ({ds.path}) have shape {tuple(ds.image_shape)}, the global "
-                          f"model takes {tuple(shape)}; this site cannot join (no resampling)")
+        raise SiteRefusal(f"site {site.name}: its images have shape {tuple(ds.image_shape)}, the global model takes "
+                          f"{tuple(shape)}; this site cannot join (no resampling)")
     if len(ds.labels) and int(ds.labels.max()) >= int(schema["num_classes"]):
-        raise SiteRefusal(f"site {site.name}: a label of {ds.path} is outside the federation's "
+        raise SiteRefusal(f"site {site.name}: a label of its data is outside the federation's "
                           f"num_classes = {schema['num_classes']}")
 
 
-def progress_facts(site: SiteRun, round_index: int | None = None) -> dict:
-    """Spent epsilon of the site, recomputed from its ledger (what the coordinator records)."""
+def progress_facts(site: SiteRun, round_index: int | None = None):
+    """The site's state as it tells the coordinator (SiteProgressFacts: nothing that depends on N;
+    the exact epsilon only under replace-one neighbours)."""
+    from dpgen.privacy.schema import SiteProgressFacts
     from dpgen.training.dp import spent_epsilon
 
-    ledger, plan = site.ledger, _registered_plan(site)
-    cur = ledger.latest("dp_complete", mechanism=FED_MECHANISM) or ledger.latest("dp_progress", mechanism=FED_MECHANISM)
+    led, entry, mech = site.ledger, registered_plan(site), site_mechanism()
+    cur = led.latest("dp_complete", mechanism=mech) or led.latest("dp_progress", mechanism=mech)
     steps = int(cur["steps_done"]) if cur else 0
-    eps = spent_epsilon(ledger, plan["delta"], "pld") if steps else 0.0
-    eps_rdp = spent_epsilon(ledger, plan["delta"], "rdp") if steps else 0.0
-    done = [e for e in ledger.entries() if e.get("kind") == "fed_round_done"]
-    return {
-        "site": site.name, "round": round_index, "steps_done": steps, "planned_steps": plan["planned_steps"],
-        "steps_allocated": _allocated_end(ledger), "rounds_done": len({e["round"] for e in done}),
-        "epsilon_pld": eps, "epsilon_rdp": eps_rdp, "delta": plan["delta"], "target_epsilon": plan["target_epsilon"],
-        "within_target": bool(eps <= plan["target_epsilon"] * (1 + 1e-9)), "unit": plan["unit"],
-        "complete": ledger.latest("dp_complete", mechanism=FED_MECHANISM) is not None,
-    }
+    allocated = _allocated_end(led)
+    preflights = [bool(e["passed"]) for e in _entries(led, "preflight") if e.get("mechanism") == mech]
+    replace_one = entry.neighbouring == "replace_one"
+    return SiteProgressFacts(
+        site=site.name, round=round_index, neighbouring=entry.neighbouring, steps_done=steps,
+        steps_allocated=allocated, planned_steps=entry.planned_steps,
+        rounds_done=len({e["round"] for e in _entries(led, "fed_round_done")}),
+        within_budget=_within(entry, max(steps, allocated)), noisy=entry.sigma > 0,
+        preflight_passed=all(preflights) if preflights else None,
+        complete=led.latest("dp_complete", mechanism=mech) is not None,
+        epsilon_replace_one=(spent_epsilon(led, _run_config(site)) if steps else 0.0) if replace_one else None,
+    )
 
 
 def site_status(site: SiteRun, schema: dict, round_index: int) -> dict:
     """Whether the site will take round `round_index` of a model with `schema`, and its public
     facts. Never raises for a refusal: the reason goes back to the coordinator; `fatal` says
-    the site can never join (wrong image shape, labels, data errors), not just not now."""
-    plan = _registered_plan(site)
-    ledger = site.ledger
-    out = {"site": site.name, "accept": True, "reason": "", "fatal": False, "plan": _public_plan_facts(site, plan),
-           "progress": progress_facts(site, round_index)}
+    the site can never join (wrong image shape, labels, data errors), not just not now. An
+    unexpected error is reported by its type only (its message may name private paths or
+    sizes); the site logs it."""
+    entry = registered_plan(site)
+    led = site.ledger
+    out = {"site": site.name, "accept": True, "reason": "", "fatal": False,
+           "plan": plan_facts(site, entry).model_dump(mode="json"),
+           "progress": progress_facts(site, round_index).model_dump(mode="json")}
     try:
         try:
             check_schema(site, schema)
         except SiteRefusal:
             out["fatal"] = True  # this site can never join this federation
             raise
-        if ledger.latest("dp_complete", mechanism=FED_MECHANISM) is not None:
+        if led.latest("dp_complete", mechanism=site_mechanism()) is not None:
             raise SiteRefusal(f"site {site.name}: its plan is complete (finished or stopped); it takes no more rounds")
-        left = plan["planned_steps"] - _allocated_end(ledger)
+        left = entry.planned_steps - _allocated_end(led)
         out["rounds_affordable"] = left // site.config.finetune.local_steps
         if left < site.config.finetune.local_steps:
             raise SiteRefusal(f"site {site.name}: round {round_index} would take it over its budget "
-                              f"({_allocated_end(ledger)} of {plan['planned_steps']} planned steps spent)")
+                              f"({_allocated_end(led)} of {entry.planned_steps} planned steps spent)")
     except SiteRefusal as err:
         out.update(accept=False, reason=str(err))
-    except Exception as err:  # noqa: BLE001 - a data problem is a refusal with its message
-        out.update(accept=False, fatal=True, reason=f"site {site.name}: {err}")
+    except Exception as err:  # noqa: BLE001 - a data problem is a refusal; its message stays here
+        print(f"[dpgen site {site.name}] cannot take part: {type(err).__name__}: {err}", flush=True)
+        out.update(accept=False, fatal=True, reason=f"site {site.name}: its data cannot be used "
+                                                    f"({type(err).__name__}; see the site's log)")
     return out
-
-
-class _RoundLedger:
-    """The site's ledger as `run_dp_job` sees it during one round: everything is appended to
-    the real ledger, except that the job's one-shot completion and bound entries are deferred
-    (a round is not the end of the mechanism); `finish_site` writes them for the whole plan."""
-
-    DEFERRED = ("dp_complete", "bound")
-
-    def __init__(self, ledger):
-        self._ledger = ledger
-
-    def __getattr__(self, name):
-        return getattr(self._ledger, name)
-
-    def latest(self, kind: str, **match):
-        if kind in self.DEFERRED:
-            return {"kind": kind, "deferred_to": "finish_site"}
-        return self._ledger.latest(kind, **match)
 
 
 @dataclass
 class RoundResult:
     update: Weights  # train_names -> (weights after the round) - (global weights)
-    facts: dict  # public privacy facts after the round
+    facts: object  # SiteProgressFacts after the round
     replayed: bool = False
 
 
-def _round_state_matches(path: Path, key: dict) -> bool:
-    meta = path.with_suffix(".json")
-    if not (path.is_file() and meta.is_file()):
-        return False
-    try:
-        return json.loads(meta.read_text()) == key
-    except ValueError:
-        return False
+# The module and objective the site trains, built once per process (keyed on the public model
+# description) and given the global weights every round: one module object, one preflight.
+_SITE_MODEL: dict[str, tuple] = {}
+
+
+def _site_model(site: SiteRun, gm: GlobalModel, config):
+    from dpgen.training.objectives import DiffusionObjective
+    from dpgen.training.trainable import select_trainable
+
+    key = json.dumps([str(site.root.resolve()), gm.family, gm.spec, gm.trainable, config.model.cond_drop_prob],
+                     sort_keys=True, default=str)
+    if key not in _SITE_MODEL:
+        model = _build(gm.family, gm.spec)
+        select_trainable(model, gm.trainable)
+        _SITE_MODEL.clear()
+        _SITE_MODEL[key] = (model, DiffusionObjective(model, config.model.cond_drop_prob))
+    return _SITE_MODEL[key]
 
 
 def local_round(site: SiteRun, gm: GlobalModel, round_index: int, *, device="cpu",
@@ -488,19 +482,16 @@ def local_round(site: SiteRun, gm: GlobalModel, round_index: int, *, device="cpu
     """One round of the site's DP-SGD from the global weights (see the module docstring)."""
     import torch
 
-    from dpgen.rundir import write_json_atomic
-    from dpgen.training.common import EMA, save_state
-    from dpgen.training.dp import run_dp_job
-    from dpgen.training.families.diffusion import unet_job
+    from dpgen.privacy.schema import FedRoundDoneEntry, FedRoundStartEntry
+    from dpgen.training.dp import DPJob, DPSettings, run_dp_job
     from dpgen.training.families.shared import private_rows
 
-    ledger, plan, ft = site.ledger, _registered_plan(site), site.config.finetune
+    led, entry, ft, mech = site.ledger, registered_plan(site), site.config.finetune, site_mechanism()
     fp = gm.fingerprint
-    rounds_dir = site.rd.internal / "rounds"
-    update_path = rounds_dir / f"round_{round_index:04d}.safetensors"
+    update_path = site.rd.internal / "rounds" / f"round_{round_index:04d}.safetensors"
 
     # 1. The same round from the same global weights, already done: send the same update again.
-    done = ledger.latest("fed_round_done", round=round_index, global_sha256=fp)
+    done = led.latest("fed_round_done", round=round_index, global_sha256=fp)
     if done is not None and update_path.is_file():
         update = arrays.load(update_path)
         if arrays.fingerprint(update, gm.train_names) == done["update_sha256"]:
@@ -508,87 +499,69 @@ def local_round(site: SiteRun, gm: GlobalModel, round_index: int, *, device="cpu
 
     ds = load_site_data(site)
     check_schema(site, gm.schema(), ds)
-    if ledger.latest("dp_complete", mechanism=FED_MECHANISM) is not None:
+    if led.latest("dp_complete", mechanism=mech) is not None:
         raise SiteRefusal(f"site {site.name}: its plan is complete; it takes no more rounds")
     units = _units(ds)
 
-    # 2. Step indices for this round, recorded before any private data is used.
-    start = ledger.latest("fed_round_start", round=round_index, global_sha256=fp)
+    # 2. Step indices of the plan for this round, recorded before any private data is used.
+    start = led.latest("fed_round_start", round=round_index, global_sha256=fp)
     if start is None:
-        first = _allocated_end(ledger)
+        first = _allocated_end(led)
         last = first + ft.local_steps
-        if last > plan["planned_steps"] or _epsilon_at(plan, last, plan["accountant"]) > plan["target_epsilon"] * (1 + 1e-9):
+        if last > entry.planned_steps or not _within(entry, last):
             raise SiteRefusal(f"site {site.name}: round {round_index} would take it over its budget "
-                              f"({first} of {plan['planned_steps']} planned steps spent; epsilon "
-                              f"{plan['target_epsilon']:g})")
-        start = ledger.append({"kind": "fed_round_start", "mechanism": FED_MECHANISM, "round": round_index,
-                               "global_sha256": fp, "first_step": first, "last_step": last})
+                              f"({first} of {entry.planned_steps} planned steps spent; epsilon "
+                              f"{entry.target_epsilon:g})")
+        start = led.append(FedRoundStartEntry(mechanism=mech, round=round_index, global_sha256=fp, first_step=first,
+                                              last_step=last))
     first, last = int(start["first_step"]), int(start["last_step"])
 
-    # 3. The model at the global weights, the job dpgen's diffusion trainer builds for it.
-    secrets = _secrets(site)
-    config = _run_config(site, model=gm.model_config, num_classes=gm.num_classes, trainable=gm.trainable,
-                         seed=secrets["sampling_seed"])
-    model = _build(gm.family, gm.spec)
+    # 3. The site's module (built once per process) at the global weights, and its DP job.
+    config = _run_config(site, model=gm.model_config, num_classes=gm.num_classes, trainable=gm.trainable)
+    model, objective = _site_model(site, gm, config)
     model.load_state_dict({n: torch.from_numpy(np.array(gm.weights[n])) for n in gm.names})
-    rows = private_rows(ds, model.spec.attributes)
-    job, _ = unet_job(config, site.rd, ledger, model, rows, units, [], "diffusion UNet (federated site)")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if names != gm.train_names:
         raise SiteRefusal(f"site {site.name}: its trainable selection ({len(names)} tensors) differs from the "
                           f"coordinator's ({len(gm.train_names)}); check the dpgen versions")
-    job.settings = dataclasses.replace(job.settings, steps=last)
-    job.state_path = site.rd.checkpoints / ROUND_STATE
-    key = {"round": round_index, "global_sha256": fp, "first_step": first, "last_step": last}
-    if not _round_state_matches(job.state_path, key):
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=ft.lr, weight_decay=0.0)
-        save_state(job.state_path, {"": (model, EMA(model, 0.0), optimizer)}, first)
-        write_json_atomic(job.state_path.with_suffix(".json"), key)
+    job = DPJob(mech, model, objective, private_rows(ds, model.spec.attributes), DPSettings.from_finetune(config.finetune),
+                entry, site.rd.checkpoints / ROUND_STATE, reuse_preflight=True)
 
-    # 4. DP-SGD steps first..last (dpgen's loop: preflight, Poisson sampling, clipping, noise, progress).
-    result = run_dp_job(config, site.rd, _RoundLedger(ledger), job, units, device, progress)
+    # 4. DP-SGD steps first..last of the registered plan (the one loop: preflight, secret
+    #    Poisson sampling from this site's run directory, clipping, noise, progress entries).
+    try:
+        result = run_dp_job(config, site.rd, led, job, units, device, progress, first_step=first, last_step=last,
+                            start_key=f"round {round_index} from global {fp}", complete=False)
+    except BaseException:
+        _SITE_MODEL.clear()  # after a failure the next round starts from a fresh module (and preflight)
+        raise
 
     # 5. The update, kept in internal/ and sent (masked) to the coordinator.
     state = model.state_dict()
     update = {n: (state[n].detach().cpu().numpy().astype(np.float32) - gm.weights[n]) for n in gm.train_names}
     arrays.save(update_path, update, {"round": str(round_index), "global_sha256": fp})
-    ledger.append({
-        "kind": "fed_round_done", "mechanism": FED_MECHANISM, "round": round_index, "global_sha256": fp,
-        "first_step": first, "last_step": last, "update_sha256": arrays.fingerprint(update, gm.train_names),
-        "update_max_abs": float(max((np.abs(v).max() for v in update.values()), default=0.0)),
-        "epsilon_pld": result["epsilon"], "epsilon_rdp": result["epsilon_rdp"], "final_loss": result["final_loss"],
-        "resumed_from": result["resumed_from"],
-    })
-    if last >= plan["planned_steps"]:
+    led.append(FedRoundDoneEntry(
+        mechanism=mech, round=round_index, global_sha256=fp, first_step=first, last_step=last,
+        update_sha256=arrays.fingerprint(update, gm.train_names),
+        update_max_abs=float(max((np.abs(v).max() for v in update.values()), default=0.0)),
+        epsilon_pld=result["epsilon"], final_loss=None if result["final_loss"] != result["final_loss"] else
+        result["final_loss"], resumed_from=result["resumed_from"]))
+    if last >= entry.planned_steps:
         finish_site(site, "all planned rounds done")
     return RoundResult(update, progress_facts(site, round_index))
 
 
-def finish_site(site: SiteRun, reason: str) -> dict:
-    """The site's completion entry and reconstruction bound, for the steps actually spent
-    (all planned rounds, or fewer when the federation stopped first). Written once."""
-    from dpgen.privacy.bounds import rero_bound
-    from dpgen.training.dp import dp_event, spent_epsilon
+def finish_site(site: SiteRun, reason: str):
+    """The site's completion entry and reconstruction bound (`complete_mechanism`), for every
+    step allocated to a round (all planned rounds, or fewer when the federation stopped first;
+    an allocation abandoned half-way counts in full). Written once; returns the facts."""
+    from dpgen.training.dp import complete_mechanism
 
-    ledger, plan = site.ledger, _registered_plan(site)
-    if ledger.latest("dp_complete", mechanism=FED_MECHANISM) is None:
-        cur = ledger.latest("dp_progress", mechanism=FED_MECHANISM)
-        steps = int(cur["steps_done"]) if cur else 0
-        sigma, q = plan["sigma"], plan["sample_rate"]
-        eps = spent_epsilon(ledger, plan["delta"], "pld") if steps else 0.0
-        eps_rdp = spent_epsilon(ledger, plan["delta"], "rdp") if steps else 0.0
-        entry = {"kind": "dp_complete", "mechanism": FED_MECHANISM, "steps_done": steps,
-                 "event": dp_event(sigma, q, steps) if steps else [], "sigma": sigma, "sample_rate": q,
-                 "max_grad_norm": plan["max_grad_norm"], "unit": plan["unit"], "epsilon_pld": eps,
-                 "epsilon_rdp": eps_rdp, "delta": plan["delta"], "target_epsilon": plan["target_epsilon"],
-                 "world_size": 1, "federated": {"reason": reason, "planned_steps": plan["planned_steps"]}}
-        if eps > plan["target_epsilon"] * (1 + 1e-9):  # cannot happen: every round was checked first
-            raise SiteRefusal(f"site {site.name}: spent epsilon {eps:.4f} exceeds the target {plan['target_epsilon']}")
-        ledger.append(entry)
-        if steps and sigma > 0 and math.isfinite(eps):
-            kappa = 1.0 / plan["n_units"]
-            ledger.append({"kind": "bound", "mechanism": FED_MECHANISM, "unit": plan["unit"],
-                           "bound": rero_bound(sigma, q, steps, kappa, method="tight"),
-                           "bound_gdp": rero_bound(sigma, q, steps, kappa, method="gdp")})
+    led, entry = site.ledger, registered_plan(site)
+    if led.latest("dp_complete", mechanism=site_mechanism()) is None:
+        cur = led.latest("dp_progress", mechanism=site_mechanism())
+        steps = max(_allocated_end(led), int(cur["steps_done"]) if cur else 0)
+        if steps > 0:
+            complete_mechanism(_run_config(site), led, entry, _units(load_site_data(site)), steps)
+            print(f"[dpgen site {site.name}] completion written after {steps} steps ({reason})", flush=True)
     return progress_facts(site)

@@ -1,216 +1,95 @@
-"""What the coordinator's run directory records about the sites, as typed ledger entries.
+"""What the coordinator's run directory records about the sites, read back per site.
 
 The coordinator spends no privacy of its own: every DP guarantee in a federation belongs to a
 site, for that site's data, by that site's accountant, in that site's ledger. The coordinator's
-ledger (RUN/privacy/ledger.jsonl) therefore holds *reported facts*, one kind per fact:
+ledger (RUN/privacy/ledger.jsonl) holds *reported facts*, as typed entries of
+dpgen/privacy/schema.py (validated on every write and read):
 
-    fed_site_plan      a site's public plan, as the site reported it when it first joined
+    fed_site_plan      a site's public plan (SitePlanFacts), as it reported it when it first joined
     fed_site_refused   a site that would not take a round, and why (budget, image shape, ...)
-    fed_site_progress  a site's privacy spent after a round it contributed to
+    fed_site_progress  a site's state after a round it contributed to (SiteProgressFacts)
     fed_round          an aggregated round: contributors, public FedAvg weights, SecAgg+ settings,
                        the global model's fingerprint before and after, its checkpoint
     fed_round_failed   a round that was not aggregated (too few updates) and why
-    fed_site_final     a site's facts when the federation finished (its completion entry)
+    fed_site_final     a site's state when the federation finished (confirmed, or its last report)
+    fed_finished       the federation is over: with the finals it completes
+                       `dp_sgd:federated_finetune`, the mechanism the global model and the cohort
+                       name as their privacy source
 
-None of them is a dp_plan / dp_progress / dp_complete / dp_release entry, so the ledger's
-`events()` (and `dpgen privacy report`) compose nothing for a federation: there is no single
-epsilon. `per_site_guarantees(run_dir)` reads the per-site statement; CARD_NOTE says what the
-release card must state.
+None is a dp_plan / dp_progress / dp_complete / dp_release entry, so the ledger composes no
+single epsilon for a federation; `PrivacyLedger.summary().federated` (a FederatedState) is the
+per-site view, and the release allow-lists the cohort only if that view says every
+contributing site's DP-SGD finished with noise, a passed preflight and within its own budget.
 
-Units and relation: each site states its own unit ("per image" or "per subject") and
-neighbouring relation. Facts the sites report never include a count of private data (no N,
-sample rate or noise multiplier: those stay in the site's ledger).
+What a site reports never depends on its number of private units N (no N, sample rate, noise
+multiplier; the exact epsilon only for a site whose relation is replace-one): see
+dpgen.federated.local_training.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from dpgen.privacy.schema import REPORTED_BY_SITE
 
-REPORTED_BY = "reported by the site (its own accountant and ledger)"
-
-CARD_NOTE = """\
-What the release card of a federated run must state (dpgen/report is being rewritten; this is
-the content, per_site_guarantees() gives the values):
-
-1. There is no single epsilon. The guarantee is per site: for each site s, the model and the
-   cohort are (epsilon_s, delta_s)-DP with respect to site s's data, unit of privacy unit_s
-   (per image / per subject), neighbouring relation rel_s, by site s's own accountant (PLD),
-   over all rounds s took part in. List every site with epsilon_s spent, delta_s, unit_s,
-   target_s, rounds and steps done, and "complete" / "stopped early".
-2. These figures are reported by the sites; the coordinator cannot verify them (it never sees
-   the sites' data or noise). Name where each site's ledger lives.
-3. No guarantee across sites: a patient at two hospitals is protected at each by that site's
-   epsilon; nothing bounds the composition unless user-level DP across sites was configured.
-4. Secure aggregation: whether SecAgg+ was on, its reconstruction threshold and num_shares
-   (the coordinator saw only sums of at least min_sites updates; a coordinator colluding with
-   threshold-many sites could unmask one site's update, which is still DP for that site).
-5. The cohort is post-processing of the final global model (privacy source
-   "post-processing of the sites' DP-SGD updates"); pretraining used public data only.
-6. Sites that refused or dropped out, and why (fed_site_refused, fed_round_failed).
-"""
+REPORTED_BY = REPORTED_BY_SITE
 
 
-class _Entry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def federated_state(run_dir: str | Path):
+    """The FederatedState of a coordinator's ledger (None if it records no federation)."""
+    from dpgen.federated.local_training import ledger
 
-    def entry(self) -> dict:
-        return self.model_dump(mode="json")
-
-
-class SitePlanFacts(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    site: str
-    unit: str
-    target_epsilon: float
-    delta: float
-    accountant: str
-    neighbouring_relation: str = "add_remove"
-    rounds: int
-    local_steps: int
-    planned_steps: int
-    expected_batch_size: int
-    max_grad_norm: float
-    noise_multiplicity: int = 1
+    led = ledger(run_dir)
+    if not led.exists():
+        return None
+    return led.summary().federated
 
 
-class SiteProgressFacts(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    site: str
-    round: int | None = None
-    steps_done: int
-    planned_steps: int
-    epsilon_pld: float
-    epsilon_rdp: float
-    delta: float
-    target_epsilon: float
-    within_target: bool
-    unit: str
-    complete: bool = False
-
-
-class FedSitePlan(_Entry):
-    kind: Literal["fed_site_plan"] = "fed_site_plan"
-    site: str
-    first_round: int
-    plan: SitePlanFacts
-    source: str = REPORTED_BY
-
-
-class FedSiteRefused(_Entry):
-    kind: Literal["fed_site_refused"] = "fed_site_refused"
-    site: str | None
-    round: int
-    reason: str
-    fatal: bool
-
-
-class FedSiteProgress(_Entry):
-    kind: Literal["fed_site_progress"] = "fed_site_progress"
-    site: str
-    round: int
-    progress: SiteProgressFacts
-    update_max_abs: float | None = None
-    secagg_clipped_entries: int | None = None
-    replayed: bool = False
-    source: str = REPORTED_BY
-
-
-class SecureAggregationFacts(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool
-    protocol: str | None = None
-    num_shares: int | float | None = None
-    reconstruction_threshold: int | float | None = None
-    clipping_range: float | None = None
-    quantization_range: int | None = None
-    max_weight: float | None = None
-
-
-class FedRound(_Entry):
-    kind: Literal["fed_round"] = "fed_round"
-    round: int
-    attempt: int
-    sites: list[str]
-    weights: dict[str, int]  # public FedAvg weights: each site's configured expected batch size
-    weighting: str = "FedAvg weighted by the sites' configured expected batch sizes (public)"
-    secure_aggregation: SecureAggregationFacts
-    dropped: list[str] = []
-    global_before: str
-    global_after: str
-    checkpoint: str
-    checkpoint_sha256: str
-
-
-class FedRoundFailed(_Entry):
-    kind: Literal["fed_round_failed"] = "fed_round_failed"
-    round: int
-    attempt: int
-    reason: str
-    selected: list[str]
-    contributed: list[str]  # sent an update (masked, with SecAgg+) that was not aggregated
-    failures: list[str] = []
-    stages: list[dict] = []  # per message stage: which sites it went to and which answered
-
-
-class FedSiteFinal(_Entry):
-    kind: Literal["fed_site_final"] = "fed_site_final"
-    site: str
-    progress: SiteProgressFacts | None
-    confirmed: bool  # False: the site did not answer the finish message; its last reported facts
-    source: str = REPORTED_BY
+def site_guarantee(s) -> dict:
+    """One site's guarantee as the coordinator's ledger records it (a SiteState)."""
+    p, cur = s.plan, s.last
+    exact = cur.epsilon_replace_one if cur is not None else None
+    return {
+        "site": s.name, "unit": p.unit if p else None, "target_epsilon": p.target_epsilon if p else None,
+        "delta": p.delta if p else None, "neighbouring": p.neighbouring if p else None,
+        "accountant": p.accountant if p else None,
+        # under add/remove neighbours a site reports its budget, never its exact epsilon (a function of N)
+        "epsilon": exact if exact is not None else (p.target_epsilon if p else None),
+        "epsilon_kind": "exact (replace-one, reported)" if exact is not None else "at most the site's budget",
+        "within_budget": bool(cur is not None and cur.within_budget),
+        "planned_rounds": p.rounds if p else None, "local_steps": p.local_steps if p else None,
+        "expected_batch_size": p.expected_batch_size if p else None,
+        "steps_done": cur.steps_done if cur else 0, "planned_steps": p.planned_steps if p else None,
+        "rounds_contributed": s.rounds, "complete": bool(cur is not None and cur.complete),
+        "confirmed_at_finish": s.confirmed, "refused": s.refusals, "dropped_rounds": s.dropped,
+        "source": REPORTED_BY,
+    }
 
 
 def per_site_guarantees(run_dir: str | Path) -> list[dict]:
     """Each site's guarantee as the coordinator's ledger records it (latest facts per site)."""
-    from dpgen.federated.local_training import ledger
-
-    entries = ledger(run_dir).entries()
-    plans, progress, final, rounds = {}, {}, {}, {}
-    for e in entries:
-        kind = e.get("kind")
-        if kind == "fed_site_plan":
-            plans.setdefault(e["site"], e["plan"])
-        elif kind == "fed_site_progress":
-            progress[e["site"]] = e["progress"]
-        elif kind == "fed_site_final":
-            final[e["site"]] = e
-        elif kind == "fed_round":
-            for s in e["sites"]:
-                rounds.setdefault(s, []).append(e["round"])
-    out = []
-    for site, plan in plans.items():
-        fin = final.get(site)
-        cur = (fin or {}).get("progress") or progress.get(site) or {}
-        eps = cur.get("epsilon_pld", 0.0)
-        out.append({
-            "site": site, "unit": plan["unit"], "epsilon": eps, "epsilon_rdp": cur.get("epsilon_rdp", 0.0),
-            "delta": plan["delta"], "target_epsilon": plan["target_epsilon"],
-            "within_target": bool(eps <= plan["target_epsilon"] * (1 + 1e-9)) if math.isfinite(eps) else False,
-            "neighbouring_relation": plan.get("neighbouring_relation", "add_remove"),
-            "accountant": plan["accountant"], "planned_rounds": plan["rounds"], "local_steps": plan["local_steps"],
-            "steps_done": cur.get("steps_done", 0), "planned_steps": plan["planned_steps"],
-            "rounds_contributed": sorted(set(rounds.get(site, []))), "complete": bool(cur.get("complete")),
-            "confirmed_at_finish": bool(fin and fin.get("confirmed")), "source": REPORTED_BY,
-        })
-    return out
+    state = federated_state(run_dir)
+    return [] if state is None else [site_guarantee(s) for s in state.sites.values()]
 
 
 def format_guarantees(rows: list[dict]) -> str:
     if not rows:
         return "no site took part (the coordinator's ledger holds no site plan)"
-    lines = ["per-site privacy guarantees (each for that site's data only; reported by the sites):"]
+    lines = ["per-site privacy guarantees (each for that site's data only; reported by the sites, not verifiable by "
+             "the coordinator; no bound across sites):"]
     for r in rows:
+        if r["target_epsilon"] is None:
+            lines.append(f"  {r['site']}: did not take part: {'; '.join(r['refused']) or 'no plan reported'}")
+            continue
+        eps = (f"epsilon {r['epsilon']:.3f} ({r['epsilon_kind']})" if r["epsilon_kind"].startswith("exact")
+               else f"epsilon <= {r['target_epsilon']:g} (its budget)")
         state = "complete" if r["complete"] else "stopped before its plan was used up"
         lines.append(
-            f"  {r['site']}: epsilon {r['epsilon']:.3f} (PLD; RDP {r['epsilon_rdp']:.3f}) at delta {r['delta']:g}, "
-            f"{r['unit']}, {r['neighbouring_relation'].replace('_', '/')}, target {r['target_epsilon']:g} "
-            f"({'within' if r['within_target'] else 'EXCEEDS'}); rounds {r['rounds_contributed']}, "
-            f"{r['steps_done']}/{r['planned_steps']} steps, {state}")
+            f"  {r['site']}: {eps} at delta {r['delta']:g}, {r['unit']}, {r['neighbouring'].replace('_', '/')} "
+            f"neighbours ({'within' if r['within_budget'] else 'NOT within'} its budget); rounds "
+            f"{r['rounds_contributed'] or '-'}, {r['steps_done']}/{r['planned_steps']} steps, {state}"
+            + ("" if r["confirmed_at_finish"] or not r["rounds_contributed"] else ", not confirmed at the end"))
+        for why in r["refused"]:
+            lines.append(f"    refused: {why}")
     return "\n".join(lines)

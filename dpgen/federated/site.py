@@ -17,21 +17,34 @@ The site's run directory:
       config.yaml           the site's section of the federation file + the coordinator address
       manifest.json         versions, git commit, the private data's fingerprint (never data)
       state.json            what the site is doing (waiting, round r, finished, refused)
-      privacy/ledger.jsonl  the site's own ledger: plan, preflights, progress, per-round entries
-                            (fed_round_start / fed_round_done), completion and bound
+      privacy/ledger.jsonl  the site's own ledger (it states N, q, sigma: stays at the site): plan,
+                            preflight, progress, per-round entries (fed_round_start /
+                            fed_round_done), completion and bound
       checkpoints/          the current round's training state (resume within a round)
       logs/                 Flower's log, TensorBoard
-      internal/             never leaves the site: secret seeds (noise, Poisson sampling), the
-                            updates it sent (internal/rounds/), Flower's home
+      internal/             never leaves the site: its secret seed (internal/secrets.json, 0600: every
+                            Poisson sample, per-row draw and noise of its DP-SGD), the per-step
+                            sampled counts, training curves, the updates it sent (internal/rounds/),
+                            Flower's home
 
-Messages (all from the coordinator; the ClientApp never initiates anything):
-- `query.status`: may the site take round r of a model with this public schema? Replies with
-  public plan facts (unit, target epsilon, delta, rounds, local steps, expected batch size:
-  no count of private data) and progress (steps done, epsilon spent).
-- `train` (through Flower's `secaggplus_mod`): the four SecAgg+ stages; in the third the site
-  runs its DP-SGD round (dpgen.federated.local_training) and the mod masks the update. A
-  train message without SecAgg+ is refused unless `require_secure_aggregation: false`.
-- `query.finish`: the federation is over; the site writes its completion entry and stops.
+Messages (all from the coordinator; the ClientApp never initiates anything). What crosses the
+wire from the site is exactly this, and none of it depends on the site's number of private
+units N (under add/remove neighbours N is secret: no N, sample rate, noise multiplier or exact
+epsilon; a site whose relation is replace_one also reports its exact replace-one epsilon):
+- `query.status`: may the site take round r of a model with this public schema? Replies
+  {site, accept, reason, fatal, rounds_affordable, plan: SitePlanFacts (unit, budget epsilon,
+  delta, relation, accountant, rounds, local steps, planned steps, expected batch size, clipping
+  norm, noise draws), progress: SiteProgressFacts (steps done / allocated / planned, rounds done,
+  within budget yes/no, noisy yes/no, preflight passed yes/no, complete yes/no)}. A refusal's
+  reason is the site's own sentence; an unexpected error is sent as its type only.
+- `train` (through Flower's `secaggplus_mod`): the four SecAgg+ stages (public keys, encrypted
+  key shares, the masked update vector, shares for unmasking); in the third the site runs its
+  DP-SGD round (dpgen.federated.local_training) and the mod masks the update. The reply also
+  carries num_examples = the site's configured expected batch size (its public FedAvg weight)
+  and {site, progress: SiteProgressFacts, replayed, secagg_clipped_entries}. A train message
+  without SecAgg+ is refused unless `require_secure_aggregation: false`.
+- `query.finish`: the federation is over; the site writes its completion entry, replies its
+  final SiteProgressFacts and stops.
 """
 
 from __future__ import annotations
@@ -131,12 +144,27 @@ class SiteService:
         self.device = device
 
     def __call__(self, op: str, req: dict, arrays: dict | None) -> tuple[dict, dict | None]:
+        """Handle one request. An error goes back to the coordinator as the site's own refusal
+        sentence, or else as its type only: its message may name private paths or figures (an
+        exact epsilon, a data size), so it is printed here, in the site's log."""
+        from dpgen.federated import local_training as lt
+
+        if os.environ.get("DPGEN_FED_DEBUG"):
+            print(f"[dpgen site {self.site.name}] {time.strftime('%H:%M:%S')} request {op}", flush=True)
+        try:
+            return self._handle(op, req, arrays)
+        except lt.SiteRefusal:
+            raise
+        except Exception as err:  # noqa: BLE001
+            print(f"[dpgen site {self.site.name}] '{op}' failed: {type(err).__name__}: {err}", flush=True)
+            raise RuntimeError(f"site {self.site.name}: '{op}' failed ({type(err).__name__}; see the site's "
+                               f"log)") from None
+
+    def _handle(self, op: str, req: dict, arrays: dict | None) -> tuple[dict, dict | None]:
         from dpgen.federated import arrays as warrays
         from dpgen.federated import local_training as lt
 
         site = self.site
-        if os.environ.get("DPGEN_FED_DEBUG"):
-            print(f"[dpgen site {site.name}] {time.strftime('%H:%M:%S')} request {op}", flush=True)
         if op == "status":
             st = lt.site_status(site, req["schema"], int(req["round"]))
             if st["accept"] and not req.get("secure_aggregation", True) and site.config.require_secure_aggregation:
@@ -156,10 +184,10 @@ class SiteService:
             set_site_state(site, "training", round=round_index)
             result = lt.local_round(site, gm, round_index, device=self.device)
             set_site_state(site, "waiting", last_round=round_index)
-            facts = {**result.facts, "replayed": result.replayed}
-            return facts, {"update": warrays.flatten(result.update, gm.train_names)}
+            reply = {"site": site.name, "progress": result.facts.model_dump(mode="json"), "replayed": result.replayed}
+            return reply, {"update": warrays.flatten(result.update, gm.train_names)}
         if op == "finish":
-            facts = lt.finish_site(site, req.get("reason", "the federation finished"))
+            facts = lt.finish_site(site, req.get("reason", "the federation finished")).model_dump(mode="json")
             set_site_state(site, "finished", reason=req.get("reason"), facts=facts)
             return facts, None
         raise ValueError(f"unknown request {op!r}")
@@ -238,21 +266,23 @@ def train(msg: Message, context: Context) -> Message:
     cfg = fitins.config
     schema = json.loads(str(cfg["dpgen.schema"]))
     (vector,) = parameters_to_ndarrays(fitins.parameters)  # the global weights as one vector
-    facts, update = worker.call(root, "train", {"schema": schema, "round": int(cfg["dpgen.round"]),
+    reply, update = worker.call(root, "train", {"schema": schema, "round": int(cfg["dpgen.round"]),
                                                 "global_sha256": str(cfg["dpgen.global_sha256"])}, {"global": vector})
     arrs = [update["update"]]  # this site's update as one vector (train_names order)
-    facts["update_max_abs"] = float(max((np.abs(u).max() for u in arrs), default=0.0))
     scale = _secagg_scale(context)
-    facts["secure_aggregation"] = scale is not None
     if scale is not None:
         # SecAgg+ clips every entry of (weight / max_weight) * update to [-r, r]: report how
         # many entries of this update that cut (a function of the DP update only).
         r, max_weight = scale
         w = _batch_size(root)
-        facts["secagg_clipped_entries"] = int(sum(int((np.abs(u) * (w / max_weight) > r).sum()) for u in arrs))
+        reply["secagg_clipped_entries"] = int(sum(int((np.abs(u) * (w / max_weight) > r).sum()) for u in arrs))
+    # Everything this site sends the coordinator in a round: the (masked) update vector, its
+    # public FedAvg weight (num_examples = its configured expected batch size) and `reply`:
+    # its name, SiteProgressFacts (steps and yes/no facts, no N, q, sigma or add/remove epsilon),
+    # whether it replayed a computed update, and the SecAgg+ clipped-entry count.
     fitres = FitRes(status=Status(code=Code.OK, message="ok"), parameters=ndarrays_to_parameters(arrs),
                     num_examples=_batch_size(root),
-                    metrics={"dpgen.site": str(facts.get("site")), "dpgen.facts": json.dumps(facts, default=str)})
+                    metrics={"dpgen.site": str(reply.get("site")), "dpgen.facts": json.dumps(reply, default=str)})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
@@ -280,7 +310,7 @@ def run_site(config_path: str | Path, site_name: str, run_dir: str | Path | None
     site = open_site_dir(root, site_file, site_name)
     if site_state(site.root).get("status") == "finished":
         log(f"site {site_name}: already finished ({site.root}); nothing to do")
-        return lt.progress_facts(site)
+        return lt.progress_facts(site).model_dump(mode="json")
     ds = lt.load_site_data(site)
     site.rd.record_datasets({f"private/{ds.split}": ds.info()})
     try:
@@ -289,9 +319,9 @@ def run_site(config_path: str | Path, site_name: str, run_dir: str | Path | None
         set_site_state(site, "refused", reason=str(err))
         raise SiteError(str(err)) from None
     f = plan.facts
-    log(f"site {site_name}: plan epsilon {f['target_epsilon']:g} (delta {f['delta']:g}, {f['unit']}) over "
-        f"{f['rounds']} round(s) x {f['local_steps']} DP-SGD steps, expected batch {f['expected_batch_size']}; "
-        f"run directory {site.root}")
+    log(f"site {site_name}: plan epsilon {f.target_epsilon:g} (delta {f.delta:g}, {f.unit}, "
+        f"{f.neighbouring.replace('_', '/')} neighbours) over {f.rounds} round(s) x {f.local_steps} DP-SGD steps, "
+        f"expected batch {f.expected_batch_size}; run directory {site.root}")
     set_site_state(site, "starting", coordinator=site_file.address)
     lt.limit_threads()
     server = WorkerServer(site.root, SiteService(site, device)).start()
@@ -316,7 +346,7 @@ def run_site(config_path: str | Path, site_name: str, run_dir: str | Path | None
             st = site_state(site.root)
             if st.get("status") == "finished":
                 log(f"site {site_name}: federation finished; stopping")
-                return lt.progress_facts(site)
+                return lt.progress_facts(site).model_dump(mode="json")
             if st.get("status") == "refused":
                 raise SiteError(st.get("reason") or f"site {site_name} refused to take part")
             rc = proc.poll()

@@ -161,6 +161,33 @@ def run_preflight(module: nn.Module, objective: DPObjective, mode: str, seed: in
     return report
 
 
+def _preflight_signature(module: nn.Module, mode: str, device) -> tuple:
+    """What decides which per-sample-gradient code runs: the module's layers and the hooks on
+    them (a wrapper left behind would show), its trainable parameters (names, shapes, dtypes),
+    the mode and the device; not the weights' values."""
+    layers = tuple((type(m).__qualname__, len(m._forward_pre_hooks), len(m._forward_hooks), len(m._backward_hooks),
+                    len(m._backward_pre_hooks), "_conv_forward" in vars(m)) for m in module.modules())
+    params = tuple((n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in module.named_parameters())
+    return mode, str(device), layers, params
+
+
+@dataclass(frozen=True)
+class _PassedPreflight:
+    objective: Any
+    signature: tuple
+    report: PreflightReport
+
+
+def _passed_preflight(module: nn.Module, objective: DPObjective, mode: str, device) -> PreflightReport | None:
+    """The passed preflight this very module object already had, with this very objective
+    object, if nothing that decides the per-sample-gradient code changed since."""
+    memo = getattr(module, "_dpgen_passed_preflight", None)
+    if (isinstance(memo, _PassedPreflight) and memo.objective is objective and memo.report.passed
+            and memo.signature == _preflight_signature(module, mode, device)):
+        return memo.report
+    return None
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -182,6 +209,13 @@ class DPSGDLoop:
 
     Construction runs the preflight (refusing to train if it fails); `step(i)` runs step i,
     a pure function of the secret streams and i, so a resumed run recomputes exactly.
+
+    `reuse_preflight`: a module object trained by several loops in one process (a federated
+    site's rounds: the same module and objective, new weights each round) is preflighted by the
+    first loop only; a later loop reuses that passed report as long as the module's layers,
+    trainable parameters, mode, device and objective object are the same (the weights' values
+    do not decide which per-sample-gradient code runs, see `preflight_copy`). A new process, a
+    new module or objective, another mode or trainable selection runs the preflight again.
     """
 
     module: nn.Module  # what DP-SGD trains (its parameters with requires_grad)
@@ -198,6 +232,7 @@ class DPSGDLoop:
     # Called with the preflight report before the loop refuses a failed one (to log it).
     on_preflight: Callable[[PreflightReport], None] | None = None
     world: World = field(default_factory=world)
+    reuse_preflight: bool = False
 
     def __post_init__(self) -> None:
         if len(self.units) != self.plan.n_units:
@@ -205,11 +240,18 @@ class DPSGDLoop:
         self.module.to(self.device).train()
         validate_model(self.module)
         make_conv_inputs_contiguous(self.module)
-        self.preflight_report = run_preflight(self.module, self.objective, self.grad_sample_mode, self.preflight_seed,
-                                              self.device)
-        if self.on_preflight is not None:
-            self.on_preflight(self.preflight_report)
-        require_preflight(self.preflight_report)
+        mode = self.grad_sample_mode
+        report = _passed_preflight(self.module, self.objective, mode, self.device) if self.reuse_preflight else None
+        self.preflight_reused = report is not None
+        if report is None:
+            report = run_preflight(self.module, self.objective, mode, self.preflight_seed, self.device)
+            if self.reuse_preflight and report.passed:
+                self.module._dpgen_passed_preflight = _PassedPreflight(
+                    self.objective, _preflight_signature(self.module, mode, self.device), report)
+            if self.on_preflight is not None:  # a reused report was logged when it ran
+                self.on_preflight(report)
+        self.preflight_report = report
+        require_preflight(report)
         self.engine = DPSGD(self.module, self.optimizer, noise_multiplier=self.plan.sigma,
                             max_grad_norm=self.plan.max_grad_norm, expected_batch_size=self.plan.expected_batch_size,
                             grad_sample_mode=self.grad_sample_mode)

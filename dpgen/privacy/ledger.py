@@ -47,7 +47,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -56,16 +56,19 @@ from pydantic import BaseModel
 
 from dpgen.distributed import is_writer
 from dpgen.privacy import accounting
-from dpgen.privacy.mechanisms import scope_of
+from dpgen.privacy.mechanisms import FEDERATED_FINETUNE, scope_of
 from dpgen.privacy.schema import (
-    ArtifactEntry, BoundEntry, CompleteEntry, InternalRunEntry, LedgerEntry, PlanEntry, PreflightEntry, ProgressEntry,
-    ReleaseEntry, dump_entry, parse_entry,
+    FED_COORDINATOR_KINDS, ArtifactEntry, BoundEntry, CompleteEntry, FedFinishedEntry, FedRoundEntry,
+    FedRoundFailedEntry, FedSiteFinalEntry, FedSitePlanEntry, FedSiteProgressEntry, FedSiteRefusedEntry,
+    InternalRunEntry, LedgerEntry, PlanEntry, PreflightEntry, ProgressEntry, ReleaseEntry, SitePlanFacts,
+    SiteProgressFacts, dump_entry, parse_entry,
 )
 
-__all__ = ["ENTRY_KINDS", "LEDGER_RELPATH", "LedgerError", "LedgerSummary", "MechanismState", "PrivacyLedger",
-           "format_ledger", "ledger_path"]
+__all__ = ["ENTRY_KINDS", "FederatedState", "LEDGER_RELPATH", "LedgerError", "LedgerSummary", "MechanismState",
+           "PrivacyLedger", "SiteState", "format_ledger", "ledger_path"]
 
-ENTRY_KINDS = ("dp_plan", "preflight", "dp_progress", "dp_complete", "dp_release", "dp_internal", "artifact", "bound")
+ENTRY_KINDS = ("dp_plan", "preflight", "dp_progress", "dp_complete", "dp_release", "dp_internal", "artifact", "bound",
+               *FED_COORDINATOR_KINDS, "fed_round_start", "fed_round_done")
 LEDGER_RELPATH = Path("privacy") / "ledger.jsonl"
 _RESERVED = ("seq", "time")
 
@@ -264,9 +267,10 @@ class PrivacyLedger:
                 raise LedgerError(f"{self.path}: entry #{e.get('seq', '?')}: {err}") from None
         return out
 
-    def events(self) -> list[dict]:
-        """The accounting events of everything released so far (see module docstring)."""
-        return _release_events(self.records())
+    def events(self, pending: Iterable[LedgerEntry] = ()) -> list[dict]:
+        """The accounting events of everything released so far (see module docstring); with
+        `pending`, as if those entries were appended (what a completion entry will make it)."""
+        return _release_events([*self.records(), *(parse_entry(e) for e in pending)])
 
     def summary(self, delta: float | None = None) -> "LedgerSummary":
         """Privacy spent by the run, recomputed from the ledger's events.
@@ -312,6 +316,114 @@ class MechanismState:
 
 
 @dataclass(frozen=True)
+class SiteState:
+    """One site of a federation, as the coordinator's ledger records what it reported."""
+
+    name: str
+    plan: SitePlanFacts | None
+    last: SiteProgressFacts | None  # its final facts when recorded, else its latest report
+    rounds: list[int]  # committed rounds it contributed to
+    final: bool  # the coordinator recorded its final state (fed_site_final)
+    confirmed: bool  # it answered the finish message (it wrote its completion entry itself)
+    refusals: list[str]  # reasons it gave for not taking a round
+    dropped: list[int]  # committed rounds it was selected for but did not contribute to
+
+    @property
+    def contributed(self) -> bool:
+        return bool(self.rounds)
+
+
+@dataclass(frozen=True)
+class FederatedState:
+    """The coordinator's view of `dp_sgd:federated_finetune`: there is no single epsilon, each
+    contributing site's guarantee is its own (reported, N-free facts). The mechanism is complete
+    when the federation finished and every contributing site's final state is recorded; it is
+    within budget when every contributing site reports it is within its own."""
+
+    rounds: list[FedRoundEntry]
+    failed: list[FedRoundFailedEntry]
+    sites: dict[str, SiteState]
+    finished: FedFinishedEntry | None
+
+    @classmethod
+    def of(cls, records: list[LedgerEntry]) -> "FederatedState | None":
+        if not any(r.kind in FED_COORDINATOR_KINDS for r in records):
+            return None
+        plans: dict[str, SitePlanFacts] = {}
+        last: dict[str, SiteProgressFacts] = {}
+        finals: dict[str, FedSiteFinalEntry] = {}
+        refusals: dict[str, list[str]] = {}
+        rounds = [r for r in records if isinstance(r, FedRoundEntry)]
+        for r in records:
+            if isinstance(r, FedSitePlanEntry):
+                plans.setdefault(r.site, r.plan)
+            elif isinstance(r, FedSiteProgressEntry):
+                last[r.site] = r.progress
+            elif isinstance(r, FedSiteFinalEntry):
+                finals[r.site] = r
+            elif isinstance(r, FedSiteRefusedEntry) and r.site:
+                refusals.setdefault(r.site, []).append(r.reason)
+        names = list(dict.fromkeys([*plans, *(s for r in rounds for s in r.sites), *refusals, *finals]))
+        sites = {}
+        for n in names:
+            fin = finals.get(n)
+            sites[n] = SiteState(
+                name=n, plan=plans.get(n), last=(fin.progress if fin and fin.progress else last.get(n)),
+                rounds=sorted({r.round for r in rounds if n in r.sites}), final=fin is not None,
+                confirmed=bool(fin and fin.confirmed), refusals=list(dict.fromkeys(refusals.get(n, []))),
+                dropped=sorted({r.round for r in rounds if n in r.dropped}))
+        finished = [r for r in records if isinstance(r, FedFinishedEntry)]
+        return cls(rounds=rounds, failed=[r for r in records if isinstance(r, FedRoundFailedEntry)], sites=sites,
+                   finished=finished[-1] if finished else None)
+
+    @property
+    def contributors(self) -> list[SiteState]:
+        return [s for s in self.sites.values() if s.contributed]
+
+    @property
+    def within_budgets(self) -> bool:
+        return bool(self.contributors) and all(s.last is not None and s.last.within_budget for s in self.contributors)
+
+    def budget_problems(self) -> list[str]:
+        return [f"site {s.name} does not report being within its budget" for s in self.contributors
+                if s.last is None or not s.last.within_budget]
+
+    def problems(self) -> list[str]:
+        """Why `dp_sgd:federated_finetune` is not complete, noisy, preflighted and within every
+        contributing site's budget (empty: it is), from the sites' reported facts."""
+        return self.completion_problems() + self.mechanism_problems() + self.budget_problems()
+
+    def completion_problems(self) -> list[str]:
+        """The federation finished and every contributing site's plan and final state are recorded."""
+        out = []
+        if self.finished is None:
+            out.append(f"{FEDERATED_FINETUNE}: the federation has not finished (no fed_finished entry)")
+        if not self.rounds:
+            out.append(f"{FEDERATED_FINETUNE}: no round was aggregated")
+        for s in self.contributors:
+            who = f"{FEDERATED_FINETUNE}: site {s.name}"
+            if s.plan is None:
+                out.append(f"{who} contributed to rounds {s.rounds} but reported no plan")
+            if not s.final:
+                out.append(f"{who}: its final state is not recorded")
+            if s.last is None:
+                out.append(f"{who} reported no state")
+        return out
+
+    def mechanism_problems(self) -> list[str]:
+        """Every contributing site reports DP-SGD with noise and a passed preflight."""
+        return self.noise_problems() + self.preflight_problems()
+
+    def noise_problems(self) -> list[str]:
+        return [f"{FEDERATED_FINETUNE}: site {s.name} reports DP-SGD without noise" for s in self.contributors
+                if s.last is not None and not s.last.noisy]
+
+    def preflight_problems(self) -> list[str]:
+        return [f"{FEDERATED_FINETUNE}: site {s.name} reports no passed per-sample-gradient preflight"
+                for s in self.contributors if s.last is not None and s.last.preflight_passed is not True]
+
+
+@dataclass(frozen=True)
 class LedgerSummary:
     """What a run spent, recomputed from its ledger. `epsilon` is the PLD composition of every
     release-scope mechanism for the relation the plans state (`neighbouring`); both relations'
@@ -336,6 +448,9 @@ class LedgerSummary:
     bounds: list[BoundEntry]
     events: list[dict]
     n_entries: int
+    # A federated coordinator's ledger: the sites' reported guarantees (there is no single epsilon:
+    # `epsilon`, `delta` and the relation's figures are nan, `target_epsilon` None). None otherwise.
+    federated: FederatedState | None = None
 
     @property
     def non_private(self) -> bool:
@@ -350,6 +465,10 @@ class LedgerSummary:
     def of(cls, records: list[LedgerEntry], path: Path, delta: float | None = None) -> "LedgerSummary":
         plans = {r.mechanism: r for r in records if isinstance(r, PlanEntry)}
         release_plans = [p for p in plans.values() if p.scope == "release"]
+        fed = FederatedState.of(records)
+        if fed is not None and not release_plans and not any(isinstance(r, (ProgressEntry, ReleaseEntry))
+                                                             for r in records):
+            return cls._federated(records, path, fed)
         problems = []
         if delta is None:
             deltas = {p.delta for p in release_plans}
@@ -414,12 +533,27 @@ class LedgerSummary:
             bounds=[r for r in records if isinstance(r, BoundEntry)], events=events, n_entries=len(records),
         )
 
+    @classmethod
+    def _federated(cls, records: list[LedgerEntry], path: Path, fed: FederatedState) -> "LedgerSummary":
+        """A coordinator's ledger: no plan, no event, no N of its own; per-site facts."""
+        problems = fed.budget_problems()
+        units = sorted({s.plan.unit for s in fed.sites.values() if s.plan is not None})
+        nan = math.nan
+        return cls(
+            ledger=str(path), delta=nan, neighbouring="per site", epsilon=nan, epsilon_rdp=None,
+            epsilon_add_remove=nan, epsilon_replace_one=nan, target_epsilon=None,
+            within_target=fed.within_budgets and not problems, budget_problem="; ".join(problems) or None,
+            unit=units[0] if len(units) == 1 else ("mixed: " + ", ".join(units) if units else None), n_units=None,
+            mechanisms={}, releases=[], internal=[], artifacts=[r for r in records if isinstance(r, ArtifactEntry)],
+            bounds=[], events=[], n_entries=len(records), federated=fed,
+        )
+
     def to_dict(self) -> dict:
         def plain(v):
             if isinstance(v, BaseModel):
                 return dump_entry(v)
-            if isinstance(v, MechanismState):
-                return asdict(v)
+            if isinstance(v, (MechanismState, FederatedState, SiteState)):
+                return {f.name: plain(getattr(v, f.name)) for f in fields(v)}
             if isinstance(v, dict):
                 return {k: plain(x) for k, x in v.items()}
             if isinstance(v, list):
@@ -428,6 +562,8 @@ class LedgerSummary:
 
         out = {f.name: plain(getattr(self, f.name)) for f in fields(self)}
         out["non_private"] = self.non_private
+        if self.federated is not None:  # no single epsilon: the nan placeholders are not figures
+            out.update({k: None for k, v in out.items() if isinstance(v, float) and math.isnan(v)})
         return out
 
 
@@ -465,6 +601,15 @@ _ENTRY_FIELDS = {
     "dp_release": ("name", "event"),
     "dp_internal": ("mechanism", "repeats", "event", "epsilon_each", "outputs"),
     "artifact": ("name", "path", "privacy_source"),
+    "fed_site_plan": ("site", "first_round"),
+    "fed_site_refused": ("site", "round", "reason"),
+    "fed_site_progress": ("site", "round", "replayed"),
+    "fed_round": ("round", "attempt", "sites", "dropped"),
+    "fed_round_failed": ("round", "attempt", "reason"),
+    "fed_site_final": ("site", "confirmed"),
+    "fed_finished": ("rounds", "sites"),
+    "fed_round_start": ("round", "first_step", "last_step"),
+    "fed_round_done": ("round", "first_step", "last_step", "epsilon_pld"),
 }
 
 
@@ -483,7 +628,39 @@ def _format_entry(e: dict) -> str:
     return f"{head} {body}"
 
 
+def _format_federated(s: "LedgerSummary") -> str:
+    f = s.federated
+    out = [f"privacy ledger: {s.ledger}",
+           "  a federated coordinator: no single epsilon; each site's guarantee is for its own data, by its own "
+           "accountant, as the site reported it (the coordinator cannot verify it; no bound across sites)"]
+    for site in f.sites.values():
+        p, cur = site.plan, site.last
+        if p is None:
+            out.append(f"  site {site.name}: no plan reported; " + "; ".join(site.refusals or ["no report"]))
+            continue
+        rel = p.neighbouring.replace("_", "/")
+        eps = (f"epsilon {_fmt(cur.epsilon_replace_one)} (replace-one, reported)"
+               if cur is not None and cur.epsilon_replace_one is not None else f"epsilon <= {_fmt(p.target_epsilon)}")
+        state = "no report" if cur is None else (
+            f"{cur.steps_done}/{p.planned_steps} steps, {'within' if cur.within_budget else 'NOT within'} its budget, "
+            f"{'complete' if cur.complete else 'not complete'}")
+        conf = "" if not site.contributed else (", confirmed at the end" if site.confirmed else ", NOT confirmed at the end")
+        out.append(f"  site {site.name}: {eps} at delta {_fmt(p.delta)}, {p.unit}, {rel}; rounds {site.rounds or '-'}; "
+                   f"{state}{conf}")
+        for why in site.refusals:
+            out.append(f"    refused: {why}")
+    out.append(f"  rounds aggregated: {[r.round for r in f.rounds] or 'none'}; failed attempts: {len(f.failed)}; "
+               f"{'finished' if f.finished else 'not finished'}")
+    for p in f.problems():
+        out.append(f"  PROBLEM: {p}")
+    for a in s.artifacts:
+        out.append(f"  artifact {a.name}: {a.path} [{a.privacy_source.describe()}]")
+    return "\n".join(out)
+
+
 def _format_summary(s: "LedgerSummary") -> str:
+    if s.federated is not None:
+        return _format_federated(s)
     out = [f"privacy ledger: {s.ledger}"]
     if s.non_private:
         out.append("  NOT differentially private (a mechanism ran without noise): epsilon = inf")

@@ -26,11 +26,17 @@ AUTOENCODER = "dp_sgd:autoencoder"
 LABEL_HISTOGRAM = "gaussian:label_histogram"
 #: Gaussian mechanism on the per-unit attribute-bin fractions.
 ATTRIBUTE_HISTOGRAM = "gaussian:attribute_histogram"
+#: Federated DP fine-tuning (dpgen.federated), as the coordinator's ledger sees it: every site ran
+#: its own DP-SGD (`FINETUNE` in the site's own ledger, under its own budget) and the coordinator
+#: aggregated their updates. The coordinator holds no plan of it (no N, no sample rate, no sigma):
+#: its completion is the set of the sites' reported completions (`fed_*` entries,
+#: dpgen.privacy.schema), and what it releases is DP per site, with no single epsilon.
+FEDERATED_FINETUNE = "dp_sgd:federated_finetune"
 #: The evaluation's DP-SGD classifiers (internal: only their test metrics exist, in internal/).
 EVALUATION_BASELINE = "dp_sgd:evaluation_baseline"
 EVALUATION_FINETUNE = "dp_sgd:evaluation_finetune"
 
-RELEASE_MECHANISMS = frozenset({FINETUNE, AUTOENCODER, LABEL_HISTOGRAM, ATTRIBUTE_HISTOGRAM})
+RELEASE_MECHANISMS = frozenset({FINETUNE, AUTOENCODER, LABEL_HISTOGRAM, ATTRIBUTE_HISTOGRAM, FEDERATED_FINETUNE})
 INTERNAL_MECHANISMS = frozenset({EVALUATION_BASELINE, EVALUATION_FINETUNE})
 KNOWN_MECHANISMS = RELEASE_MECHANISMS | INTERNAL_MECHANISMS
 

@@ -69,6 +69,8 @@ def how_it_was_made(info: RunInfo) -> dict:
     cohort = info.latest("artifact", name="cohort") or {}
     versions = (info.manifest or {}).get("versions") or {}
     generator = str(_get(c, "model.generator", "generator"))
+    if info.federated:
+        return _federated_how(info, shared, cohort, versions, generator)
     out = {
         "generator": {"family": generator, "channels": _get(c, "model.channels"),
                       "prediction_type": _get(c, "model.prediction_type"), "source": SOURCE_USER},
@@ -96,6 +98,40 @@ def how_it_was_made(info: RunInfo) -> dict:
     return out
 
 
+def _federated_how(info: RunInfo, shared, cohort: dict, versions: dict, generator: str) -> dict:
+    """A federated coordinator's cohort: the sites' DP-SGD, aggregated; the user's choices only."""
+    c = info.config
+    fed = shared.federation or {}
+    return {
+        "generator": {"family": generator, "channels": _get(c, "model.channels"),
+                      "prediction_type": _get(c, "model.prediction_type"), "source": SOURCE_USER},
+        "public_pretraining": {"data": _public_name(_get(c, "data.public.source")),
+                               "split": _get(c, "data.public.split"), "steps": _get(c, "pretrain.steps"),
+                               "batch_size": _get(c, "pretrain.batch_size"), "source": SOURCE_PUBLIC,
+                               "caveat": None},
+        "federated_finetuning": {
+            "data": "each site's own private training data (not named here; it never left the site)",
+            "algorithm": "at every site, dpgen's DP-SGD on its own data (Poisson sampling of privacy units from the "
+                         "site's secret seed, per-unit clipping, Gaussian noise, Opacus; its own accountant and "
+                         "budget); the coordinator aggregated the sites' updates (Flower)",
+            "rounds": fed.get("rounds"), "sites": fed.get("contributing_sites"), "weighting": fed.get("weighting"),
+            "secure_aggregation": fed.get("secure_aggregation"), "trainable": _get(c, "coordinator.trainable"),
+            "per_site_settings": {r["site"]: r["user_choices"] for r in (shared.sites or [])},
+            "source": SOURCE_USER + "; per-site settings as the sites reported them (no N, sample rate or noise "
+                                    "multiplier)",
+        },
+        "sampling": {"sampler": _get(c, "sample.sampler"), "steps": _get(c, "sample.steps"),
+                     "guidance_scale": _get(c, "sample.guidance_scale"), "seed": _get(c, "sample.seed"),
+                     "class_counts": cohort.get("class_counts_source") or _get(c, "sample.class_counts.mode"),
+                     "source": SOURCE_USER},
+        "software": {"dpgen": versions.get("dpgen"), "torch": versions.get("torch"), "opacus": versions.get("opacus"),
+                     "monai": versions.get("monai"), "dp-accounting": versions.get("dp-accounting"),
+                     "flwr": versions.get("flwr"), "git_commit": (info.manifest or {}).get("git_commit"),
+                     "source": SOURCE_SOFTWARE},
+        "run_name": info.name,
+    }
+
+
 def intended_uses() -> list[str]:
     return [
         "Developing, debugging and teaching image-analysis pipelines where the real images cannot be shared.",
@@ -114,7 +150,11 @@ def known_limits(info: RunInfo, cohort: dict) -> list[str]:
         "How useful and how faithful this cohort is was measured by the data holder on private data (internal "
         "review); those figures are not DP, so they are not in this bundle. Validate on your own real data.",
     ]
-    if shared.unit == "per image":
+    if shared.sites is not None:
+        lim.append("Federated: the guarantee is per site, for that site's data only, as each site reported it; the "
+                   "coordinator could not verify the figures, and nothing bounds a patient whose images are at "
+                   "several sites.")
+    if shared.unit == "per image" or any(r["unit"] == "per image" for r in shared.sites or []):
         lim.append("The unit of privacy is one image: a patient with several images in the private data is protected "
                    "by a weaker guarantee (group privacy).")
     caveat = public_data_caveat(info)
@@ -163,8 +203,49 @@ def _md_escape(s: Any) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
+def federated_privacy_markdown(p: dict) -> list[str]:
+    """A federation's guarantee: one line per site, no single ε."""
+    f = p["federation"]
+    L = [f"- **{p['meaning'][0].upper() + p['meaning'][1:]}.**", "",
+         "| site | ε | δ | unit | neighbouring relation | rounds | steps | state |", "|---|---|---|---|---|---|---|---|"]
+    for r in p["sites"]:
+        eps = f"{'=' if r['epsilon_kind'].startswith('exact') else '≤'} {fmt_num(r['epsilon'], 4)}"
+        state = ("complete" if r["complete"] else "stopped before its plan was used up") + (
+            "" if r["confirmed_at_finish"] else "; did not confirm at the end (its last report)")
+        L.append(f"| {_md_escape(r['site'])} | {eps} | {fmt_num(r['delta'])} | {r['unit']} | "
+                 f"{r['neighbouring'].replace('_', '/')} | {', '.join(map(str, r['rounds_contributed']))} | "
+                 f"{r['steps_done']}/{r['planned_steps']} | {state} |")
+    L.append("")
+    for r in p["sites"]:
+        L.append(f"- Site `{r['site']}`: {r['meaning']}. ε is {r['epsilon_kind']}.")
+    L.append(f"- Reported, not verified: {f['reported_not_verified']}.")
+    L.append(f"- No bound across sites: {f['no_bound_across_sites']}.")
+    for sa in f["secure_aggregation"]:
+        if sa.get("enabled"):
+            L.append(f"- Secure aggregation: {sa.get('protocol')}, num_shares {fmt_num(sa.get('num_shares'))}, "
+                     f"reconstruction threshold {fmt_num(sa.get('reconstruction_threshold'))}, clipping range "
+                     f"{fmt_num(sa.get('clipping_range'))}, quantization range {fmt_num(sa.get('quantization_range'))}: "
+                     f"the coordinator received only masked updates and unmasked their weighted sum.")
+        else:
+            L.append("- Secure aggregation: OFF: the coordinator received each site's (DP) update in the clear.")
+    L.append(f"- Rounds aggregated: {', '.join(map(str, f['rounds']))}; {f['weighting']}.")
+    for d in f["did_not_take_part"]:
+        L.append(f"- Did not take part: site `{d['site']}`: {d['reason']}.")
+    for d in f["dropped_out"]:
+        L.append(f"- Dropped out: site `{d['site']}` did not contribute to round(s) {', '.join(map(str, d['rounds']))}.")
+    for d in f["failed_rounds"]:
+        L.append(f"- Round {d['round']} attempt {d['attempt']} was not aggregated: {d['reason']}.")
+    L.append("- Covered: " + "; ".join(p["covers"]) + ".")
+    L.append("- Not covered: " + "; ".join(p["does_not_cover"]) + ".")
+    if p.get("not_stated"):
+        L.append(f"- Not stated here: {p['not_stated']}.")
+    return L
+
+
 def privacy_markdown(p: dict) -> list[str]:
     """The guarantee in Markdown (the card and the shareable report say the same)."""
+    if p.get("sites") is not None:
+        return federated_privacy_markdown(p)
     L = [f"- **{p['meaning']}.**", f"- ε is the {p['epsilon_kind']}; δ = {fmt_num(p['delta'])}; neighbouring relation: "
          f"**{p['neighbouring'].replace('_', '/')}**; unit of privacy: **{p['unit']}**."]
     if p.get("n_units"):
@@ -216,17 +297,28 @@ def card_markdown(card: dict) -> str:
 
     L += ["## Privacy guarantee", ""] + privacy_markdown(p)
     L += ["", "## How it was made", ""]
-    g, pt, ft, sp = h["generator"], h["public_pretraining"], h["dp_finetuning"], h["sampling"]
+    g, pt, sp = h["generator"], h["public_pretraining"], h["sampling"]
     L.append(f"- Generator: {g['family']} (channels {g['channels']}, prediction {g['prediction_type']}) [{g['source']}].")
     L.append(f"- Pretrained on public data ({pt['data']}, {pt['split']} split), {pt['steps']} steps, batch "
              f"{pt['batch_size']}: no privacy cost [{pt['source']}]." + (f" Caveat: {pt['caveat']}" if pt.get("caveat") else ""))
-    L.append(f"- Fine-tuned on {ft['data']} with {ft['algorithm']}; learning rate {fmt_num(ft['lr'])}, trainable "
-             f"{ft['trainable']}, accountant {ft['accountant']} [{ft['source']}].")
+    if "federated_finetuning" in h:
+        ft = h["federated_finetuning"]
+        L.append(f"- Fine-tuned on {ft['data']}: {ft['algorithm']}; {len(ft['rounds'] or [])} round(s), sites "
+                 f"{', '.join(ft['sites'] or [])}, trainable {ft['trainable']} [{ft['source']}].")
+        for site, u in ft["per_site_settings"].items():
+            L.append(f"  - `{site}`: {u['rounds']} round(s) x {u['local_steps']} DP-SGD steps, expected batch "
+                     f"{u['expected_batch_size']}, clipping norm {fmt_num(u['max_grad_norm'])}, "
+                     f"{u['noise_multiplicity']} noise draw(s) per unit, accountant {u['accountant']}.")
+    else:
+        ft = h["dp_finetuning"]
+        L.append(f"- Fine-tuned on {ft['data']} with {ft['algorithm']}; learning rate {fmt_num(ft['lr'])}, trainable "
+                 f"{ft['trainable']}, accountant {ft['accountant']} [{ft['source']}].")
     L.append(f"- Sampled with {sp['sampler']} ({sp['steps']} steps, guidance {fmt_num(sp['guidance_scale'])}, seed "
              f"{sp['seed']}); class counts: {sp['class_counts']} [{sp['source']}].")
     sw = h["software"]
     L.append(f"- Software: dpgen {sw.get('dpgen')}, torch {sw.get('torch')}, opacus {sw.get('opacus')}, monai "
              f"{sw.get('monai')}, dp-accounting {sw.get('dp-accounting')}"
+             + (f", flwr {sw['flwr']}" if sw.get("flwr") else "")
              + (f", commit {sw['git_commit'][:12]}" if sw.get("git_commit") else "") + ".")
 
     c = card["checklist"]

@@ -50,8 +50,33 @@ def _ci_text(ci) -> str:
 # ----------------------------------------------------------------------------- ledger checks
 
 
+def _federated_preflight(f) -> dict:
+    sites = f.contributors
+    bad = f.preflight_problems()
+    if not sites:
+        return _item("preflight", "fail", "no site contributed to an aggregated round")
+    if bad:
+        return _item("preflight", "fail", "; ".join(bad))
+    return _item("preflight", "pass", "every contributing site reports its per-sample-gradient preflight passed ("
+                                      + ", ".join(s.name for s in sites) + "; reported by the sites)")
+
+
+def _federated_epsilon(f) -> dict:
+    sites = f.contributors
+    if not sites:
+        return _item("epsilon", "fail", "no site contributed to an aggregated round")
+    over = f.budget_problems()
+    if over:
+        return _item("epsilon", "fail", "; ".join(over))
+    return _item("epsilon", "pass", "every contributing site reports its own composed ε within its own budget ("
+                 + ", ".join(f"{s.name}: ε ≤ {fmt_num(s.plan.target_epsilon, 4)}" for s in sites if s.plan)
+                 + "; per site, reported by the sites; no single ε)")
+
+
 def preflight_check(info: RunInfo) -> dict:
     s = info.privacy
+    if s is not None and s.federated is not None:
+        return _federated_preflight(s.federated)
     dpsgd = {n: m for n, m in (s.mechanisms.items() if s else []) if m.scope == "release"}
     if not dpsgd:
         if info.privacy is None and info.entries:
@@ -79,6 +104,8 @@ def epsilon_check(info: RunInfo, shareable: bool = False) -> dict:
     s = info.privacy
     if s is None:
         return _item("epsilon", "fail", f"no privacy accounting: {info.privacy_note}")
+    if s.federated is not None:
+        return _federated_epsilon(s.federated)
     if not s.mechanisms and not s.releases:
         return _item("epsilon", "pass", "no DP mechanism ran: the cohort used no private data (ε = 0)", epsilon=0.0)
     if s.non_private:

@@ -71,6 +71,10 @@ class SharedPrivacy:
     epsilon_add_remove: float | None = None  # replace_one only: the same events, add/remove neighbours
     mechanism_limits: dict | None = None  # replace_one only: reconstruction and TPR limits of the composition
     not_stated: str | None = None  # add_remove: what is withheld, and why
+    # A federation: one guarantee per site (no single epsilon), and how the sites' updates were
+    # combined (rounds, secure aggregation, sites that refused or dropped out). None otherwise.
+    sites: list[dict] | None = None
+    federation: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,9 +101,98 @@ def _mechanism(name: str, plan: PlanEntry | None, info: RunInfo, disclose_n: boo
     return m
 
 
+def _limits(eps: float | None, delta: float | None) -> dict:
+    if eps is None or delta is None or not math.isfinite(eps):
+        return {}
+    return {"membership_auc": eps_delta_auc_limit(eps, delta),
+            "membership_tpr": {f"{f * 100:g}% FPR": eps_delta_tpr_limit(f, eps, delta) for f in FPRS},
+            "source": "any (ε, δ)-DP mechanism (Kairouz et al. 2015); vacuous (≈ 1) at large ε"}
+
+
+def _site_statement(site) -> dict:
+    """One site's guarantee from what it reported: its budget (add/remove: an upper bound that
+    does not depend on its N) or its exact replace-one epsilon, delta, unit, relation."""
+    p, cur = site.plan, site.last
+    exact = cur.epsilon_replace_one if cur is not None else None
+    eps = exact if exact is not None else p.target_epsilon
+    rel = p.neighbouring
+    u = _unit_words(p.unit)
+    return {
+        "site": site.name, "epsilon": eps,
+        "epsilon_kind": ("exact spent ε for replace-one neighbours (the site treats its N as public), reported by the "
+                         "site") if exact is not None else "the site's budget: its composed ε is at most this (its "
+                                                            "own PLD accountant), reported by the site",
+        "budget": p.target_epsilon, "delta": p.delta, "unit": p.unit, "neighbouring": rel,
+        "meaning": (f"(ε {'=' if exact is not None else '≤'} {fmt_num(eps, 4)}, δ = {fmt_num(p.delta)})-DP {p.unit} "
+                    f"with respect to site {site.name}'s own training data, {rel.replace('_', '/')}: "
+                    + (f"replacing one {u}" if rel == "replace_one" else f"adding or removing one {u}")
+                    + f" of site {site.name}'s data changes the probability of any outcome by at most a factor "
+                      f"e^ε, except with probability δ"),
+        "within_budget": bool(cur is not None and cur.within_budget),
+        "rounds_contributed": site.rounds, "steps_done": cur.steps_done if cur else 0, "planned_steps": p.planned_steps,
+        "complete": bool(cur is not None and cur.complete), "confirmed_at_finish": site.confirmed,
+        "user_choices": {"rounds": p.rounds, "local_steps": p.local_steps,
+                         "expected_batch_size": p.expected_batch_size, "max_grad_norm": p.max_grad_norm,
+                         "noise_multiplicity": p.noise_multiplicity, "accountant": p.accountant},
+        "limits": _limits(eps, p.delta),
+        "source": "reported by the site (its own ledger and accountant); the coordinator cannot verify it",
+    }
+
+
+def _federated_privacy(info: RunInfo) -> SharedPrivacy:
+    """A federated coordinator's cohort: DP per site, no single epsilon (see dpgen.federated)."""
+    f = info.privacy.federated
+    sites = [_site_statement(s) for s in f.contributors if s.plan is not None]
+    units = sorted({r["unit"] for r in sites})
+    out = [{"site": s.name, "reason": "; ".join(s.refusals) or "never contributed to an aggregated round"}
+           for s in f.sites.values() if not s.contributed]
+    dropped = [{"site": s.name, "rounds": s.dropped} for s in f.sites.values() if s.dropped]
+    failed = [{"round": r.round, "attempt": r.attempt, "reason": r.reason} for r in f.failed]
+    settings = []
+    for r in f.rounds:
+        sa = r.secure_aggregation.model_dump(mode="json")
+        if sa not in settings:
+            settings.append(sa)
+    federation = {
+        "rounds": [r.round for r in f.rounds], "contributing_sites": [r["site"] for r in sites],
+        "weighting": "FedAvg weighted by each site's configured expected batch size (a public choice, never a data "
+                     "count)",
+        "secure_aggregation": settings,
+        "did_not_take_part": out, "dropped_out": dropped, "failed_rounds": failed,
+        "no_bound_across_sites": "nothing bounds what the sites' data sets reveal together: a patient whose images "
+                                 "are at two sites is protected at each by that site's ε separately (no composition "
+                                 "across sites is stated)",
+        "reported_not_verified": "every per-site figure is what the site reported to the coordinator; the coordinator "
+                                 "never sees a site's data, noise or ledger and cannot verify them",
+    }
+    covers = ["every file of this bundle: the synthetic images and labels (and the global model's weights when "
+              "included), computed from the sites' DP-SGD updates and public randomness (post-processing)",
+              "for each contributing site, that site's private TRAINING data, per its own unit and neighbouring "
+              "relation, at its own (ε, δ) below"]
+    not_covered = [
+        "the public pretraining data, which the generator may reproduce",
+        "a patient across sites: no bound covers the sites' data sets together",
+        "sites that did not contribute to an aggregated round (they released nothing into this bundle)",
+        "anything a site did outside the federation",
+    ]
+    meaning = ("per-site differential privacy, no single ε: for each contributing site s, everything in this bundle "
+               "is (ε_s, δ_s)-DP with respect to site s's own training data (its unit, its neighbouring relation, "
+               "its own accountant, over every round it took part in); figures reported by the sites, not verifiable "
+               "by the coordinator; no bound across sites")
+    return SharedPrivacy(
+        neighbouring="per site", epsilon=None, epsilon_kind="per site (no single ε)", delta=None,
+        unit=units[0] if len(units) == 1 else "per site: " + ", ".join(units), meaning=meaning, covers=covers,
+        does_not_cover=not_covered, sites=sites, federation=federation,
+        not_stated=("each site's number of private units N and what it follows from (its sample rate, noise "
+                    "multiplier and exact spent ε): under add/remove neighbours they stay at the site and were never "
+                    "sent to the coordinator; a site under replace-one neighbours reported its exact ε"))
+
+
 def shared_privacy(info: RunInfo) -> SharedPrivacy:
     """The privacy facts any shareable output of this run may state (see the module docstring)."""
     s = info.privacy
+    if s is not None and s.federated is not None:
+        return _federated_privacy(info)
     if s is None:
         return SharedPrivacy(neighbouring=info.neighbouring, epsilon=None, epsilon_kind="none", delta=info.delta,
                              unit="unknown", meaning="no privacy accounting could be read", covers=[],

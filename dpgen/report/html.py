@@ -511,6 +511,13 @@ def write_report(run_dir: str | Path, *, pdf: bool = True, private_examples: boo
     from dpgen.rundir import write_text_atomic
 
     info = load_run(run_dir)
+    if info.federated:
+        from dpgen.report.release import ReleaseError
+
+        raise ReleaseError(f"{info.root} is a federated coordinator's run directory: `dpgen report` covers one data "
+                           f"holder's run. Its shareable output is `dpgen release {info.root} OUT` (the dataset card "
+                           f"states the per-site guarantees); `dpgen federated report {info.root}` prints them. Each "
+                           f"site can review its own run directory with `dpgen privacy report SITE_DIR`")
     rd = info.rd
     notes: list[str] = []
     out = {"html": str(rd.report_html), "internal_html": str(rd.review_html),

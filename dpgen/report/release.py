@@ -46,7 +46,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from dpgen.privacy.ledger import LedgerSummary
-from dpgen.privacy.mechanisms import scope_of
+from dpgen.privacy.mechanisms import FEDERATED_FINETUNE, scope_of
 from dpgen.privacy.schema import ArtifactEntry, PrivacySource
 from dpgen.report.checklist import delta_check, epsilon_check, overall, preflight_check, shareable_checklist
 from dpgen.report.runinfo import RunInfo, fmt_num, load_run
@@ -75,7 +75,14 @@ def source_problems(source: PrivacySource, summary: LedgerSummary) -> list[str]:
             problems.append(f"{m} is an internal mechanism: its outputs never leave internal/")
             continue
         state = summary.mechanisms.get(m)
-        if state is not None:
+        if m == FEDERATED_FINETUNE:
+            # complete = the federation finished and every contributing site's final state is
+            # recorded; noisy and preflighted = what every contributing site reports
+            if summary.federated is None:
+                problems.append(f"{m} has no federation in the ledger (no fed_* entries)")
+            else:
+                problems.extend(summary.federated.completion_problems() + summary.federated.mechanism_problems())
+        elif state is not None:
             if not state.complete:
                 problems.append(f"{m} has not completed ({state.steps_done}/{state.planned_steps} steps)")
             if not state.sigma or state.sigma <= 0:
@@ -88,7 +95,8 @@ def source_problems(source: PrivacySource, summary: LedgerSummary) -> list[str]:
         else:
             problems.append(f"{m} has no completed entry in the ledger")
     if summary.within_target is not True:
-        problems.append("the run's composed epsilon is not within its budget"
+        problems.append(("not every contributing site is within its own budget" if summary.federated is not None
+                         else "the run's composed epsilon is not within its budget")
                         + (f" ({summary.budget_problem})" if summary.budget_problem else ""))
     return problems
 
@@ -141,7 +149,14 @@ _LEFT_OUT_RULES = (
     ("summary.json", "run summary with losses on private data (not DP)"),
     ("state.json", "run bookkeeping"),
     ("config.yaml", "the run config may name private data locations; the card states the settings"),
+    ("federation.yaml", "the federation config names the sites' data locations; the card states the public settings"),
 )
+#: A federated demo keeps each site's own run directory under the coordinator's (DIR/sites/NAME).
+SITES_DIR = "sites"
+SITES_REASON = ("the sites' own run directories (the demo keeps them under the coordinator's): each site's private "
+                "data fingerprints, its ledger (its number of units, sample rate, noise), its secret seed and its "
+                "updates. They belong to the sites, are never bundled, and the release reads nothing in them")
+SITE_LOG_REASON = "a site process's output (demo): it belongs to that site; never bundled"
 
 
 def _left_out_reason(rel: str, refused: dict[str, str], allowed: dict[str, dict]) -> str:
@@ -151,6 +166,8 @@ def _left_out_reason(rel: str, refused: dict[str, str], allowed: dict[str, dict]
         if rel.startswith("checkpoints/"):
             return f"DP weights ({allowed[rel].get('privacy_source')}), not requested (--include-weights)"
         return f"allow-listed ({allowed[rel]['release_reason']}) but not part of the bundle layout"
+    if rel.startswith("logs/demo_site_"):
+        return SITE_LOG_REASON
     for prefix, reason in _LEFT_OUT_RULES:
         if rel.startswith(prefix):
             if prefix == "checkpoints/" and "_state" in rel:
@@ -166,7 +183,13 @@ def left_out(info: RunInfo, used: set[str], allowed: dict[str, dict], refused: l
     ref = {r["path"]: r["reason"] for r in refused}
     out, seen = [], set()
     skip = tuple(Path(p).resolve() for p in skip)
-    for path in sorted(info.root.rglob("*")):
+    paths = info.root.rglob("*")
+    sites = info.root / SITES_DIR
+    if info.federated and sites.is_dir():  # one entry for the folder: nothing inside is listed or read
+        out.append({"path": f"{SITES_DIR}/", "reason": SITES_REASON})
+        paths = (p for top in info.root.iterdir() if top != sites
+                 for p in ([top] if not top.is_dir() or top.is_symlink() else [top, *top.rglob("*")]))
+    for path in sorted(paths):
         if not path.is_file() and not path.is_symlink():
             continue
         rp = path.resolve()

@@ -92,6 +92,13 @@ class RunInfo:
     probes: dict | None = None  # internal: computed on private data without DP
     probes_note: str | None = None
     manifest: dict = field(default_factory=dict)
+    # "run", or "federated coordinator" (config is then a FederationConfig; privacy.federated
+    # holds the sites' reported guarantees, there is no single epsilon)
+    kind: str = "run"
+
+    @property
+    def federated(self) -> bool:
+        return self.kind == "federated coordinator"
 
     @property
     def rd(self) -> RunDir:
@@ -149,11 +156,16 @@ class RunInfo:
     def unfinished(self) -> list[str]:
         """Why the run is not finished (empty when it is): stages, DP mechanisms, the cohort."""
         problems = []
-        for stage in ("pretrain", "finetune", "sample"):
+        for stage in ("pretrain", "federated" if self.federated else "finetune", "sample"):
             if not self.is_done(stage):
                 problems.append(f"stage {stage!r} has not finished (state.json)")
         if not self.rd.cohort_file.is_file():
             problems.append(f"no cohort at {self.rd.cohort_file.relative_to(self.root)}")
+        if self.privacy is not None and self.privacy.federated is not None:
+            problems.extend(f"the federation is not complete: {p}"
+                            for p in self.privacy.federated.completion_problems())
+        elif self.federated:
+            problems.append(f"the coordinator's ledger records no federation ({self.privacy_note or 'no site'})")
         if self.privacy is not None:
             for name, m in self.privacy.mechanisms.items():
                 if m.scope == "release" and not m.complete:
@@ -164,15 +176,20 @@ class RunInfo:
         return problems
 
 
-def load_run(run_dir: str | Path) -> RunInfo:
-    """Read a run directory; raise FileNotFoundError only if it is not one at all."""
-    root = Path(run_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such run directory")
-    rd = RunDir(root)
-    info = RunInfo(root=root)
-    if not rd.config_path.is_file() and not rd.ledger_path.is_file():
-        raise FileNotFoundError(f"{root}: not a dpgen run directory (no config.yaml, no privacy/ledger.jsonl)")
+def _read_config(info: RunInfo, rd: RunDir) -> None:
+    """info.config (a RunConfig, a federated coordinator's FederationConfig, or the raw values
+    of a config this version does not validate), or a note saying why there is none."""
+    from dpgen.federated.config import read_federation  # the config schema only (no Flower)
+
+    try:
+        fed = read_federation(rd.root)
+    except Exception as err:  # noqa: BLE001 - a federation config that does not validate
+        info.kind = "federated coordinator"
+        info.config_note = f"the federation config does not validate: {' '.join(str(err).split())[:300]}"
+        return
+    if fed is not None:
+        info.kind, info.config = "federated coordinator", fed
+        return
     try:
         info.config = rd.load_config()
     except Exception as err:  # noqa: BLE001 - any config problem becomes a note
@@ -188,6 +205,18 @@ def load_run(run_dir: str | Path) -> RunInfo:
                                 + " ".join(str(err).split())[:300] + "); its values are read as written")
         else:
             info.config_note = f"config.yaml unreadable: {' '.join(str(err).split())[:300]}"
+
+
+def load_run(run_dir: str | Path) -> RunInfo:
+    """Read a run directory; raise FileNotFoundError only if it is not one at all."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such run directory")
+    rd = RunDir(root)
+    info = RunInfo(root=root)
+    if not rd.config_path.is_file() and not rd.ledger_path.is_file():
+        raise FileNotFoundError(f"{root}: not a dpgen run directory (no config.yaml, no privacy/ledger.jsonl)")
+    _read_config(info, rd)
     info.state, _ = read_json(rd.state_path, "state")
     info.state = info.state or {"completed": {}}
     info.manifest, _ = read_json(rd.manifest_path, "manifest")
@@ -201,7 +230,7 @@ def load_run(run_dir: str | Path) -> RunInfo:
             info.records = ledger.records()
             delta = None
             if not info.plans and info.config is not None:
-                delta = as_float(getattr(info.config.privacy, "delta", None))
+                delta = as_float(getattr(getattr(info.config, "privacy", None), "delta", None))
             info.privacy = ledger.summary(delta)
         except Exception as err:  # noqa: BLE001 - a ledger the review cannot read is a finding, not a crash
             info.privacy_note = f"the ledger cannot be read: {err}"

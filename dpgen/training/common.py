@@ -104,6 +104,14 @@ def load_state(path: Path, parts: dict[str, Part]) -> tuple[int, dict]:
     return int(meta["step"]), json.loads(meta["extra"])
 
 
+def state_extra(path: Path) -> dict:
+    """The `extra` a state file was saved with (read from its metadata, no tensor loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("extra") or "{}")
+
+
 def save_training_state(
     path: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None
 ) -> None:

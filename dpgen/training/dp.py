@@ -40,7 +40,7 @@ from dpgen.privacy.schema import (
     CompleteEntry, GaussianEvent, PlanEntry, PoissonGaussianEvent, PreflightEntry, ProgressEntry, ReleaseEntry,
 )
 from dpgen.rundir import RunDir
-from dpgen.training.common import EMA, Part, TBLogger, load_state, save_state
+from dpgen.training.common import EMA, Part, TBLogger, load_state, save_state, state_extra
 from dpgen.training.loop import run_steps
 
 MECHANISM = mechanisms.FINETUNE
@@ -161,12 +161,13 @@ def register_finetune_plan(config, ledger: PrivacyLedger, units: PrivacyUnits, *
     return settings, plan
 
 
-def spent_epsilon(ledger: PrivacyLedger, config, accountant: str = "pld") -> float:
-    """Epsilon of everything released so far, for the run's neighbouring relation."""
+def spent_epsilon(ledger: PrivacyLedger, config, accountant: str = "pld", pending=()) -> float:
+    """Epsilon of everything released so far (with `pending` entries counted as if appended),
+    for the run's neighbouring relation."""
     pv = config.privacy
     if accountant == "rdp" and pv.neighbouring != "add_remove":
         return math.nan
-    return accounting.epsilon(ledger.events(), pv.delta, accountant, pv.neighbouring)
+    return accounting.epsilon(ledger.events(pending), pv.delta, accountant, pv.neighbouring)
 
 
 def release_histogram_once(config, rd: RunDir, ledger: PrivacyLedger, labels: np.ndarray, units: PrivacyUnits,
@@ -210,6 +211,9 @@ class DPJob:
     after_step: Callable[[int, DPSGDLoop], None] | None = None
     stream: str = ""  # prefix of this job's secret streams ("" for the main mechanism)
     log_name: str = "finetune"
+    # Reuse this module object's passed preflight from an earlier job in this process (a
+    # federated site's rounds; see DPSGDLoop.reuse_preflight).
+    reuse_preflight: bool = False
 
 
 class SampledCounts:
@@ -245,10 +249,29 @@ class SampledCounts:
 
 
 def run_dp_job(config, rd: RunDir, ledger: PrivacyLedger, job: DPJob, units: PrivacyUnits, device,
-               progress: bool = True, before_steps: Callable[[], None] | None = None) -> dict:
-    """Preflight, DP-SGD steps, ledger. Returns {"ema", "report", "complete", "final_loss", "resumed_from", ...}."""
+               progress: bool = True, before_steps: Callable[[], None] | None = None, *,
+               first_step: int = 0, last_step: int | None = None, start_key: str | None = None,
+               complete: bool = True) -> dict:
+    """Preflight, DP-SGD steps, ledger. Returns {"ema", "report", "complete", "final_loss", "resumed_from", ...}.
+
+    By default the job runs its whole plan (steps 0 .. planned_steps), resuming from its state
+    file. A part of a registered plan (a federated site's round) is steps `first_step` ..
+    `last_step` from the weights the job's module holds now (a fresh optimizer), with
+    `start_key` naming those weights: the state file is resumed only if it was written for the
+    same part and key, else the part starts over from the module. Step i is the plan's step i
+    (its Poisson sample, draws and noise are the run's secret streams at i), and progress
+    entries carry the cumulative event of all steps up to the last one done. `complete=False`
+    leaves the mechanism open: no completion or bound entry (`complete_mechanism` writes them
+    when the whole plan is over); the spent epsilon is still checked against the budget.
+    """
     s, pv, entry = job.settings, config.privacy, job.plan
     plan = loop_plan(entry)
+    last_step = entry.planned_steps if last_step is None else int(last_step)
+    if not 0 <= first_step < last_step <= entry.planned_steps:
+        raise PrivacyError(f"{job.mechanism}: steps {first_step}..{last_step} are not a part of the plan's "
+                           f"{entry.planned_steps} steps")
+    part = None if (first_step, last_step, start_key) == (0, entry.planned_steps, None) else \
+        {"first_step": first_step, "last_step": last_step, "key": start_key}
     w = world()
     trainable = [p for p in job.module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=s.lr, weight_decay=0.0)
@@ -258,14 +281,16 @@ def run_dp_job(config, rd: RunDir, ledger: PrivacyLedger, job: DPJob, units: Pri
 
     loop = DPSGDLoop(job.module, optimizer, job.objective, job.rows, units, plan, run_secret(rd, job.stream),
                      physical_batch_size=s.physical_batch_size, grad_sample_mode=s.grad_sample_mode, device=device,
-                     preflight_seed=config.seed, on_preflight=log_preflight)
+                     preflight_seed=config.seed, on_preflight=log_preflight, reuse_preflight=job.reuse_preflight)
     if before_steps is not None and w.is_main:
         before_steps()
 
     module = job.module
     ema = EMA(module, s.ema_decay)
     parts = {"": (module, ema, optimizer), **job.extra_parts}
-    start = load_state(job.state_path, parts)[0] if job.state_path.is_file() else 0
+    start = first_step
+    if job.state_path.is_file() and state_extra(job.state_path).get("part") == part:
+        start = load_state(job.state_path, parts)[0]
     # Training curves on private batches are not DP: they live in internal/.
     logger = TBLogger(rd.internal / "logs" / job.log_name)
     counts = SampledCounts(rd, job.mechanism)
@@ -294,39 +319,73 @@ def run_dp_job(config, rd: RunDir, ledger: PrivacyLedger, job: DPJob, units: Pri
         if w.distributed:
             check_in_sync(module, f"{job.mechanism} step {done}")
         if w.is_main:  # in a distributed run rank 0 writes
-            save_state(job.state_path, parts, done)
+            save_state(job.state_path, parts, done, {"part": part} if part else None)
             counts.flush()
             record_progress(done)
 
-    last_loss = run_steps(
-        start=start, total=s.steps, step_fn=step_fn, checkpoint_fn=checkpoint, checkpoint_every=s.checkpoint_every,
-        desc=f"{job.log_name} (DP)", log_fn=logger.scalar, progress=progress and w.is_main,
-    )
-    logger.close()
-    loop.close()
+    try:
+        last_loss = run_steps(
+            start=start, total=last_step, step_fn=step_fn, checkpoint_fn=checkpoint,
+            checkpoint_every=s.checkpoint_every, desc=f"{job.log_name} (DP)", log_fn=logger.scalar,
+            progress=progress and w.is_main,
+        )
+    finally:
+        logger.close()
+        loop.close()  # the module without Opacus' hooks, even after an error (a caller may train it again)
     digests = None
     if w.distributed:
         digests = check_in_sync(module, f"{job.mechanism} end")
         barrier()  # rank 0's last ledger line is written before any rank reads the spent epsilon
 
+    if complete:
+        done = complete_mechanism(config, ledger, entry, units, last_step, world_size=w.size)
+        eps_pld, eps_rdp = done.epsilon_pld, math.nan if done.epsilon_rdp is None else done.epsilon_rdp
+    else:
+        done = None
+        eps_pld, eps_rdp = _spent_within_budget(ledger, config, plan.sigma)
+    return {"ema": ema, "report": loop.preflight_report, "complete": done.model_dump() if done else None,
+            "final_loss": last_loss, "resumed_from": start, "epsilon": eps_pld, "epsilon_rdp": eps_rdp,
+            "world_size": w.size, "rank_digests": digests, "sigma": plan.sigma, "sample_rate": plan.sample_rate,
+            "preflight_reused": loop.preflight_reused}
+
+
+def _spent_within_budget(ledger: PrivacyLedger, config, sigma: float, pending=()) -> tuple[float, float]:
+    """(PLD, RDP) epsilon of everything released so far (and `pending`, entries about to be
+    appended); PrivacyError if over the run's budget."""
+    if sigma == 0:
+        eps_pld = eps_rdp = math.inf
+    else:
+        eps_pld, eps_rdp = spent_epsilon(ledger, config, pending=pending), spent_epsilon(ledger, config, "rdp", pending)
+    if eps_pld > config.privacy.epsilon * (1 + 1e-9):
+        raise PrivacyError(f"spent epsilon {eps_pld:.4f} exceeds the budget {config.privacy.epsilon}; "
+                           f"weights not released")
+    return eps_pld, eps_rdp
+
+
+def complete_mechanism(config, ledger: PrivacyLedger, entry: PlanEntry, units: PrivacyUnits, steps_done: int,
+                       world_size: int = 1) -> CompleteEntry:
+    """Close a DP-SGD mechanism after `steps_done` steps of its plan (all of them, or fewer when
+    a federated site stops early): recompute the spent epsilon of everything released from the
+    ledger, refuse if it exceeds the run's budget, write the completion entry (once) and the
+    reconstruction bound of the composition of every release mechanism so far."""
+    pv, plan = config.privacy, loop_plan(entry)
     non_private = plan.sigma == 0
-    eps_pld = math.inf if non_private else spent_epsilon(ledger, config)
-    eps_rdp = math.inf if non_private else spent_epsilon(ledger, config, "rdp")
-    if eps_pld > pv.epsilon * (1 + 1e-9):
-        raise PrivacyError(f"spent epsilon {eps_pld:.4f} exceeds the budget {pv.epsilon}; weights not released")
-    complete = CompleteEntry(
-        mechanism=job.mechanism, steps_done=s.steps, event=PoissonGaussianEvent(**plan.event()), sigma=plan.sigma,
-        sample_rate=plan.sample_rate, max_grad_norm=plan.max_grad_norm, unit=units.kind, epsilon_pld=eps_pld,
-        epsilon_rdp=None if math.isnan(eps_rdp) else eps_rdp, delta=pv.delta, target_epsilon=pv.epsilon,
-        world_size=w.size,
-    )
-    if ledger.latest("dp_complete", mechanism=job.mechanism) is None:
-        ledger.append(complete)
+    old = ledger.latest("dp_complete", mechanism=entry.mechanism)
+    if old is not None:
+        _spent_within_budget(ledger, config, plan.sigma)
+        done = CompleteEntry.model_validate(old)
+    else:
+        fields = dict(mechanism=entry.mechanism, steps_done=steps_done,
+                      event=PoissonGaussianEvent(**plan.event(steps_done)), sigma=plan.sigma,
+                      sample_rate=plan.sample_rate, max_grad_norm=plan.max_grad_norm, unit=units.kind, delta=pv.delta,
+                      target_epsilon=pv.epsilon, world_size=world_size)
+        # the epsilon of everything released, this mechanism counted at `steps_done` steps
+        eps_pld, eps_rdp = _spent_within_budget(ledger, config, plan.sigma, [CompleteEntry(**fields)])
+        done = CompleteEntry(**fields, epsilon_pld=eps_pld, epsilon_rdp=None if math.isnan(eps_rdp) else eps_rdp)
+        ledger.append(done)
     if not non_private:
-        record_composed_bound(ledger, units, config.privacy.neighbouring)
-    return {"ema": ema, "report": loop.preflight_report, "complete": complete.model_dump(), "final_loss": last_loss,
-            "resumed_from": start, "epsilon": eps_pld, "epsilon_rdp": eps_rdp, "world_size": w.size,
-            "rank_digests": digests, "sigma": plan.sigma, "sample_rate": plan.sample_rate}
+        record_composed_bound(ledger, units, pv.neighbouring)
+    return done
 
 
 def record_composed_bound(ledger: PrivacyLedger, units: PrivacyUnits, neighbouring: str) -> None:
@@ -349,6 +408,7 @@ def record_composed_bound(ledger: PrivacyLedger, units: PrivacyUnits, neighbouri
     ledger.append({"kind": "bound", "mechanisms": names, "unit": units.kind, "bound": tight, "bound_gdp": gdp})
 
 
-__all__ = ["AE_MECHANISM", "MECHANISM", "DPJob", "DPSettings", "SampledCounts", "dp_event", "histogram_events",
+__all__ = ["AE_MECHANISM", "MECHANISM", "DPJob", "DPSettings", "SampledCounts", "complete_mechanism", "dp_event",
+           "histogram_events",
            "loop_plan", "plan_mechanism", "record_composed_bound", "register_finetune_plan", "register_plan",
            "release_histogram_once", "run_dp_job", "run_secret", "spent_epsilon"]
