@@ -167,15 +167,17 @@ def _assert_no_site_figures(coord_dir: Path, site_dirs, also=()) -> None:
     """Nothing the coordinator holds (its run directory, minus the demo's sites/ folder and the
     site processes' logs, which belong to the sites) states a site's N or what it follows from."""
     figures = {fig: site for site in site_dirs for fig in _site_figures(site)}
-    keys = ('"n_units"', '"sample_rate"', '"sigma"', "sample rate q =", "noise multiplier σ =")
+    import re
+
+    keys = re.compile(r'"(n_units|sample_rate|sigma)": (?!null)|sample rate q =|noise multiplier σ =')
     files = [p for p in Path(coord_dir).rglob("*") if p.is_file() and "sites" not in p.relative_to(coord_dir).parts[:1]
              and not p.name.startswith("demo_site_")]
     files += [p for d in also for p in Path(d).rglob("*") if p.is_file()]
     assert files
     for p in files:
         text = p.read_bytes().decode("utf-8", errors="replace")
-        for k in keys:
-            assert k not in text, f"{p}: {k}"
+        found = keys.search(text)
+        assert found is None, f"{p}: {found and found.group(0)}"
         for fig, site in figures.items():
             assert fig not in text, f"{p} holds {fig!r}, a figure of site {site.name}"
 

@@ -79,8 +79,10 @@ def format_guarantees(rows: list[dict]) -> str:
     lines = ["per-site privacy guarantees (each for that site's data only; reported by the sites, not verifiable by "
              "the coordinator; no bound across sites):"]
     for r in rows:
-        if r["target_epsilon"] is None:
-            lines.append(f"  {r['site']}: did not take part: {'; '.join(r['refused']) or 'no plan reported'}")
+        if r["target_epsilon"] is None or not r["rounds_contributed"]:
+            lines.append(f"  {r['site']}: contributed to no aggregated round"
+                         + (f" (budget epsilon {r['target_epsilon']:g})" if r["target_epsilon"] is not None else "")
+                         + (f"; refused: {'; '.join(r['refused'])}" if r["refused"] else ""))
             continue
         eps = (f"epsilon {r['epsilon']:.3f} ({r['epsilon_kind']})" if r["epsilon_kind"].startswith("exact")
                else f"epsilon <= {r['target_epsilon']:g} (its budget)")

@@ -294,6 +294,9 @@ def _batch_size(root: str) -> int:
 # ----------------------------------------------------------------------------- the launcher
 
 
+REPLY_GRACE_S = 10.0  # after its last reply (finish, or a refusal) the site stays connected this long
+
+
 class SiteError(RuntimeError):
     """The site stopped without finishing: refused, or the coordinator unreachable."""
 
@@ -341,14 +344,19 @@ def run_site(config_path: str | Path, site_name: str, run_dir: str | Path | None
         raise KeyboardInterrupt
 
     old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    ended_at = None
     try:
         while True:
             st = site_state(site.root)
-            if st.get("status") == "finished":
-                log(f"site {site_name}: federation finished; stopping")
-                return lt.progress_facts(site).model_dump(mode="json")
-            if st.get("status") == "refused":
-                raise SiteError(st.get("reason") or f"site {site_name} refused to take part")
+            if st.get("status") in ("finished", "refused"):
+                # The state is set while the reply (final facts, or the refusal the coordinator
+                # records) is on its way: keep the SuperNode up a little so that it is delivered.
+                ended_at = ended_at or time.time()
+                if time.time() - ended_at > REPLY_GRACE_S:
+                    if st["status"] == "finished":
+                        log(f"site {site_name}: federation finished; stopping")
+                        return lt.progress_facts(site).model_dump(mode="json")
+                    raise SiteError(st.get("reason") or f"site {site_name} refused to take part")
             rc = proc.poll()
             if rc is not None:
                 tail = flower.log_tail(log_path)

@@ -28,8 +28,15 @@ steps, clipping norm, unit, budget, neighbouring relation, scope), ``preflight``
 ``dp_internal`` (an internal DP mechanism, e.g. the evaluation's DP classifiers: recorded
 with its own cost, composed into nothing released), ``artifact`` (a file and its typed
 ``PrivacySource``), ``bound`` (a reconstruction bound of the composition of the named
-mechanisms). An entry of a known kind must validate on append and on read; other kinds are
-kept verbatim and ignored by the accounting.
+mechanisms), and the federated kinds (``fed_*``: a site's round allocations in its own ledger;
+in a coordinator's ledger the sites' reported, N-free plans and states, the aggregated rounds,
+refusals and the end of the federation). An entry of a known kind must validate on append and
+on read; other kinds are kept verbatim and ignored by the accounting.
+
+A federated coordinator's ledger holds no plan and no event of its own: its summary has no
+single epsilon (``LedgerSummary.federated``, a ``FederatedState``: each site's guarantee as it
+reported it, and whether ``dp_sgd:federated_finetune`` is complete: the federation finished and
+every contributing site's final state is recorded).
 
 What is spent
 -------------
@@ -635,8 +642,11 @@ def _format_federated(s: "LedgerSummary") -> str:
            "accountant, as the site reported it (the coordinator cannot verify it; no bound across sites)"]
     for site in f.sites.values():
         p, cur = site.plan, site.last
-        if p is None:
-            out.append(f"  site {site.name}: no plan reported; " + "; ".join(site.refusals or ["no report"]))
+        if p is None or not site.contributed:
+            out.append(f"  site {site.name}: contributed to no aggregated round"
+                       + (f" (budget epsilon {_fmt(p.target_epsilon)})" if p is not None else "; no plan reported"))
+            for why in site.refusals:
+                out.append(f"    refused: {why}")
             continue
         rel = p.neighbouring.replace("_", "/")
         eps = (f"epsilon {_fmt(cur.epsilon_replace_one)} (replace-one, reported)"

@@ -217,7 +217,11 @@ def federated_privacy_markdown(p: dict) -> list[str]:
                  f"{r['steps_done']}/{r['planned_steps']} | {state} |")
     L.append("")
     for r in p["sites"]:
-        L.append(f"- Site `{r['site']}`: {r['meaning']}. ε is {r['epsilon_kind']}.")
+        lim = r.get("limits") or {}
+        tpr = ", ".join(f"TPR ≤ {fmt_num(v, 3)} at {k}" for k, v in (lim.get("membership_tpr") or {}).items())
+        L.append(f"- Site `{r['site']}`: {r['meaning']}. ε is {r['epsilon_kind']}."
+                 + (f" Against membership inference on this site's data, (ε, δ) alone promises ROC-AUC ≤ "
+                    f"{fmt_num(lim['membership_auc'], 4)}, {tpr}." if lim else ""))
     L.append(f"- Reported, not verified: {f['reported_not_verified']}.")
     L.append(f"- No bound across sites: {f['no_bound_across_sites']}.")
     for sa in f["secure_aggregation"]:

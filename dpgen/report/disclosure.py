@@ -17,6 +17,12 @@ limits that follow from (epsilon, delta) alone.
 With "replace_one" (a config choice: the data holder treats N as public), the card states N,
 q, sigma and the exact epsilon for replace-one neighbours, the add/remove figure of the same
 events beside it, and the mechanism-specific limits of the composition of every mechanism.
+
+A federated coordinator's cohort (dpgen.federated) has no single epsilon: the statement is per
+contributing site (its budget, or its exact replace-one figure when that site chose replace-one;
+its delta, unit and relation), reported by the sites and not verifiable by the coordinator, with
+no bound across sites, the secure-aggregation settings, and the sites that refused or dropped
+out. No site's N, sample rate or noise multiplier ever reaches the coordinator.
 """
 
 from __future__ import annotations
@@ -142,7 +148,7 @@ def _site_statement(site) -> dict:
 def _federated_privacy(info: RunInfo) -> SharedPrivacy:
     """A federated coordinator's cohort: DP per site, no single epsilon (see dpgen.federated)."""
     f = info.privacy.federated
-    sites = [_site_statement(s) for s in f.contributors if s.plan is not None]
+    sites = sorted((_site_statement(s) for s in f.contributors if s.plan is not None), key=lambda r: r["site"])
     units = sorted({r["unit"] for r in sites})
     out = [{"site": s.name, "reason": "; ".join(s.refusals) or "never contributed to an aggregated round"}
            for s in f.sites.values() if not s.contributed]
@@ -168,7 +174,7 @@ def _federated_privacy(info: RunInfo) -> SharedPrivacy:
     covers = ["every file of this bundle: the synthetic images and labels (and the global model's weights when "
               "included), computed from the sites' DP-SGD updates and public randomness (post-processing)",
               "for each contributing site, that site's private TRAINING data, per its own unit and neighbouring "
-              "relation, at its own (ε, δ) below"]
+              "relation, at its own (ε, δ) (the per-site statements)"]
     not_covered = [
         "the public pretraining data, which the generator may reproduce",
         "a patient across sites: no bound covers the sites' data sets together",

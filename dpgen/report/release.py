@@ -26,6 +26,11 @@ with the run's composed epsilon within its budget. No string is interpreted. The
 the synthetic images is the allow-listed cohort/cohort.npz. Every other file of the run directory
 is listed in the card's "left out" section with its reason.
 
+A federated coordinator's run directory (dpgen.federated) is released the same way: its cohort
+names `dp_sgd:federated_finetune`, whose completion in the coordinator's ledger is the set of the
+sites' reported completions (`LedgerSummary.federated`); the card states the guarantee per site,
+and the sites' own run directories (DIR/sites/ in a demo) are one left-out entry, never read.
+
 The release is refused (ReleaseError, nothing written) when the run is not finished, the preflight
 failed or is missing, the composed epsilon exceeds the run's budget or is infinite, the plans
 disagree on the budget, delta >= 1/N, the ledger cannot be read, or the ledger does not allow-list
