@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=None, help="classifier seeds per utility row (default 3)")
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs of the real and DP-SGD classifiers (default 40; fine-tuning uses half)")
+    p.add_argument("--target-epsilon", type=float, default=None, metavar="E",
+                   help="compare the DP rows at E (default: the run's budget): the DP-SGD baseline spends E, the "
+                        "synthetic-pretrain + DP fine-tune row composes with the cohort to E (a split budget)")
     p.add_argument("--no-utility", action="store_true", help="fidelity only (no classifiers)")
     p.add_argument("--no-fidelity", action="store_true", help="downstream utility only")
     p.add_argument("--threads", type=int, default=None,
@@ -57,7 +60,7 @@ def cmd_evaluate(args) -> int:
         metrics = evaluate_stage(
             config, rd, device=args.device, progress=not args.no_progress, cohort_path=args.cohort,
             feature_extractor=args.feature_extractor, inception_weights=args.inception_weights, seeds=args.seeds,
-            options=opts,
+            options=opts, target_epsilon=args.target_epsilon,
         )
     except EvaluationError as err:
         print(f"dpgen: error: {err}", file=sys.stderr)
