@@ -304,6 +304,18 @@ class RunDir:
     def is_done(self, stage: str) -> bool:
         return stage in self.state()["completed"]
 
+    def next_command(self) -> str:
+        """The command that continues this run to a cohort (for error messages that suggest a
+        next step that works)."""
+        import shlex
+
+        root = shlex.quote(str(self.root))
+        if not self.is_done("pretrain"):
+            return f"dpgen pretrain {shlex.quote(str(self.config_path))} --run-dir {root} --resume"
+        if not self.is_done("finetune"):
+            return f"dpgen finetune {root}"
+        return f"dpgen sample {root}"
+
     def mark_done(self, stage: str, info: dict | None = None) -> None:
         st = self.state()
         st["completed"][stage] = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(info or {})}

@@ -29,7 +29,9 @@ def load_cohort(run_root: str | Path, cohort_path: str | Path | None = None) -> 
     """The run's cohort (RUN/cohort/cohort.npz), or `cohort_path` when given."""
     path = Path(cohort_path) if cohort_path else Path(run_root) / COHORT_FILE
     if not path.is_file():
-        hint = "" if cohort_path else " (run `dpgen sample RUN_DIR` first, or pass --cohort PATH)"
+        from dpgen.rundir import RunDir
+
+        hint = "" if cohort_path else f" (continue the run: `{RunDir(Path(run_root)).next_command()}`, or pass --cohort PATH)"
         raise DataError(f"no cohort at {path}{hint}")
     ds = load_npz(path, "train", name="cohort")
     return ds

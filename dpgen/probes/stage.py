@@ -320,7 +320,7 @@ def audit_stage(config, rd: RunDir, device="auto", progress: bool = True, option
     if options.memorization:
         cpath = Path(cohort_path) if cohort_path else rd.cohort / "cohort.npz"
         if not cpath.is_file():
-            raise DataError(f"no cohort at {cpath} (run `dpgen sample RUN_DIR` first)")
+            raise DataError(f"no cohort at {cpath} (continue the run: `{rd.next_command()}`)")
         cohort = load_npz(cpath, "train", name="cohort")
         if tuple(cohort.image_shape) != tuple(train.image_shape):
             raise DataError(f"the cohort {cpath} holds images of shape {cohort.image_shape}, the private data "
