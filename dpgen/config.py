@@ -109,10 +109,11 @@ class GANConfig(_Section):
 
 
 class ModelConfig(_Section):
-    # diffusion: pixel space (small images); latent_diffusion: UNet on the latents of an
-    # autoencoder trained on public data (section `autoencoder`); cgan: conditional GAN whose
-    # discriminator alone sees private data (section `model.gan`).
-    generator: Literal["diffusion", "latent_diffusion", "cgan"] = "diffusion"
+    # The generator family, one of dpgen.models.registry.FAMILIES: diffusion (pixel space, small
+    # images); latent_diffusion (UNet on the latents of an autoencoder trained on public data,
+    # section `autoencoder`); cgan (conditional GAN whose discriminator alone sees private data,
+    # section `model.gan`).
+    generator: str = "diffusion"
     channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
     attention_levels: list[bool] = Field(default_factory=lambda: [False, False, True])
     num_res_blocks: int = Field(default=1, gt=0)
@@ -128,6 +129,14 @@ class ModelConfig(_Section):
     # guidance needs an unconditional model too).
     cond_drop_prob: float = Field(default=0.1, ge=0, lt=1)
     gan: GANConfig = Field(default_factory=GANConfig)
+
+    @field_validator("generator")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        from dpgen.models.registry import family
+
+        family(v)  # raises ValueError naming the known families
+        return v
 
     @model_validator(mode="after")
     def _levels_match(self) -> "ModelConfig":
@@ -381,21 +390,9 @@ class RunConfig(_Section):
         return self
 
     def _check_families(self) -> None:
-        gen, ft = self.model.generator, self.finetune
-        if gen == "cgan" and ft.trainable in ("attention", "attention+conditioning"):
-            raise ValueError(
-                f"finetune.trainable = {ft.trainable!r} needs attention blocks, which the cgan discriminator does not "
-                f"have; use 'all' or 'lora'"
-            )
-        if gen != "cgan" and ft.trainable in ("attention", "attention+conditioning") and not any(self.model.attention_levels):
-            raise ValueError(
-                f"finetune.trainable = {ft.trainable!r} but model.attention_levels has no attention level; "
-                f"turn one on or use 'all' / 'lora'"
-            )
-        if self.autoencoder.finetune.mode == "dp" and gen != "latent_diffusion":
-            raise ValueError("autoencoder.finetune.mode = 'dp' applies only to model.generator = 'latent_diffusion'")
-        if gen == "cgan" and self.sample.guidance_scale != 1.0:
-            raise ValueError("sample.guidance_scale applies to diffusion models; a cgan samples with 1.0")
+        from dpgen.models.registry import family
+
+        family(self.model.generator).check_config(self)
 
     def _check_attributes(self) -> None:
         names = list(self.data.attributes)

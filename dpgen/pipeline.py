@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from dpgen.config import ConfigError, RunConfig, load_config
+from dpgen.core.device import resolve_device
 from dpgen.data import DataError, ImageDataset, check_labels, check_spatial_dims, load_dataset, resolve_source
 from dpgen.privacy import mechanisms
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.privacy.mechanisms import counts_from_histogram, split_total
 from dpgen.privacy.schema import ArtifactEntry, PrivacySource
-from dpgen.rundir import RunDir, default_run_dir, write_json_atomic
-from dpgen.training.common import resolve_device
+from dpgen.rundir import COHORT_NPZ, RunDir, default_run_dir, write_json_atomic
 
 STAGES = ("pretrain", "finetune", "sample")
 
@@ -141,7 +141,7 @@ def cohort_class_counts(config: RunConfig, rd: RunDir, n: int) -> tuple[dict[int
 def cohort_attributes(config: RunConfig, n: int, seed: int, rd: RunDir | None = None) -> tuple[dict | None, str]:
     """The attributes the cohort is generated with, and where they come from (never the
     private table: user values, the fixed ranges, the public dataset, or DP histograms)."""
-    from dpgen.privacy.randomness import step_generator
+    from dpgen.core.seeding import step_generator
 
     a = config.sample.attributes
     names = list(config.data.attributes)
@@ -240,19 +240,19 @@ def cohort_target(rd: RunDir, name: str | None, overwrite: bool) -> tuple[Path, 
     from dpgen.rundir import RunDirError
 
     if name is None and (overwrite or not rd.is_done("sample")):
-        return rd.cohort, "cohort/cohort.npz", "cohort"
+        return rd.cohort, rd.rel(rd.cohort_file), "cohort"
     if name is None:
         base = datetime.now().strftime("%Y%m%d-%H%M%S")
         name, i = base, 2
         while (rd.cohort / name).exists():
             name, i = f"{base}-{i}", i + 1
-    elif not name or name != Path(name).name or name.startswith(".") or name in ("nifti", "cohort.npz") \
+    elif not name or name != Path(name).name or name.startswith(".") or name in ("nifti", COHORT_NPZ) \
             or not all(ch.isalnum() or ch in "-_." for ch in name):
         raise ConfigError(f"--name {name!r}: use letters, digits, '-', '_' and '.' (a folder name inside cohort/)")
     folder = rd.cohort / name
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise RunDirError(f"cohort {folder} already exists; choose another --name, or pass --overwrite to replace it")
-    return folder, f"cohort/{name}/cohort.npz", f"cohort/{name}"
+    return folder, rd.rel(folder / COHORT_NPZ), f"cohort/{name}"
 
 
 def cohort_privacy_source(config: RunConfig, weight_mechanisms: list[str]) -> PrivacySource:
@@ -321,7 +321,7 @@ def run(
     summary["privacy"] = ledger.summary(config.privacy.delta).to_dict() if ledger.path.is_file() else None
     summary["target_epsilon"] = config.privacy.epsilon
     summary["generator"] = config.model.generator
-    write_json_atomic(rd.root / "summary.json", summary)
+    write_json_atomic(rd.summary_path, summary)
     return summary
 
 

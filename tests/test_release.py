@@ -164,7 +164,7 @@ def _bundle_text(out: Path) -> str:
 
 def dpgen_loads(path: Path) -> bool:
     """A shipped weights file rebuilds its network with dpgen (family and spec in the metadata)."""
-    from dpgen.training.common import build_from_checkpoint
+    from dpgen.models.registry import build_from_checkpoint
 
     return build_from_checkpoint(path)[1] is not None
 

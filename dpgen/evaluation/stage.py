@@ -40,7 +40,7 @@ from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.privacy.randomness import EVALUATION_SECRET, secret_streams
 from dpgen.privacy.schema import InternalRunEntry
 from dpgen.rundir import RunDir, to_jsonable, write_json_atomic
-from dpgen.training.common import resolve_device
+from dpgen.core.device import resolve_device
 
 PRIVACY_NOTE = (
     "INTERNAL: computed on the private data (train, val and test splits) without differential privacy. "

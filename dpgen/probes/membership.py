@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dpgen.privacy.engine import step_generator
+from dpgen.core.seeding import step_generator
 from dpgen.probes.stats import attack_metrics, auc
 
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpgen.privacy.engine import step_generator
+from dpgen.core.seeding import step_generator
 
 
 @dataclass

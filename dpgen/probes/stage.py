@@ -39,7 +39,7 @@ from dpgen.probes import reconstruction as rec
 from dpgen.probes.figures import nn_histograms, pairs_grid, reconstruction_grid, roc_figure
 from dpgen.probes.stats import dp_tpr_limits, roc_curve
 from dpgen.rundir import RunDir, to_jsonable, write_json_atomic
-from dpgen.training.common import resolve_device
+from dpgen.core.device import resolve_device
 
 MECHANISM = mechanisms.FINETUNE
 
