@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpgen.data.cohort import CohortWriter, write_class_grids, write_cohort_npz, write_nifti
+from dpgen.data.cohort import CohortWriter, write_class_grids, write_cohort_npz
 from dpgen.data.dataset import from_model_range
+from dpgen.data.nifti import write_nifti
 from dpgen.core.device import resolve_device
 from dpgen.core.seeding import step_generator
 from dpgen.models.conditioning import AttributeSpace

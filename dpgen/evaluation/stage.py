@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpgen.core.naming import class_name
 from dpgen.data import DataError
 from dpgen.evaluation import fidelity as fid
 from dpgen.evaluation.features import ENCODER_EPOCHS, FeatureExtractor, build_extractor, extract_features
-from dpgen.evaluation.inputs import check_cohort, check_real, class_name, load_cohort, load_real, require_split
+from dpgen.evaluation.inputs import check_cohort, check_real, load_cohort, load_real, require_split
 from dpgen.evaluation.utility import ROW_LABELS, ROWS, UtilityOptions, class_signal, evaluate_rows, train_rows
 from dpgen.privacy import accounting, mechanisms
 from dpgen.privacy.ledger import PrivacyLedger

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from dpgen.core.naming import class_name
 from dpgen.report import figures
 from dpgen.report.checklist import checklist, overall, primary_attack, row_auc, shareable_checklist, utility_rows
 from dpgen.report.disclosure import shared_privacy
@@ -100,10 +101,6 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
     lo = a.reshape(len(a), -1).min(1).reshape((-1,) + (1,) * (a.ndim - 1))
     hi = a.reshape(len(a), -1).max(1).reshape((-1,) + (1,) * (a.ndim - 1))
     return ((a - lo) / np.maximum(hi - lo, 1e-12) * 255).round().astype(np.uint8)
-
-
-def _class_name(k: int, names) -> str:
-    return names[k] if names and 0 <= k < len(names) else str(k)
 
 
 def _table(headers: list[str], rows: list[list[Any]], num_cols: set[int] = frozenset()) -> str:
@@ -180,7 +177,7 @@ def samples_section(info: RunInfo, internal: bool, notes: list[str]) -> str:
     rows = []
     for k in sorted(np.unique(labels)):
         syn = images[labels == k][:PER_CLASS]
-        cells = [f"<td><b>{e(_class_name(int(k), names))}</b><br><span class='small'>{int((labels == k).sum())} synthetic</span></td>",
+        cells = [f"<td><b>{e(class_name(int(k), names))}</b><br><span class='small'>{int((labels == k).sum())} synthetic</span></td>",
                  f"<td class='grid'>{img_tag(figures.grid_png(syn, ncol=8), f'synthetic class {k}', 'grid')}</td>"]
         if internal:
             pv = private.get(int(k))
