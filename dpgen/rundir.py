@@ -272,6 +272,20 @@ class RunDir:
 
     # --- lifecycle
     @classmethod
+    def open(cls, root: str | Path) -> "RunDir":
+        """An existing run directory, or a RunDirError that says what `root` is. Reads the file
+        system only: commands call it before loading torch, so a wrong path answers at once."""
+        root = Path(root)
+        if not root.exists():
+            raise RunDirError(f"{root}: no such run directory")
+        if not root.is_dir():
+            raise RunDirError(f"{root} is a file, not a run directory")
+        if not is_run_dir(root):
+            raise RunDirError(f"{root} is not a dpgen run directory (no config.yaml and state.json / manifest.json "
+                              f"written by dpgen); start one with `dpgen run CONFIG` or `dpgen pretrain CONFIG`")
+        return cls(root)
+
+    @classmethod
     def create(cls, root: str | Path, config, *, resume: bool = False, overwrite: bool = False,
                protect: Iterable[str | Path] = ()) -> "RunDir":
         """Open a run directory for writing.

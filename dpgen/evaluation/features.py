@@ -7,6 +7,7 @@ module mapping model-range images (N, C, *spatial) in [-1, 1] to features (N, D)
   dataset (its labels, plus which of 4 rotations was applied: a cheap self-supervised task that
   keeps the penultimate features from collapsing onto the two-class decision direction). Public
   data only, so it costs no privacy. It is cached in RUN/evaluation/public_encoder.safetensors
+  (`RunDir.public_encoder_file`)
   and its metrics are labeled "FD[public-encoder]" etc. so nobody mistakes them for Inception
   FID: the numbers are comparable between runs that use the same public data, not with
   published FIDs. A fixed seed makes the encoder the same for every run of the same public data.
@@ -32,9 +33,8 @@ from tqdm.auto import tqdm
 
 from dpgen.data import ImageDataset, load_dataset, to_model_range
 from dpgen.evaluation.nets import CNNSpec, SmallCNN
-from dpgen.rundir import load_tensors, save_tensors_atomic
+from dpgen.rundir import RunDir, load_tensors, save_tensors_atomic
 
-ENCODER_FILE = "public_encoder.safetensors"
 ENCODER_VERSION = 2  # bump when the architecture or recipe changes: cached encoders are retrained
 ENCODER_SEED = 0
 ENCODER_EPOCHS = 6
@@ -238,7 +238,7 @@ def public_encoder(config, rd, image_shape: tuple[int, ...], device="cpu", progr
             image_shape, f"the public data {public.name} is {public.spatial_dims}D but the private data is "
             f"{len(image_shape) - 1}D, so no encoder can be trained on it"
         )
-    path = Path(rd.root) / "evaluation" / ENCODER_FILE
+    path = RunDir(Path(rd.root)).public_encoder_file
     want = {"version": ENCODER_VERSION, "public_sha256": public.fingerprint, "image_shape": list(image_shape),
             "epochs": epochs}
     net = record = None

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from dpgen.core.device import resolve_device
+from dpgen.core.schemas import ProbesSummary
 from dpgen.data import DataError, load_dataset, load_npz
 from dpgen.privacy import mechanisms
 from dpgen.privacy.bounds import rero_bound_events
@@ -349,6 +350,7 @@ def audit_stage(config, rd: RunDir, device="auto", progress: bool = True, option
     results = to_jsonable(results)
     write_json_atomic(rd.probes_file, {**results, "per_record": to_jsonable(per_record)})
     summary = aggregate_summary(results)
+    ProbesSummary.model_validate(summary)  # the schema the release review reads it with
     write_json_atomic(rd.probes_summary_file, summary)
     results["outputs"] = {"internal": rd_rel(rd, rd.probes_file), "summary": rd_rel(rd, rd.probes_summary_file),
                           "figures": rd_rel(rd, rd.audit_dir)}
