@@ -24,6 +24,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class PublicTransform(_Section):
+    """How the public images are fitted to the private images' shape before anything trains on
+    them (`data.public.transform`). Fixed maps: the private data contributes only its shape
+    (channels and size, which size the model anyway), never a statistic of its content, and
+    it is never transformed itself. What was done is recorded in the manifest.
+
+    - `resize`: resample to the private spatial size (MONAI `Resize`); `interpolation`: `auto`
+      (area averaging when shrinking, bi/trilinear when enlarging), `area`, `linear` or `nearest`.
+    - `channels`: grey -> RGB by repeating the grey channel, RGB -> grey by luminance
+      (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B).
+    """
+
+    resize: bool = False
+    interpolation: Literal["auto", "area", "linear", "nearest"] = "auto"
+    channels: bool = False
+
+
 class DataSource(_Section):
     """Where a dataset comes from.
 
@@ -44,6 +61,8 @@ class DataSource(_Section):
     # range, e.g. a CT window. Without it each image is min-max scaled on its own (a per-record
     # map; a dataset-wide statistic of private data would leak).
     intensity_range: tuple[float, float] | None = None
+    # Public data only: fit the images to the private shape (see PublicTransform).
+    transform: PublicTransform | None = None
 
 
 class AttributeRange(_Section):
@@ -83,6 +102,13 @@ class DataConfig(_Section):
     # data before training: a 2D config given 3D volumes would otherwise build a 3D pixel-space
     # UNet (slow, and not what the config's sizes were chosen for) without a word.
     spatial_dims: Literal[2, 3] = 2
+
+    @model_validator(mode="after")
+    def _private_untransformed(self) -> "DataConfig":
+        if self.private.transform is not None:
+            raise ValueError("data.private.transform: only the public data is transformed (fitted to the private "
+                             "images' shape); the private data is used as it is. Move the key to data.public")
+        return self
 
 
 class GANConfig(_Section):

@@ -18,6 +18,7 @@ import torch
 from dpgen.config import ConfigError, RunConfig, load_config
 from dpgen.core.device import resolve_device
 from dpgen.data import DataError, ImageDataset, check_labels, check_spatial_dims, load_dataset, resolve_source
+from dpgen.data.transform import fit_to_shape
 from dpgen.privacy import mechanisms
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.privacy.mechanisms import counts_from_histogram, split_total
@@ -83,7 +84,6 @@ def pretrain_stage(config: RunConfig, rd: RunDir, device="auto", progress: bool 
     from dpgen.training.pretrain import pretrain
 
     public = load_role(config, "public")
-    _record(rd, "public", public)
     # The private data's *shape* (not its content) sizes the model.
     private = load_role(config, "private")
     shape = private.image_shape
@@ -91,6 +91,9 @@ def pretrain_stage(config: RunConfig, rd: RunDir, device="auto", progress: bool 
         if ds is not None:
             check_spatial_dims(config.data, role, ds.image_shape)  # folder sources are first read here
     check_labels(config.data, private.labels)
+    if public is not None:  # data.public.transform: fitted to the private shape (recorded in the manifest)
+        public = fit_to_shape(public, shape, config.data.public.transform)
+    _record(rd, "public", public)
     result = pretrain(config, rd, public, shape, resolve_device(device), progress)
     rd.mark_done("pretrain", result)
     return result

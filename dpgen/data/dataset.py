@@ -30,6 +30,7 @@ class ImageDataset:
     attributes: np.ndarray | None = None  # (N, A) float32
     attribute_names: list[str] = field(default_factory=list)
     intensity_range: tuple[float, float] | None = None  # fixed window for float images
+    transform: dict | None = None  # what dpgen.data.transform did to fit the images to another shape
 
     def __post_init__(self) -> None:
         check_arrays(self.images, self.labels, self.path, self.split)
@@ -79,6 +80,7 @@ class ImageDataset:
             "name": self.name, "path": self.path, "split": self.split, "n": len(self),
             "image_shape": list(self.image_shape), "sha256": self.fingerprint,
             "has_subjects": self.subjects is not None, "attributes": list(self.attribute_names),
+            **({"transform": self.transform} if self.transform else {}),
         }
 
 
