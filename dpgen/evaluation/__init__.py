@@ -14,6 +14,8 @@ code. Everything it computes stays under RUN/internal/evaluation/.
 Lazy: `dpgen --help` and `dpgen evaluate`'s argument errors import `commands` only, not torch.
 """
 
+from dpgen.core.lazy import lazy_exports
+
 _EXPORTS = {
     "evaluate_stage": "stage", "format_summary": "stage", "EvalOptions": "stage",
     "UtilityOptions": "utility", "ROWS": "utility",
@@ -24,10 +26,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"dpgen.evaluation.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'dpgen.evaluation' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -12,24 +12,20 @@ Lazy: `import dpgen.models.registry` (the config schema does) loads no torch; th
 imported when first named.
 """
 
+from dpgen.core.lazy import lazy_exports
+
 _EXPORTS = {
-    "ConditionalDiffusion": "dpgen.models.diffusion", "DiffusionSpec": "dpgen.models.diffusion",
-    "diffusion_spec_from_config": "dpgen.models.diffusion",
-    "AutoencoderSpec": "dpgen.models.autoencoder", "LatentAutoencoder": "dpgen.models.autoencoder",
-    "autoencoder_spec_from_config": "dpgen.models.autoencoder",
-    "LatentDiffusion": "dpgen.models.latent", "LatentDiffusionSpec": "dpgen.models.latent",
-    "latent_spec_from_config": "dpgen.models.latent",
-    "ConditionalGAN": "dpgen.models.gan", "GANSpec": "dpgen.models.gan", "gan_spec_from_config": "dpgen.models.gan",
-    "FAMILIES": "dpgen.models.registry", "Family": "dpgen.models.registry", "family": "dpgen.models.registry",
-    "build_from_checkpoint": "dpgen.models.registry",
+    "ConditionalDiffusion": "diffusion", "DiffusionSpec": "diffusion",
+    "diffusion_spec_from_config": "diffusion",
+    "AutoencoderSpec": "autoencoder", "LatentAutoencoder": "autoencoder",
+    "autoencoder_spec_from_config": "autoencoder",
+    "LatentDiffusion": "latent", "LatentDiffusionSpec": "latent",
+    "latent_spec_from_config": "latent",
+    "ConditionalGAN": "gan", "GANSpec": "gan", "gan_spec_from_config": "gan",
+    "FAMILIES": "registry", "Family": "registry", "family": "registry",
+    "build_from_checkpoint": "registry",
 }
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'dpgen.models' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

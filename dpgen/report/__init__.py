@@ -16,6 +16,8 @@ only. (`release` and `checklist` are modules of this package; their functions of
 are imported from them.)
 """
 
+from dpgen.core.lazy import lazy_exports
+
 _EXPORTS = {
     "CHECKS": "checklist", "shareable_checklist": "checklist", "overall": "checklist",
     "membership_auc_limit": "checklist",
@@ -26,10 +28,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"dpgen.report.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'dpgen.report' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
