@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dpgen.core.naming import class_name
 from dpgen.data import DataError, ImageDataset, load_dataset, load_npz, resolve_source
 
 COHORT_FILE = Path("cohort") / "cohort.npz"
@@ -70,10 +71,6 @@ def require_split(spec, split: str, against: ImageDataset | None = None) -> None
         )
 
 
-def class_name(k: int, class_names: list[str] | None) -> str:
-    return class_names[k] if class_names and k < len(class_names) else str(k)
-
-
 def check_real(ds: ImageDataset, num_classes: int, class_names: list[str] | None = None,
                need_all_classes: bool = True) -> None:
     """Labels of a real split lie in the configured label space (and every class occurs)."""
@@ -127,4 +124,4 @@ def check_cohort(cohort: ImageDataset, real: ImageDataset, num_classes: int,
         )
 
 
-__all__ = ["load_cohort", "load_real", "require_split", "check_cohort", "check_real", "describe_shape", "class_name", "COHORT_FILE"]
+__all__ = ["load_cohort", "load_real", "require_split", "check_cohort", "check_real", "describe_shape"]

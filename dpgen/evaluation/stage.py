@@ -30,17 +30,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpgen.core.device import resolve_device
+from dpgen.core.naming import class_name
+from dpgen.core.schemas import EvaluationResults
 from dpgen.data import DataError
 from dpgen.evaluation import fidelity as fid
 from dpgen.evaluation.features import ENCODER_EPOCHS, FeatureExtractor, build_extractor, extract_features
-from dpgen.evaluation.inputs import check_cohort, check_real, class_name, load_cohort, load_real, require_split
+from dpgen.evaluation.inputs import check_cohort, check_real, load_cohort, load_real, require_split
 from dpgen.evaluation.utility import ROW_LABELS, ROWS, UtilityOptions, class_signal, evaluate_rows, train_rows
 from dpgen.privacy import accounting, mechanisms
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.privacy.randomness import EVALUATION_SECRET, secret_streams
 from dpgen.privacy.schema import InternalRunEntry
 from dpgen.rundir import RunDir, to_jsonable, write_json_atomic
-from dpgen.training.common import resolve_device
 
 PRIVACY_NOTE = (
     "INTERNAL: computed on the private data (train, val and test splits) without differential privacy. "
@@ -256,6 +258,7 @@ def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, 
             figures.append(utility_figure(metrics["utility"]["rows"], out_dir / "utility.png"))
         metrics["figures"] = [str(Path(p).relative_to(rd.root)) for p in figures]
         metrics = to_jsonable(metrics)
+        EvaluationResults.model_validate(metrics)  # the schema the release review reads it with
         write_json_atomic(rd.evaluation_file, metrics)
         try:
             rd.mark_done("evaluate", {"metrics": str(rd.evaluation_file.relative_to(rd.root))})

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dpgen.core.naming import class_name
 from dpgen.data import ImageDataset
 from dpgen.evaluation.nets import CNNSpec, SmallCNN
 from dpgen.privacy.dpsgd import DPSGDLoop, DPSGDPlan, plan_dpsgd
@@ -333,7 +334,7 @@ def evaluate_rows(trained: TrainedRows, private_test: ImageDataset, num_classes:
               class_names: list[str] | None = None, device="cpu", batch_size: int = 512) -> dict[str, dict]:
     """Evaluate the frozen models on the private test split: the only place the split is used."""
     x, y = private_test.model_tensor(), private_test.labels
-    names = [class_names[k] if class_names and k < len(class_names) else str(k) for k in range(num_classes)]
+    names = [class_name(k, class_names) for k in range(num_classes)]
     out = {}
     for row, models in trained.models.items():
         per_seed = []
@@ -365,7 +366,7 @@ def class_signal(trained: TrainedRows, cohort: ImageDataset, num_classes: int, c
     if not models:
         return None
     x, y = cohort.model_tensor(), np.asarray(cohort.labels)
-    names = [class_names[k] if class_names and k < len(class_names) else str(k) for k in range(num_classes)]
+    names = [class_name(k, class_names) for k in range(num_classes)]
     per_seed = [classification_metrics(predict_proba(m, x, batch_size, device), y, num_classes) for m in models]
     return {
         "what": "classifiers trained on the real private train split (the ceiling row), applied to the cohort: "
