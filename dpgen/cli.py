@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import json
 import os
 import re
@@ -130,17 +131,9 @@ def _single_process_only(command: str) -> None:
 
 def _open_run(path: str):
     """(config, RunDir) of an existing run directory, or a RunDirError that says what `path` is."""
-    from dpgen.rundir import RunDir, RunDirError, is_run_dir
+    from dpgen.rundir import RunDir
 
-    root = Path(path)
-    if not root.exists():
-        raise RunDirError(f"{root}: no such run directory")
-    if not root.is_dir():
-        raise RunDirError(f"{root} is a file, not a run directory")
-    if not is_run_dir(root):
-        raise RunDirError(f"{root} is not a dpgen run directory (no config.yaml and state.json / manifest.json "
-                          f"written by dpgen); start one with `dpgen run CONFIG` or `dpgen pretrain CONFIG`")
-    rd = RunDir(root)
+    rd = RunDir.open(path)
     return rd.load_config(), rd
 
 
@@ -240,14 +233,6 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _unavailable(name: str, err: Exception):
-    def func(args) -> int:
-        print(f"dpgen: error: `dpgen {name}` is not available in this installation ({err})", file=sys.stderr)
-        return 2
-
-    return func
-
-
 def build_parser(command: str | None = None, *, lazy: bool = False) -> argparse.ArgumentParser:
     """The `dpgen` parser. `lazy`: register only `command`'s module fully (the other lazy
     commands are listed by name and help line); else every command."""
@@ -291,10 +276,7 @@ def build_parser(command: str | None = None, *, lazy: bool = False) -> argparse.
             registered.add(name)
             continue
         before = set(sub.choices)
-        try:
-            __import__(module, fromlist=["register"]).register(sub)
-        except ImportError as err:
-            sub.add_parser(name, help=help_line, add_help=False).set_defaults(func=_unavailable(name, err))
+        importlib.import_module(module).register(sub)
         registered |= set(sub.choices) - before
     return parser
 

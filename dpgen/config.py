@@ -24,6 +24,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class PublicTransform(_Section):
+    """How the public images are fitted to the private images' shape before anything trains on
+    them (`data.public.transform`). Fixed maps: the private data contributes only its shape
+    (channels and size, which size the model anyway), never a statistic of its content, and
+    it is never transformed itself. What was done is recorded in the manifest.
+
+    - `resize`: resample to the private spatial size (MONAI `Resize`); `interpolation`: `auto`
+      (area averaging when shrinking, bi/trilinear when enlarging), `area`, `linear` or `nearest`.
+    - `channels`: grey -> RGB by repeating the grey channel, RGB -> grey by luminance
+      (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B).
+    """
+
+    resize: bool = False
+    interpolation: Literal["auto", "area", "linear", "nearest"] = "auto"
+    channels: bool = False
+
+
 class DataSource(_Section):
     """Where a dataset comes from.
 
@@ -44,6 +61,8 @@ class DataSource(_Section):
     # range, e.g. a CT window. Without it each image is min-max scaled on its own (a per-record
     # map; a dataset-wide statistic of private data would leak).
     intensity_range: tuple[float, float] | None = None
+    # Public data only: fit the images to the private shape (see PublicTransform).
+    transform: PublicTransform | None = None
 
 
 class AttributeRange(_Section):
@@ -84,6 +103,13 @@ class DataConfig(_Section):
     # UNet (slow, and not what the config's sizes were chosen for) without a word.
     spatial_dims: Literal[2, 3] = 2
 
+    @model_validator(mode="after")
+    def _private_untransformed(self) -> "DataConfig":
+        if self.private.transform is not None:
+            raise ValueError("data.private.transform: only the public data is transformed (fitted to the private "
+                             "images' shape); the private data is used as it is. Move the key to data.public")
+        return self
+
 
 class GANConfig(_Section):
     """Architecture of `model.generator: cgan` (DCGAN-style, 2D or 3D)."""
@@ -109,10 +135,11 @@ class GANConfig(_Section):
 
 
 class ModelConfig(_Section):
-    # diffusion: pixel space (small images); latent_diffusion: UNet on the latents of an
-    # autoencoder trained on public data (section `autoencoder`); cgan: conditional GAN whose
-    # discriminator alone sees private data (section `model.gan`).
-    generator: Literal["diffusion", "latent_diffusion", "cgan"] = "diffusion"
+    # The generator family, one of dpgen.models.registry.FAMILIES: diffusion (pixel space, small
+    # images); latent_diffusion (UNet on the latents of an autoencoder trained on public data,
+    # section `autoencoder`); cgan (conditional GAN whose discriminator alone sees private data,
+    # section `model.gan`).
+    generator: str = "diffusion"
     channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
     attention_levels: list[bool] = Field(default_factory=lambda: [False, False, True])
     num_res_blocks: int = Field(default=1, gt=0)
@@ -128,6 +155,14 @@ class ModelConfig(_Section):
     # guidance needs an unconditional model too).
     cond_drop_prob: float = Field(default=0.1, ge=0, lt=1)
     gan: GANConfig = Field(default_factory=GANConfig)
+
+    @field_validator("generator")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        from dpgen.models.registry import family
+
+        family(v)  # raises ValueError naming the known families
+        return v
 
     @model_validator(mode="after")
     def _levels_match(self) -> "ModelConfig":
@@ -381,21 +416,9 @@ class RunConfig(_Section):
         return self
 
     def _check_families(self) -> None:
-        gen, ft = self.model.generator, self.finetune
-        if gen == "cgan" and ft.trainable in ("attention", "attention+conditioning"):
-            raise ValueError(
-                f"finetune.trainable = {ft.trainable!r} needs attention blocks, which the cgan discriminator does not "
-                f"have; use 'all' or 'lora'"
-            )
-        if gen != "cgan" and ft.trainable in ("attention", "attention+conditioning") and not any(self.model.attention_levels):
-            raise ValueError(
-                f"finetune.trainable = {ft.trainable!r} but model.attention_levels has no attention level; "
-                f"turn one on or use 'all' / 'lora'"
-            )
-        if self.autoencoder.finetune.mode == "dp" and gen != "latent_diffusion":
-            raise ValueError("autoencoder.finetune.mode = 'dp' applies only to model.generator = 'latent_diffusion'")
-        if gen == "cgan" and self.sample.guidance_scale != 1.0:
-            raise ValueError("sample.guidance_scale applies to diffusion models; a cgan samples with 1.0")
+        from dpgen.models.registry import family
+
+        family(self.model.generator).check_config(self)
 
     def _check_attributes(self) -> None:
         names = list(self.data.attributes)

@@ -16,13 +16,14 @@ import numpy as np
 import torch
 
 from dpgen.config import ConfigError, RunConfig, load_config
+from dpgen.core.device import resolve_device
 from dpgen.data import DataError, ImageDataset, check_labels, check_spatial_dims, load_dataset, resolve_source
+from dpgen.data.transform import fit_to_shape
 from dpgen.privacy import mechanisms
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.privacy.mechanisms import counts_from_histogram, split_total
 from dpgen.privacy.schema import ArtifactEntry, PrivacySource
-from dpgen.rundir import RunDir, default_run_dir, write_json_atomic
-from dpgen.training.common import resolve_device
+from dpgen.rundir import COHORT_NPZ, RunDir, default_run_dir, write_json_atomic
 
 STAGES = ("pretrain", "finetune", "sample")
 
@@ -83,7 +84,6 @@ def pretrain_stage(config: RunConfig, rd: RunDir, device="auto", progress: bool 
     from dpgen.training.pretrain import pretrain
 
     public = load_role(config, "public")
-    _record(rd, "public", public)
     # The private data's *shape* (not its content) sizes the model.
     private = load_role(config, "private")
     shape = private.image_shape
@@ -91,6 +91,9 @@ def pretrain_stage(config: RunConfig, rd: RunDir, device="auto", progress: bool 
         if ds is not None:
             check_spatial_dims(config.data, role, ds.image_shape)  # folder sources are first read here
     check_labels(config.data, private.labels)
+    if public is not None:  # data.public.transform: fitted to the private shape (recorded in the manifest)
+        public = fit_to_shape(public, shape, config.data.public.transform)
+    _record(rd, "public", public)
     result = pretrain(config, rd, public, shape, resolve_device(device), progress)
     rd.mark_done("pretrain", result)
     return result
@@ -141,7 +144,7 @@ def cohort_class_counts(config: RunConfig, rd: RunDir, n: int) -> tuple[dict[int
 def cohort_attributes(config: RunConfig, n: int, seed: int, rd: RunDir | None = None) -> tuple[dict | None, str]:
     """The attributes the cohort is generated with, and where they come from (never the
     private table: user values, the fixed ranges, the public dataset, or DP histograms)."""
-    from dpgen.privacy.randomness import step_generator
+    from dpgen.core.seeding import step_generator
 
     a = config.sample.attributes
     names = list(config.data.attributes)
@@ -240,19 +243,19 @@ def cohort_target(rd: RunDir, name: str | None, overwrite: bool) -> tuple[Path, 
     from dpgen.rundir import RunDirError
 
     if name is None and (overwrite or not rd.is_done("sample")):
-        return rd.cohort, "cohort/cohort.npz", "cohort"
+        return rd.cohort, rd.rel(rd.cohort_file), "cohort"
     if name is None:
         base = datetime.now().strftime("%Y%m%d-%H%M%S")
         name, i = base, 2
         while (rd.cohort / name).exists():
             name, i = f"{base}-{i}", i + 1
-    elif not name or name != Path(name).name or name.startswith(".") or name in ("nifti", "cohort.npz") \
+    elif not name or name != Path(name).name or name.startswith(".") or name in ("nifti", COHORT_NPZ) \
             or not all(ch.isalnum() or ch in "-_." for ch in name):
         raise ConfigError(f"--name {name!r}: use letters, digits, '-', '_' and '.' (a folder name inside cohort/)")
     folder = rd.cohort / name
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise RunDirError(f"cohort {folder} already exists; choose another --name, or pass --overwrite to replace it")
-    return folder, f"cohort/{name}/cohort.npz", f"cohort/{name}"
+    return folder, rd.rel(folder / COHORT_NPZ), f"cohort/{name}"
 
 
 def cohort_privacy_source(config: RunConfig, weight_mechanisms: list[str]) -> PrivacySource:
@@ -321,7 +324,7 @@ def run(
     summary["privacy"] = ledger.summary(config.privacy.delta).to_dict() if ledger.path.is_file() else None
     summary["target_epsilon"] = config.privacy.epsilon
     summary["generator"] = config.model.generator
-    write_json_atomic(rd.root / "summary.json", summary)
+    write_json_atomic(rd.summary_path, summary)
     return summary
 
 

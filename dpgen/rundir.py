@@ -4,10 +4,12 @@
       config.yaml           the resolved config (round-trips through `load_config`)
       manifest.json         versions, git commit, seeds, dataset fingerprints (never data)
       state.json            which stages finished
-      checkpoints/          safetensors weights (+ a JSON sidecar with what rebuilds the model)
+      checkpoints/          safetensors weights (their metadata holds the family and the spec that
+                            rebuild the network) and resumable training states
       privacy/ledger.jsonl  the append-only privacy ledger
       logs/                 TensorBoard event files
-      cohort/               the synthetic cohort (.npz in MedMNIST layout, PNG grids)
+      cohort/               the synthetic cohort (.npz in MedMNIST layout, PNG grids; NIfTI for 3D)
+      evaluation/           the public feature encoder `dpgen evaluate` trains (public data only)
       report/report.html    the shareable release review (DP outputs, public data, user choices only)
       internal/             anything that shows or derives from private data without DP, and
                             secrets; never released: secrets.json (0600), logs/ (fine-tuning
@@ -37,6 +39,8 @@ import yaml
 
 # torch, safetensors and dpgen.distributed (torch) are imported where they are used: the CLI
 # checks a run directory (and refuses a bad one) before loading the heavy stacks.
+
+COHORT_NPZ = "cohort.npz"  # in cohort/ and in each cohort/NAME/ folder
 
 DEPENDENCIES = (
     "torch", "opacus", "monai", "diffusers", "torchmetrics", "accelerate", "dp-accounting",
@@ -179,6 +183,30 @@ class RunDir:
         return self.root / "checkpoints"
 
     @property
+    def pretrain_weights(self) -> Path:
+        """The public pretrained generator (safetensors + spec)."""
+        return self.checkpoints / "pretrain.safetensors"
+
+    @property
+    def finetune_weights(self) -> Path:
+        """The DP fine-tuned generator: what `dpgen.load` and the sample stage use."""
+        return self.checkpoints / "finetune.safetensors"
+
+    @property
+    def pretrain_state(self) -> Path:
+        """Resumable state of the public pretraining (model, EMA, optimizer, step)."""
+        return self.checkpoints / "pretrain_state.safetensors"
+
+    @property
+    def finetune_state(self) -> Path:
+        """Resumable state of the DP fine-tuning."""
+        return self.checkpoints / "finetune_state.safetensors"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
     def ledger_path(self) -> Path:
         return self.root / "privacy" / "ledger.jsonl"
 
@@ -193,6 +221,11 @@ class RunDir:
     @property
     def internal(self) -> Path:
         return self.root / "internal"
+
+    @property
+    def public_encoder_file(self) -> Path:
+        """The feature encoder `dpgen evaluate` trains on the public data (no private data: not internal)."""
+        return self.root / "evaluation" / "public_encoder.safetensors"
 
     # Outputs of the evaluate and audit stages: statistics of private data computed without
     # DP, so they live under internal/ (the data holder's internal review reads them).
@@ -230,9 +263,28 @@ class RunDir:
 
     @property
     def cohort_file(self) -> Path:
-        return self.cohort / "cohort.npz"
+        """The run's cohort (what evaluate, audit, report and release use)."""
+        return self.cohort / COHORT_NPZ
+
+    def rel(self, path: str | Path) -> str:
+        """`path` relative to the run directory, with forward slashes (ledger and report paths)."""
+        return Path(path).relative_to(self.root).as_posix()
 
     # --- lifecycle
+    @classmethod
+    def open(cls, root: str | Path) -> "RunDir":
+        """An existing run directory, or a RunDirError that says what `root` is. Reads the file
+        system only: commands call it before loading torch, so a wrong path answers at once."""
+        root = Path(root)
+        if not root.exists():
+            raise RunDirError(f"{root}: no such run directory")
+        if not root.is_dir():
+            raise RunDirError(f"{root} is a file, not a run directory")
+        if not is_run_dir(root):
+            raise RunDirError(f"{root} is not a dpgen run directory (no config.yaml and state.json / manifest.json "
+                              f"written by dpgen); start one with `dpgen run CONFIG` or `dpgen pretrain CONFIG`")
+        return cls(root)
+
     @classmethod
     def create(cls, root: str | Path, config, *, resume: bool = False, overwrite: bool = False,
                protect: Iterable[str | Path] = ()) -> "RunDir":
@@ -303,6 +355,18 @@ class RunDir:
 
     def is_done(self, stage: str) -> bool:
         return stage in self.state()["completed"]
+
+    def next_command(self) -> str:
+        """The command that continues this run to a cohort (for error messages that suggest a
+        next step that works)."""
+        import shlex
+
+        root = shlex.quote(str(self.root))
+        if not self.is_done("pretrain"):
+            return f"dpgen pretrain {shlex.quote(str(self.config_path))} --run-dir {root} --resume"
+        if not self.is_done("finetune"):
+            return f"dpgen finetune {root}"
+        return f"dpgen sample {root}"
 
     def mark_done(self, stage: str, info: dict | None = None) -> None:
         st = self.state()

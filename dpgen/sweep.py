@@ -15,8 +15,8 @@ Public pretraining costs no privacy, so sharing it across the epsilons changes n
 run's ledger; each run's ledger holds only its own fine-tuning. Each epsilon is a separate
 release candidate: the epsilons of different runs do not compose unless you release several.
 
-The evaluation stage runs when `dpgen.evaluation` is importable (else each run is marked
-"not evaluated" and the curve shows what there is).
+Every run is evaluated (`dpgen evaluate`'s stage) unless the sweep is asked not to (`--no-evaluate`:
+each run is marked "not evaluated" and the curve stays empty).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from dpgen.rundir import RunDir, RunDirError, default_run_dir, to_jsonable, writ
 SWEEP_JSON = "internal/sweep.json"
 CURVE_PNG = "internal/curve.png"
 PRETRAIN_DIR = "pretrain"
-PRETRAIN_WEIGHTS = "pretrain.safetensors"
 
 
 def parse_epsilons(text: str | list) -> list[float]:
@@ -83,22 +82,24 @@ def _f(v: Any) -> float | None:
 
 def point_from_evaluation(epsilon: float | None, evaluation: dict | None) -> dict:
     """One point of the curve from a run's evaluation.json (None where a number is missing)."""
+    from pydantic import ValidationError
+
+    from dpgen.core.schemas import EvaluationResults
+
+    try:
+        ev = EvaluationResults.model_validate(evaluation if isinstance(evaluation, dict) else {})
+    except ValidationError:
+        ev = EvaluationResults()
     p: dict = {"epsilon": epsilon}
-    ev = evaluation if isinstance(evaluation, dict) else {}
-    rows = ((ev.get("utility") or {}).get("rows") or {}) if isinstance(ev.get("utility"), dict) else {}
     for rid, key in (("synthetic", "tstr"), ("dp_real", "dp_sgd"), ("synthetic_then_dp_real", "ft"), ("real", "ceiling")):
-        r = rows.get(rid) if isinstance(rows, dict) else None
-        auc = (r or {}).get("roc_auc") if isinstance(r, dict) else None
-        p[f"{key}_auc"] = _f(auc.get("mean")) if isinstance(auc, dict) else _f(auc)
-        p[f"{key}_std"] = _f(auc.get("std")) if isinstance(auc, dict) else None
-        if key == "dp_sgd" and isinstance(r, dict) and isinstance(r.get("privacy"), dict):
-            p["dp_sgd_epsilon"] = _f(r["privacy"].get("epsilon"))
-    fid = ev.get("fidelity") if isinstance(ev.get("fidelity"), dict) else {}
-    metrics = ((fid.get("overall") or {}).get("metrics") or {}) if fid else {}
-    fd = next(((k, v) for k, v in metrics.items() if str(k).upper().startswith("FD") and isinstance(v, dict)), None)
+        p[f"{key}_auc"], p[f"{key}_std"] = ev.auc(rid)
+    base = ev.rows.get("dp_real")
+    if base is not None and base.privacy is not None:
+        p["dp_sgd_epsilon"] = base.privacy.epsilon
+    fd = ev.fidelity.frechet() if ev.fidelity is not None else None
     p["fd_name"] = fd[0] if fd else None
-    p["fd"] = _f(fd[1].get("cohort")) if fd else None
-    p["fd_real"] = _f(fd[1].get("real_vs_real")) if fd else None
+    p["fd"] = fd[1].cohort if fd else None
+    p["fd_real"] = fd[1].real_vs_real if fd else None
     return p
 
 
@@ -142,14 +143,6 @@ def _open_sweep_dir(root: Path, resume: bool, overwrite: bool, protect: tuple = 
         raise RunDirError(f"{root} already exists and is not empty, and it is not a dpgen sweep directory; "
                           f"choose another --run-dir")
     root.mkdir(parents=True, exist_ok=True)
-
-
-def _evaluator():
-    try:
-        from dpgen.evaluation import evaluate_stage
-    except ImportError as err:
-        return None, f"dpgen.evaluation is not available ({err})"
-    return evaluate_stage, None
 
 
 def sweep(
@@ -196,11 +189,13 @@ def sweep(
         timing["pretrain_s"] = round(time.time() - t, 2)
         log(f"sweep: public pretraining done ({timing['pretrain_s']} s) -> {pre.root}")
     pre_info = pre.state()["completed"]["pretrain"]
-    weights = pre.checkpoints / PRETRAIN_WEIGHTS
+    weights = pre.pretrain_weights
     pre_datasets = {k: v for k, v in ((RunDir.read_json(pre.manifest_path) or {}).get("datasets") or {}).items()
                     if k.startswith("public/")}
 
-    evaluate_stage, eval_note = _evaluator() if evaluate else (None, "evaluation skipped (--no-evaluate)")
+    from dpgen.evaluation.stage import evaluate_stage
+
+    eval_note = None if evaluate else "evaluation skipped (--no-evaluate)"
     old = (RunDir.read_json(root / SWEEP_JSON) or {}) if resume else {}
     old_timing = {r.get("run_dir"): r.get("timing") or {} for r in old.get("runs") or [] if isinstance(r, dict)}
     timing = {**(old.get("timing") or {}), **timing}
@@ -214,11 +209,11 @@ def sweep(
         rd = RunDir.create(root / name, cfg, resume=resume and (root / name).is_dir())
         rec: dict = {"epsilon": eps, "repeat": rep + 1, "run_dir": name, "timing": {}}
         if not rd.is_done("pretrain"):
-            how = _link_or_copy(weights, rd.checkpoints / PRETRAIN_WEIGHTS)
+            how = _link_or_copy(weights, rd.pretrain_weights)
             if pre_datasets:
                 rd.record_datasets(pre_datasets)
             rd.mark_done("pretrain", {k: v for k, v in pre_info.items() if k != "time"} |
-                         {"shared_from": f"../{PRETRAIN_DIR}/checkpoints/{PRETRAIN_WEIGHTS}", "shared_as": how})
+                         {"shared_from": f"../{PRETRAIN_DIR}/{pre.rel(weights)}", "shared_as": how})
         for name, fn in (("finetune", finetune_stage), ("sample", sample_stage)):
             if rd.is_done(name):
                 continue
@@ -226,7 +221,7 @@ def sweep(
             fn(cfg, rd, device=device, progress=progress)
             rec["timing"][f"{name}_s"] = round(time.time() - t, 2)
         evaluation = None
-        if evaluate_stage is not None:
+        if evaluate:
             if rd.is_done("evaluate") and rd.evaluation_file.is_file():
                 evaluation = RunDir.read_json(rd.evaluation_file)
             else:
@@ -262,11 +257,11 @@ def sweep(
                    if repeats > 1 else "std over classifier seeds (one DP fine-tune per epsilon)"),
         "delta": config.privacy.delta,
         "pretrain": {"run_dir": PRETRAIN_DIR, "steps": pre_info.get("steps"), "shared_as": "hard link or copy of "
-                     f"{PRETRAIN_DIR}/checkpoints/{PRETRAIN_WEIGHTS}"},
+                     f"{PRETRAIN_DIR}/{pre.rel(weights)}"},
         "runs": runs,
         "points": points,
         "ceiling_auc": ceiling,
-        "evaluation": "run" if evaluate_stage is not None else eval_note,
+        "evaluation": "run" if evaluate else eval_note,
         "timing": {**timing, "total_s": round(time.time() - t_all, 2)},  # total_s: this invocation
         "curve": CURVE_PNG,
         "note": ("each epsilon is its own release candidate (its own ledger); releasing several cohorts of this "
@@ -301,14 +296,11 @@ def _share_public_encoder(root: Path, eps_list: list[float], rd: RunDir) -> None
     """Reuse the public feature encoder another epsilon's evaluation trained (public data only: free),
     so every point of the curve is measured with the same features. The evaluation re-checks its
     cache key (public data fingerprint, image shape, epochs, version) and retrains on a mismatch."""
-    try:
-        from dpgen.evaluation.features import ENCODER_FILE
-    except ImportError:
-        return
-    target = rd.root / "evaluation" / ENCODER_FILE
+    target = rd.public_encoder_file
     if target.exists():
         return
-    for src in sorted(root.glob(f"eps_*/evaluation/{ENCODER_FILE}")):
+    for other in sorted(root.glob("eps_*")):
+        src = RunDir(other).public_encoder_file
         if src.is_file() and src.resolve() != target.resolve():
             _link_or_copy(src, target)
             return

@@ -20,9 +20,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.stats import beta, binom, norm
+from scipy.stats import binom, norm
 
-from dpgen.privacy import accounting, commands, dpsgd
+from dpgen.privacy import commands, dpsgd
 from dpgen.privacy.accounting import _gdp_delta
 from dpgen.privacy.audit import (
     METHODS, NO_CLIP_NORM, UNITS, VARIANTS, _load_real_images, claim_llr, clopper_pearson, eps_delta_lower,

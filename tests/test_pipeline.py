@@ -123,7 +123,7 @@ def test_public_labels_of_another_task_are_ignored(finished_run, tiny_raw):
     from dpgen.config import config_from_dict
     from dpgen.data import load_dataset
     from dpgen.models.conditioning import AttributeSpace
-    from dpgen.training.common import load_checkpoint
+    from dpgen.core.checkpoints import load_checkpoint
     from dpgen.training.families.shared import public_rows
 
     _, run_dir = finished_run

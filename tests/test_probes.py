@@ -100,17 +100,23 @@ def test_copies_are_flagged_and_held_out_images_are_not(tiny_config):
 
 
 def test_discriminator_attack_scores_members_higher():
-    from dpgen.probes.membership import discriminator_attack
+    from dpgen.probes.membership import attack_results, discriminator_attack
 
     class MeanD(torch.nn.Module):  # "looks real" = bright, standing in for a memorizing discriminator
         def forward(self, x):
             return x.flatten(1).mean(1, keepdim=True)
 
+    class ZeroD(torch.nn.Module):  # a reference that finds everything equally real
+        def forward(self, x):
+            return torch.zeros(len(x), 1)
+
     g = torch.Generator().manual_seed(0)
     members = torch.rand(40, 1, 8, 8, generator=g) + 0.5
     non_members = torch.rand(40, 1, 8, 8, generator=g)
-    res = discriminator_attack(MeanD(), members, non_members, n_boot=200)
-    assert res["auc"] > 0.95 and res["auc_ci"][0] > 0.9
+    res = attack_results(discriminator_attack(MeanD(), members, non_members, reference=ZeroD()), n_boot=200)
+    assert res["primary"] == "reference" and set(res["scores"]) == {"discriminator", "reference"}
+    for r in res["scores"].values():
+        assert r["auc"] > 0.95 and r["auc_ci"][0] > 0.9
 
 
 # ----------------------------------------------------------------------------- a tiny finished run

@@ -72,7 +72,6 @@ def test_report_renders_in_headless_chromium(run_copy):
 
 def test_shareable_page_reads_nothing_private_and_is_self_contained(run_dir, monkeypatch):
     import dpgen.data
-    import dpgen.report.runinfo as runinfo
 
     info = load_run(run_dir)
     config = info.config

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -18,8 +17,6 @@ from dpgen.config import ConfigError
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.sweep import eps_dirname, parse_epsilons
 from tests.test_release import small_raw
-
-HAVE_EVAL = importlib.util.find_spec("dpgen.evaluation") is not None
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,10 +37,7 @@ def swept(tmp_path_factory):
     # too few for the evaluation (and the override checks that overrides reach every run)
     args = ["sweep", str(cfg), "sample.class_counts.mode=uniform", "--epsilons", "2,inf", "--run-dir", str(sweep_dir),
             "--no-progress", "--device", "cpu"]
-    if HAVE_EVAL:
-        args += ["--eval-seeds", "1", "--eval-epochs", "1", "--encoder-epochs", "1"]
-    else:
-        args += ["--no-evaluate"]
+    args += ["--eval-seeds", "1", "--eval-epochs", "1", "--encoder-epochs", "1"]
     assert main(args) == 0
     return cfg, sweep_dir
 
@@ -87,21 +81,18 @@ def test_sweep_writes_results_and_draws_the_curve(swept):
 
     with Image.open(d / "internal" / "curve.png") as im:
         assert im.width > 400 and im.height > 200
-    if HAVE_EVAL:
-        assert res["evaluation"] == "run"
-        for r in res["runs"]:
-            p = r["point"]
-            assert r["evaluated"] and (d / r["run_dir"] / "internal" / "evaluation" / "evaluation.json").is_file()
-            for key in ("tstr_auc", "dp_sgd_auc", "ceiling_auc", "fd", "fd_real"):
-                assert p[key] is not None, (r["run_dir"], key)
-            assert 0 <= p["tstr_auc"] <= 1 and 0 <= p["dp_sgd_auc"] <= 1
-        assert res["ceiling_auc"] is not None
-        # one public feature encoder for the whole curve (trained once on public data, shared)
-        enc = [d / r / "evaluation" / "public_encoder.safetensors" for r in ("eps_2", "eps_inf")]
-        assert enc[0].read_bytes() == enc[1].read_bytes()
-        assert res["runs"][0]["point"]["fd_real"] == pytest.approx(res["runs"][1]["point"]["fd_real"])
-    else:
-        assert all(not r["evaluated"] and "not evaluated" in r["note"] for r in res["runs"])
+    assert res["evaluation"] == "run"
+    for r in res["runs"]:
+        p = r["point"]
+        assert r["evaluated"] and (d / r["run_dir"] / "internal" / "evaluation" / "evaluation.json").is_file()
+        for key in ("tstr_auc", "dp_sgd_auc", "ceiling_auc", "fd", "fd_real"):
+            assert p[key] is not None, (r["run_dir"], key)
+        assert 0 <= p["tstr_auc"] <= 1 and 0 <= p["dp_sgd_auc"] <= 1
+    assert res["ceiling_auc"] is not None
+    # one public feature encoder for the whole curve (trained once on public data, shared)
+    enc = [d / r / "evaluation" / "public_encoder.safetensors" for r in ("eps_2", "eps_inf")]
+    assert enc[0].read_bytes() == enc[1].read_bytes()
+    assert res["runs"][0]["point"]["fd_real"] == pytest.approx(res["runs"][1]["point"]["fd_real"])
 
 
 def test_sweep_resume_skips_finished_work_and_refuses_to_overwrite(swept, capsys):
@@ -112,7 +103,7 @@ def test_sweep_resume_skips_finished_work_and_refuses_to_overwrite(swept, capsys
     assert main(base) == 2  # exists: needs --resume or --overwrite
     assert "already exists" in capsys.readouterr().err
     t0 = time.time()
-    assert main([*base, "--resume"] + ([] if HAVE_EVAL else ["--no-evaluate"])) == 0
+    assert main([*base, "--resume"]) == 0
     assert time.time() - t0 < 60  # nothing trained again
     assert (d / "eps_2" / "privacy" / "ledger.jsonl").read_bytes() == before  # nothing re-spent
     res = json.loads((d / "internal" / "sweep.json").read_text())

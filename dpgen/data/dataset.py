@@ -7,9 +7,7 @@ channel-first array (N, C, *spatial). Scaling to the model's range is a fixed, p
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +30,7 @@ class ImageDataset:
     attributes: np.ndarray | None = None  # (N, A) float32
     attribute_names: list[str] = field(default_factory=list)
     intensity_range: tuple[float, float] | None = None  # fixed window for float images
+    transform: dict | None = None  # what dpgen.data.transform did to fit the images to another shape
 
     def __post_init__(self) -> None:
         check_arrays(self.images, self.labels, self.path, self.split)
@@ -81,6 +80,7 @@ class ImageDataset:
             "name": self.name, "path": self.path, "split": self.split, "n": len(self),
             "image_shape": list(self.image_shape), "sha256": self.fingerprint,
             "has_subjects": self.subjects is not None, "attributes": list(self.attribute_names),
+            **({"transform": self.transform} if self.transform else {}),
         }
 
 
@@ -133,17 +133,3 @@ def from_model_range(x: torch.Tensor) -> np.ndarray:
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def md5_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

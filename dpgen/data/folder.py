@@ -1,4 +1,5 @@
-"""An image folder plus a labels CSV, and NIfTI / DICOM volumes through MONAI's readers.
+"""An image folder plus a labels CSV: PNG/JPEG (Pillow), NIfTI (dpgen.data.nifti, one axis
+convention with the cohort writer), DICOM (MONAI's reader).
 
 CSV columns: `image` (path relative to the folder), `label` (integer), optional subject ID,
 split and attribute columns (names set in the config).
@@ -13,8 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dpgen.data.dataset import DataError, ImageDataset
-
-_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm")
+from dpgen.data.nifti import is_nifti, read_nifti
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -23,8 +23,10 @@ def _read_image(path: Path) -> np.ndarray:
     if not path.exists():
         raise DataError(f"{path}: listed in the labels CSV but does not exist")
     try:
-        if name.endswith(_VOLUME_SUFFIXES) or path.is_dir():
-            from monai.transforms import LoadImage  # MONAI reads NIfTI (nibabel) and DICOM (pydicom)
+        if is_nifti(name):
+            return read_nifti(path)
+        if name.endswith(".dcm") or path.is_dir():
+            from monai.transforms import LoadImage  # MONAI reads DICOM (pydicom): a file or a series folder
 
             arr = np.asarray(LoadImage(image_only=True, ensure_channel_first=True)(str(path)))
             return arr.astype(np.float32)

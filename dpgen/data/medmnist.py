@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dpgen.data.dataset import DataError, ImageDataset, md5_file, sha256_file
+from dpgen.core.files import md5_file, sha256_file
+from dpgen.data.dataset import DataError, ImageDataset
 
 _ZENODO = "https://zenodo.org/records/10519652/files/{name}.npz?download=1"
 

@@ -45,10 +45,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dpgen.core.naming import class_name
 from dpgen.data import ImageDataset
 from dpgen.evaluation.nets import CNNSpec, SmallCNN
 from dpgen.privacy.dpsgd import DPSGDLoop, DPSGDPlan, plan_dpsgd
-from dpgen.privacy.engine import PrivacyUnits
+from dpgen.privacy.engine import PrivacyError, PrivacyUnits
 from dpgen.privacy.randomness import SecretStreams
 
 ROWS = ("real", "dp_real", "synthetic", "synthetic_then_dp_real")
@@ -180,12 +181,13 @@ def train_nonprivate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
 
 
 def dp_plan(epsilon: float, delta: float, n_units: int, batch_size: int, epochs: int, max_grad_norm: float = 1.0,
-            neighbouring: str = "add_remove") -> DPSGDPlan:
-    """The one DP-SGD planner for `epochs` passes over the units (steps = epochs / q)."""
+            neighbouring: str = "add_remove", other_events=()) -> DPSGDPlan:
+    """The one DP-SGD planner for `epochs` passes over the units (steps = epochs / q); with
+    `other_events` (the cohort's), sigma is calibrated so that everything composes to `epsilon`."""
     q = min(1.0, batch_size / n_units)
     return plan_dpsgd(target_epsilon=epsilon, delta=delta, n_units=n_units, batch_size=min(batch_size, n_units),
                       steps=max(1, int(round(epochs / q))), max_grad_norm=max_grad_norm, neighbouring=neighbouring,
-                      what="the evaluation's DP-SGD classifier")
+                      other_events=other_events, what="the evaluation's DP-SGD classifier")
 
 
 class ClassifierObjective:
@@ -249,9 +251,14 @@ class TrainedRows:
 
 def train_rows(cohort: ImageDataset, private_train: ImageDataset, private_val: ImageDataset | None, num_classes: int,
                *, epsilon: float, delta: float, secret: SecretStreams, opts: UtilityOptions | None = None, rows=ROWS,
-               device="cpu", progress: bool = True, neighbouring: str = "add_remove") -> TrainedRows:
+               device="cpu", progress: bool = True, neighbouring: str = "add_remove",
+               finetune_within: list[dict] | None = None) -> TrainedRows:
     """Train every row and seed. Reads the cohort, private train and private val, never test.
-    `secret`: the secret streams of the DP rows (each row and seed gets its own stream)."""
+    `secret`: the secret streams of the DP rows (each row and seed gets its own stream).
+    `finetune_within`: the cohort's accounting events; when given, the synthetic-pretrain + DP
+    fine-tune row is calibrated so that the cohort and the fine-tune compose to `epsilon` (a split
+    budget, comparable with the DP-SGD baseline at `epsilon`); the row is left out when the cohort
+    alone already spends `epsilon`."""
     opts = opts or UtilityOptions()
     shape = tuple(private_train.image_shape)
     x_real, y_real = private_train.model_tensor(), torch.as_tensor(private_train.labels)
@@ -261,9 +268,17 @@ def train_rows(cohort: ImageDataset, private_train: ImageDataset, private_val: I
     if private_val is not None:
         val_real = (private_val.model_tensor(), private_val.labels)
     need_dp = "dp_real" in rows or "synthetic_then_dp_real" in rows
+    skipped = None
     plan_args = (delta, len(units), opts.dp_batch_size)
     base_plan = dp_plan(epsilon, *plan_args, opts.dp_epochs, opts.dp_max_grad_norm, neighbouring) if need_dp else None
-    ft_plan = dp_plan(epsilon, *plan_args, opts.finetune_epochs, opts.dp_max_grad_norm, neighbouring) if need_dp else None
+    ft_plan = None
+    if need_dp and "synthetic_then_dp_real" in rows:
+        try:
+            ft_plan = dp_plan(epsilon, *plan_args, opts.finetune_epochs, opts.dp_max_grad_norm, neighbouring,
+                              other_events=finetune_within or ())
+        except PrivacyError as err:  # the cohort spent the whole budget: nothing left for a split
+            rows = tuple(r for r in rows if r != "synthetic_then_dp_real")
+            skipped = str(err)
     models: dict[str, list] = {r: [] for r in rows}
     records: dict[str, list] = {r: [] for r in rows}
     need_syn = "synthetic" in rows or "synthetic_then_dp_real" in rows
@@ -302,7 +317,8 @@ def train_rows(cohort: ImageDataset, private_train: ImageDataset, private_val: I
                 models["synthetic_then_dp_real"].append(m2)
                 records["synthetic_then_dp_real"].append(rec2)
     info = {"dp_baseline_plan": base_plan, "dp_finetune_plan": ft_plan, "privacy_unit": units.kind,
-            "n_units": len(units), "options": opts.to_dict(), "seeds": opts.seeds}
+            "n_units": len(units), "options": opts.to_dict(), "seeds": opts.seeds,
+            "finetune_split_budget": finetune_within is not None, "finetune_skipped": skipped}
     return TrainedRows(models=models, records=records, info=info)
 
 
@@ -318,7 +334,7 @@ def evaluate_rows(trained: TrainedRows, private_test: ImageDataset, num_classes:
               class_names: list[str] | None = None, device="cpu", batch_size: int = 512) -> dict[str, dict]:
     """Evaluate the frozen models on the private test split: the only place the split is used."""
     x, y = private_test.model_tensor(), private_test.labels
-    names = [class_names[k] if class_names and k < len(class_names) else str(k) for k in range(num_classes)]
+    names = [class_name(k, class_names) for k in range(num_classes)]
     out = {}
     for row, models in trained.models.items():
         per_seed = []
@@ -350,7 +366,7 @@ def class_signal(trained: TrainedRows, cohort: ImageDataset, num_classes: int, c
     if not models:
         return None
     x, y = cohort.model_tensor(), np.asarray(cohort.labels)
-    names = [class_names[k] if class_names and k < len(class_names) else str(k) for k in range(num_classes)]
+    names = [class_name(k, class_names) for k in range(num_classes)]
     per_seed = [classification_metrics(predict_proba(m, x, batch_size, device), y, num_classes) for m in models]
     return {
         "what": "classifiers trained on the real private train split (the ceiling row), applied to the cohort: "

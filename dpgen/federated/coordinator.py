@@ -230,7 +230,7 @@ class Coordinator:
         from dpgen.federated import local_training as lt
 
         done = self.committed_rounds()
-        path = self.rd.root / done[-1]["checkpoint"] if done else self.rd.checkpoints / lt.PRETRAIN_WEIGHTS
+        path = self.rd.root / done[-1]["checkpoint"] if done else self.rd.pretrain_weights
         return lt.load_global(path, self.fed), (done[-1]["round"] if done else 0)
 
     # ---- sites
@@ -469,7 +469,6 @@ class Coordinator:
     def finish(self, gm) -> None:
         from dpgen.federated import local_training as lt
 
-        FINETUNE_WEIGHTS = lt.FINETUNE_WEIGHTS
         done = self.committed_rounds()
         last = done[-1]["round"] if done else 0
         if not done:
@@ -489,7 +488,7 @@ class Coordinator:
             self._append(schema.FedSiteFinalEntry(
                 site=site, confirmed=site in confirmed,
                 progress=schema.SiteProgressFacts.model_validate(facts) if facts else None))
-        path = self.rd.checkpoints / FINETUNE_WEIGHTS
+        path = self.rd.finetune_weights
         contributors = sorted({s for e in done for s in e["sites"]})
         lt.save_global(path, gm, {"stage": "federated finetune", "rounds": last, "sites": contributors,
                                   "privacy_mechanisms": [FEDERATED_FINETUNE]})
@@ -499,7 +498,7 @@ class Coordinator:
         if self.ledger.latest("artifact", name="finetune_weights") is None:
             # DP for each contributing site (its own guarantee); no single epsilon
             self._append(schema.ArtifactEntry(
-                name="finetune_weights", path=f"checkpoints/{FINETUNE_WEIGHTS}",
+                name="finetune_weights", path=self.rd.rel(self.rd.finetune_weights),
                 privacy_source=schema.PrivacySource(kind="dp", mechanisms=(FEDERATED_FINETUNE,),
                                                     note="per-site guarantees: the sites' fed_site_final entries")))
         self._set_state(status="finished", rounds_done=last)
@@ -566,7 +565,7 @@ def run_coordinator(config_path: str | Path, run_dir: str | Path | None = None, 
         gm = lt.pretrain_global(fed, rd, shape, device=device, progress=progress)
         rd.mark_done("pretrain", {"steps": fed.pretrain.steps, "image_shape": shape, "seconds": round(time.time() - t0, 1)})
         lt.ledger(rd.root).append(schema.ArtifactEntry(
-            name="pretrain_weights", path=f"checkpoints/{lt.PRETRAIN_WEIGHTS}",
+            name="pretrain_weights", path=rd.rel(rd.pretrain_weights),
             privacy_source=schema.PrivacySource(kind="public"), trainable=gm.trainable,
             train_tensors=len(gm.train_names)))
 

@@ -56,8 +56,6 @@ from dpgen.federated import arrays
 from dpgen.federated.arrays import Weights
 
 ROUND_STATE = "round_state.safetensors"
-PRETRAIN_WEIGHTS = "pretrain.safetensors"  # = dpgen.training.families.shared.PRETRAIN_WEIGHTS
-FINETUNE_WEIGHTS = "finetune.safetensors"  # = dpgen.training.families.shared.FINETUNE_WEIGHTS
 
 
 def _mechanisms():
@@ -147,9 +145,10 @@ class GlobalModel:
 
 
 def _build(family: str, spec: dict):
-    from dpgen.models import build_model, spec_from_dict
+    from dpgen.models.registry import family as family_of
 
-    return build_model(family, spec_from_dict(family, spec))
+    fam = family_of(family)
+    return fam.build_model(fam.spec_from_dict(spec))
 
 
 def _trainable_names(family: str, spec: dict, trainable: str) -> list[str]:
@@ -162,7 +161,7 @@ def _trainable_names(family: str, spec: dict, trainable: str) -> list[str]:
 
 def load_global(path: Path, fed) -> GlobalModel:
     """A dpgen weights file (pretrain or a round checkpoint) as the federation's global model."""
-    from dpgen.training.common import load_checkpoint
+    from dpgen.core.checkpoints import load_checkpoint
 
     family, tensors, spec, _ = load_checkpoint(path)
     names = list(_build(family, spec).state_dict().keys())
@@ -178,7 +177,7 @@ def load_global(path: Path, fed) -> GlobalModel:
 def save_global(path: Path, gm: GlobalModel, info: dict) -> None:
     import torch
 
-    from dpgen.training.common import save_weights
+    from dpgen.core.checkpoints import save_weights
 
     save_weights(path, {n: torch.from_numpy(np.ascontiguousarray(gm.weights[n])) for n in gm.names}, gm.spec, info,
                  family=gm.family)
@@ -188,15 +187,15 @@ def pretrain_global(fed, rd, image_shape: list[int], device="cpu", progress: boo
     """Public pretraining on the coordinator (checkpoints/pretrain.safetensors; no privacy cost)."""
     from dpgen.data import load_dataset
     from dpgen.federated.config import coordinator_run_config
-    from dpgen.training.families import trainer
+    from dpgen.models.registry import family
 
     config = coordinator_run_config(fed, image_shape)
     public = load_dataset(fed.data.public) if fed.data.public is not None else None
     if public is not None:
         rd.record_datasets({f"public/{public.split}": public.info()})
-    path = rd.checkpoints / PRETRAIN_WEIGHTS
+    path = rd.pretrain_weights
     if not path.is_file():
-        trainer(config.model.generator).pretrain(config, rd, public, tuple(image_shape), device, progress)
+        family(config.model.generator).trainer_module.pretrain(config, rd, public, tuple(image_shape), device, progress)
     return load_global(path, fed)
 
 

@@ -28,7 +28,6 @@ dpgen.federated.local_training.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from dpgen.privacy.schema import REPORTED_BY_SITE

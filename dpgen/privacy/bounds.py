@@ -53,7 +53,6 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.stats import norm
 
-from dp_accounting.pld import privacy_loss_distribution as _pld
 
 __all__ = ["METHODS", "eps_delta_auc_limit", "eps_delta_tpr_limit", "gdp_mu", "rero_bound", "rero_bound_events", "rero_bound_gdp", "rero_bound_tight"]
 

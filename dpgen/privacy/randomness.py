@@ -23,7 +23,6 @@ parameters' device.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -31,17 +30,14 @@ from pathlib import Path
 
 import torch
 
+# The one generator of every stream, public or secret (dpgen.core.seeding); re-exported here.
+from dpgen.core.seeding import step_generator
+
 SECRETS_FILE = "secrets.json"
 #: The DP-SGD streams of the generator's fine-tuning (the name the key has always had).
 DP_SECRET = "noise_seed"
 #: The evaluation's DP classifiers (results stay internal; their randomness is secret anyway).
 EVALUATION_SECRET = "evaluation_seed"
-
-
-def step_generator(seed: int, step: int, stream: str, device: str | torch.device = "cpu") -> torch.Generator:
-    """An independent generator for one (seed, step, purpose), on `device`."""
-    digest = hashlib.sha256(f"{seed}:{step}:{stream}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 def new_secret_seed() -> int:

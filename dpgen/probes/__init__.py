@@ -16,13 +16,8 @@ aggregate summary the internal release review reads. The probes are computed on 
 without DP, so not even their aggregates leave the run directory.
 """
 
+from dpgen.core.lazy import lazy_exports
+
+# Lazy: `dpgen --help` imports dpgen.probes.commands, which should not load torch.
 __all__ = ["AuditOptions", "audit_stage", "format_summary", "aggregate_summary"]
-
-
-def __getattr__(name: str):
-    # Lazy: `dpgen --help` imports dpgen.probes.commands, which should not load torch.
-    if name in __all__:
-        from dpgen.probes import stage
-
-        return getattr(stage, name)
-    raise AttributeError(f"module 'dpgen.probes' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, dict.fromkeys(__all__, "stage"))

@@ -13,16 +13,17 @@ utility are computed from private data without DP. `shareable_checklist(info)` h
 whose answers depend on nothing private (the preflight runs on random inputs; the budget check
 is the accountant's promise), worded so that they state no private quantity.
 
-A missing input is a "warn" ("not run"), never a crash. The evaluation and probe files are read
-in the layout dpgen's own stages write (dpgen.evaluation.stage, dpgen.probes.stage).
+A missing input is a "warn" ("not run"), never a crash. The evaluation and probe files arrive
+parsed into the schemas their writers validate against (dpgen.core.schemas).
 """
 
 from __future__ import annotations
 
 import math
 
+from dpgen.core.schemas import DPLimitRow, MemorizationSummary, TprAtFpr
 from dpgen.privacy.bounds import eps_delta_auc_limit as membership_auc_limit
-from dpgen.report.runinfo import RunInfo, as_float, fmt_num
+from dpgen.report.runinfo import RunInfo, fmt_num
 
 STATUSES = ("pass", "warn", "fail")
 CHECKS = (
@@ -148,35 +149,28 @@ def delta_check(info: RunInfo) -> dict:
 def near_copies_check(info: RunInfo) -> dict:
     if info.probes is None:
         return _item("near_copies", "warn", f"{info.probes_note}: no memorization probe results")
-    mem = info.probes.get("memorization")
-    if not isinstance(mem, dict) or "flagged" not in mem:
+    mem = info.probes.memorization
+    if mem is None or "flagged" not in mem.model_fields_set:
         return _item("near_copies", "warn", "the probes summary has no memorization results")
     detail = "; ".join(_near_copy_counts(mem))
-    text = f"{mem.get('verdict') or ''}" + (f" ({detail})" if detail else "")
-    if mem["flagged"] is True:
+    text = f"{mem.verdict or ''}" + (f" ({detail})" if detail else "")
+    if mem.flagged is True:
         return _item("near_copies", "fail", text or "memorization flagged")
-    if mem["flagged"] is False:
+    if mem.flagged is False:
         return _item("near_copies", "pass", text or "not flagged")
     return _item("near_copies", "warn", text or "no verdict (no held-out reference)")
 
 
-def _near_copy_counts(mem: dict) -> list[str]:
+def _near_copy_counts(mem: MemorizationSummary) -> list[str]:
     out = []
-    for space, e in (mem.get("spaces") or {}).items():
-        sy, ho = e.get("synthetic") or {}, e.get("held_out") or {}
-        if "near_copies" in sy:
-            txt = f"{space}: {sy['near_copies']}/{sy.get('n')} synthetic near-copies"
-            if "near_copies" in ho:
-                txt += f" vs {ho['near_copies']}/{ho.get('n')} held-out real"
+    for space, e in mem.spaces.items():
+        sy, ho = e.synthetic, e.held_out
+        if sy is not None and sy.near_copies is not None:
+            txt = f"{space}: {sy.near_copies}/{sy.n} synthetic near-copies"
+            if ho is not None and ho.near_copies is not None:
+                txt += f" vs {ho.near_copies}/{ho.n} held-out real"
             out.append(txt)
     return out
-
-
-def primary_attack(mm: dict) -> tuple[str | None, dict | None]:
-    scores = mm.get("dp_model") if isinstance(mm.get("dp_model"), dict) else {}
-    name = mm.get("primary_score") if mm.get("primary_score") in scores else next(iter(scores), None)
-    r = scores.get(name) if name is not None else None
-    return name, (r if isinstance(r, dict) else None)
 
 
 def membership_check(info: RunInfo) -> dict:
@@ -184,23 +178,21 @@ def membership_check(info: RunInfo) -> dict:
     fail at any epsilon), the AUC beside it (its (epsilon, delta) limit is ~1 at large epsilon)."""
     if info.probes is None:
         return _item("membership", "warn", f"{info.probes_note}: no membership-inference results")
-    mm = info.probes.get("membership")
-    if not isinstance(mm, dict) or "dp_model" not in mm:
+    mm = info.probes.membership
+    if mm is None or not mm.dp_model:
         return _item("membership", "warn", "the probes summary has no membership-inference results")
-    name, r = primary_attack(mm)
-    if r is None:
-        return _item("membership", "warn", "the membership summary names no attack")
-    t = (r.get("tpr_at_fpr") or {}).get(PRIMARY_FPR) or {}
-    row = ((mm.get("dp_limits") or {}).get("per_fpr") or {}).get(PRIMARY_FPR) or {}
-    limit, tpr, ci = as_float(row.get("mechanism_pld")), as_float(t.get("tpr")), t.get("ci")
-    auc = as_float(r.get("auc"))
-    auc_text = f"; AUC {fmt_num(auc)}{_ci_text(r.get('auc_ci'))} (any attack ≤ {fmt_num(as_float((mm.get('dp_limits') or {}).get('auc_eps_delta')), 4)} at (ε, δ))"
+    name, r = mm.primary()
+    t = r.tpr_at_fpr.get(PRIMARY_FPR) or TprAtFpr()
+    row = mm.dp_limits.per_fpr.get(PRIMARY_FPR) or DPLimitRow()
+    limit, tpr, ci = row.mechanism_pld, t.tpr, t.ci
+    auc_text = (f"; AUC {fmt_num(r.auc)}{_ci_text(r.auc_ci)} (any attack ≤ {fmt_num(mm.dp_limits.auc_eps_delta, 4)} "
+                f"at (ε, δ))")
     if tpr is None:
         return _item("membership", "warn", f"{name} attack has no TPR at {PRIMARY_FPR} FPR" + auc_text)
     if limit is None:
         return _item("membership", "warn", f"{name} attack TPR at {PRIMARY_FPR} FPR {fmt_num(tpr)}{_ci_text(ci)}, but no "
-                     f"mechanism limit (no DP fine-tuning?)" + auc_text, tpr=tpr, auc=auc)
-    lo = as_float(ci[0]) if isinstance(ci, (list, tuple)) and ci else tpr
+                     f"mechanism limit (no DP fine-tuning?)" + auc_text, tpr=tpr, auc=r.auc)
+    lo = ci[0] if ci and ci[0] is not None else tpr
     text = (f"{name} attack TPR at {PRIMARY_FPR} FPR {fmt_num(tpr)}{_ci_text(ci)} vs {fmt_num(limit)}, the largest any "
             f"attack can reach against the composed mechanisms ({', '.join(info.privacy.release_mechanisms) if info.privacy else '?'})")
     if lo > limit:
@@ -209,45 +201,30 @@ def membership_check(info: RunInfo) -> dict:
         status, text = "warn", text + ": above the limit, but within the interval"
     else:
         status = "pass"
-    oc = mm.get("overfit_control") if isinstance(mm.get("overfit_control"), dict) else None
-    if oc is not None and oc.get("caught") is False and status == "pass":
+    oc = mm.overfit_control
+    if oc is not None and oc.caught is False and status == "pass":
         status = "warn"
         text += "; but the attack did not catch the non-DP overfit control, so it has little power here"
-    elif oc is not None and oc.get("caught") is True:
+    elif oc is not None and oc.caught is True:
         text += "; the same attack catches a non-DP overfit control"
-    return _item("membership", status, text + auc_text, tpr=tpr, limit=limit, auc=auc)
+    return _item("membership", status, text + auc_text, tpr=tpr, limit=limit, auc=r.auc)
 
 
 # ----------------------------------------------------------------------------- utility
 
 
-def utility_rows(evaluation: dict | None) -> dict:
-    u = (evaluation or {}).get("utility") if isinstance(evaluation, dict) else None
-    rows = u.get("rows") if isinstance(u, dict) else None
-    return rows if isinstance(rows, dict) else {}
-
-
-def row_auc(row: dict | None) -> tuple[float | None, float | None]:
-    if not isinstance(row, dict):
-        return None, None
-    r = row.get("roc_auc")
-    if isinstance(r, dict):
-        return as_float(r.get("mean")), as_float(r.get("std"))
-    return as_float(r), None
-
-
 def utility_check(info: RunInfo) -> dict:
-    if info.evaluation is None:
+    ev = info.evaluation
+    if ev is None:
         return _item("utility", "warn", f"{info.evaluation_note}: no downstream utility")
-    rows = utility_rows(info.evaluation)
-    syn, syn_sd = row_auc(rows.get("synthetic"))
-    base, base_sd = row_auc(rows.get("dp_real"))
+    syn, syn_sd = ev.auc("synthetic")
+    base, base_sd = ev.auc("dp_real")
     if syn is None or base is None:
         missing = [n for n, v in (("synthetic (TSTR)", syn), ("dp_real (DP-SGD baseline)", base)) if v is None]
         return _item("utility", "warn", f"the evaluation lacks the {' and '.join(missing)} row(s)")
     spread = math.sqrt((syn_sd or 0) ** 2 + (base_sd or 0) ** 2)
     d = dict(tstr_auc=syn, tstr_std=syn_sd, dp_sgd_auc=base, dp_sgd_std=base_sd)
-    ceiling, _ = row_auc(rows.get("real"))
+    ceiling, _ = ev.auc("real")
     text = f"TSTR ROC-AUC {fmt_num(syn)} vs DP-SGD baseline {fmt_num(base)} (a separate mechanism at the same ε)"
     if ceiling is not None:
         d["ceiling_auc"] = ceiling
@@ -278,5 +255,4 @@ def overall(items: list[dict]) -> str:
     return "fail" if "fail" in st else "warn" if "warn" in st else "pass"
 
 
-__all__ = ["CHECKS", "SHAREABLE", "STATUSES", "checklist", "shareable_checklist", "overall", "membership_auc_limit",
-           "primary_attack", "utility_rows", "row_auc"]
+__all__ = ["CHECKS", "SHAREABLE", "STATUSES", "checklist", "shareable_checklist", "overall", "membership_auc_limit"]

@@ -12,9 +12,9 @@ def _err(msg: str) -> int:
 
 
 def cmd_release(args) -> int:
-    from dpgen.report.release import ReleaseError, format_release, release, verify_bundle
-
     if args.verify:
+        from dpgen.report.release import verify_bundle
+
         problems = verify_bundle(args.verify)
         if problems:
             print("\n".join(f"FAILED: {p}" for p in problems))
@@ -23,6 +23,11 @@ def cmd_release(args) -> int:
         return 0
     if not args.run_dir or not args.out:
         return _err("usage: dpgen release RUN_DIR OUT  (or: dpgen release --verify OUT)")
+    from dpgen.rundir import RunDir
+
+    RunDir.open(args.run_dir)  # before torch: a wrong path answers at once
+    from dpgen.report.release import ReleaseError, format_release, release
+
     try:
         result = release(args.run_dir, args.out, overwrite=args.overwrite, include_weights=args.include_weights)
     except ReleaseError as err:
@@ -35,6 +40,9 @@ def cmd_release(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from dpgen.rundir import RunDir
+
+    RunDir.open(args.run_dir)  # before torch: a wrong path answers at once
     from dpgen.report.html import format_report, write_report
 
     result = write_report(args.run_dir, pdf=not args.no_pdf, private_examples=args.private_examples)

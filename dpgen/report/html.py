@@ -38,8 +38,10 @@ from typing import Any
 
 import numpy as np
 
+from dpgen.core.naming import class_name
+from dpgen.core.schemas import ConditionSummary, DPLimitRow, FidelityValue, Identification, ProbesSummary
 from dpgen.report import figures
-from dpgen.report.checklist import checklist, overall, primary_attack, row_auc, shareable_checklist, utility_rows
+from dpgen.report.checklist import checklist, overall, shareable_checklist
 from dpgen.report.disclosure import shared_privacy
 from dpgen.report.runinfo import RunInfo, as_float, fmt_num, load_run
 PER_CLASS = 16
@@ -100,10 +102,6 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
     lo = a.reshape(len(a), -1).min(1).reshape((-1,) + (1,) * (a.ndim - 1))
     hi = a.reshape(len(a), -1).max(1).reshape((-1,) + (1,) * (a.ndim - 1))
     return ((a - lo) / np.maximum(hi - lo, 1e-12) * 255).round().astype(np.uint8)
-
-
-def _class_name(k: int, names) -> str:
-    return names[k] if names and 0 <= k < len(names) else str(k)
 
 
 def _table(headers: list[str], rows: list[list[Any]], num_cols: set[int] = frozenset()) -> str:
@@ -180,7 +178,7 @@ def samples_section(info: RunInfo, internal: bool, notes: list[str]) -> str:
     rows = []
     for k in sorted(np.unique(labels)):
         syn = images[labels == k][:PER_CLASS]
-        cells = [f"<td><b>{e(_class_name(int(k), names))}</b><br><span class='small'>{int((labels == k).sum())} synthetic</span></td>",
+        cells = [f"<td><b>{e(class_name(int(k), names))}</b><br><span class='small'>{int((labels == k).sum())} synthetic</span></td>",
                  f"<td class='grid'>{img_tag(figures.grid_png(syn, ncol=8), f'synthetic class {k}', 'grid')}</td>"]
         if internal:
             pv = private.get(int(k))
@@ -272,46 +270,46 @@ def _sweep_points(info: RunInfo) -> tuple[list[dict], float | None, str] | None:
     return pts, as_float(sweep.get("ceiling_auc")), f"{info.root.parent.name}/{SWEEP_JSON}"
 
 
+def _pm(mean, sd, digits: int = 2) -> str:
+    return fmt_num(mean) + (f" ± {fmt_num(sd, digits)}" if sd else "")
+
+
 def utility_section(info: RunInfo) -> str:
     ev = info.evaluation
     if ev is None:
         return f"<p>Not evaluated: {e(str(info.evaluation_note))} (run <code>dpgen evaluate RUN_DIR</code>).</p>"
     out = []
-    rows = utility_rows(ev)
-    if rows:
-        u = ev.get("utility") or {}
+    if ev.rows:
+        u = ev.utility
         trs = []
-        for rid, r in rows.items():
-            mean, sd = row_auc(r)
-            priv = r.get("privacy") if isinstance(r.get("privacy"), dict) else {}
-            bacc = (r.get("balanced_accuracy") or {}) if isinstance(r.get("balanced_accuracy"), dict) else {}
-            one = r.get("seeds_predicting_one_class")
-            trs.append([r.get("label", rid), fmt_num(priv.get("epsilon"), 4),
-                        f"{fmt_num(mean)}" + (f" ± {fmt_num(sd, 2)}" if sd else ""), fmt_num(bacc.get("mean")),
+        for rid, r in ev.rows.items():
+            mean, sd = ev.auc(rid)
+            one = r.seeds_predicting_one_class
+            trs.append([r.label or rid, fmt_num(r.privacy.epsilon if r.privacy else None, 4), _pm(mean, sd),
+                        fmt_num(r.balanced_accuracy.mean if r.balanced_accuracy else None),
                         (f"{one} seed(s) predict one class only" if one else "")])
-        out.append(f"<p>Classifiers tested on {e(str(u.get('test_set')))}, {e(str(u.get('seeds')))} seed(s). "
+        out.append(f"<p>Classifiers tested on {e(str(u.test_set))}, {e(str(u.seeds))} seed(s). "
                    "The reference rows: the non-private ceiling (what real data gives without privacy) and the DP-SGD "
                    "baseline (what the same privacy budget gives without a generator).</p>")
         out.append(_table(["classifier trained on", "ε", "ROC-AUC", "balanced acc.", "note"], trs, {1, 2, 3}))
-    fid = ev.get("fidelity") if isinstance(ev.get("fidelity"), dict) else None
-    if fid:
-        o = fid.get("overall") or {}
-        fx = fid.get("feature_extractor") or {}
-        out.append(f"<h3>Fidelity</h3><p>Features: {e(str(fx.get('name')))} — {e(str(fx.get('description', '')).rstrip('.'))}. "
-                   f"Cohort vs {e(str(fid.get('real_set')))}; reference: {e(str(fid.get('reference_set')))}; "
-                   f"n matched = {e(str(o.get('n_matched')))}.</p>")
-        groups = {"all": o, **{f"class {c}": v for c, v in (fid.get("per_class") or {}).items()}}
+    fid = ev.fidelity
+    if fid is not None and fid.overall is not None:
+        o = fid.overall
+        fx = fid.feature_extractor
+        out.append(f"<h3>Fidelity</h3><p>Features: {e(str(fx.name if fx else None))} — "
+                   f"{e(str((fx.description if fx else None) or '').rstrip('.'))}. "
+                   f"Cohort vs {e(str(fid.real_set))}; reference: {e(str(fid.reference_set))}; "
+                   f"n matched = {e(str(o.n_matched))}.</p>")
+        groups = {"all": o, **{f"class {c}": v for c, v in fid.per_class.items()}}
         trs = []
-        for m in (o.get("metrics") or {}):
+        for m in o.metrics:
             for g, gv in groups.items():
-                v = ((gv or {}).get("metrics") or {}).get(m) or {}
-                trs.append([m, g, fmt_num(v.get("cohort")) + (f" ± {fmt_num(v.get('cohort_std'), 2)}" if as_float(v.get("cohort_std")) else ""),
-                            fmt_num(v.get("real_vs_real")) + (f" ± {fmt_num(v.get('real_vs_real_std'), 2)}" if as_float(v.get("real_vs_real_std")) else ""),
-                            v.get("better", "")])
+                v = gv.metrics.get(m) or FidelityValue()
+                trs.append([m, g, _pm(v.cohort, v.cohort_std), _pm(v.real_vs_real, v.real_vs_real_std), v.better or ""])
         out.append(_table(["metric", "group", "cohort", "real vs real (reference)", "better"], trs, {2, 3}))
-    if ev.get("privacy_note"):
-        out.append(f"<p class='note'>{e(str(ev['privacy_note']))}</p>")
-    figs = [f for rel in (ev.get("figures") or []) if isinstance(rel, str) for f in [_embed_file(info, rel)] if f]
+    if ev.privacy_note:
+        out.append(f"<p class='note'>{e(ev.privacy_note)}</p>")
+    figs = [f for rel in ev.figures for f in [_embed_file(info, rel)] if f]
     out.extend(f"<p>{f}</p>" for f in figs)
     return "\n".join(out)
 
@@ -322,17 +320,17 @@ def curve_section(info: RunInfo) -> str:
         pts, ceiling, where = sweep
         return (f"<p>From the privacy-utility sweep this run belongs to ({e(where)}).</p>"
                 + img_tag(figures.privacy_utility_curve(pts, ceiling), "privacy-utility curve"))
-    if info.evaluation is None:
+    ev = info.evaluation
+    if ev is None:
         return "<p>No evaluation yet: no privacy-utility plot.</p>"
-    rows = utility_rows(info.evaluation)
     pts = []
     for rid, key in (("synthetic", "tstr_auc"), ("dp_real", "dp_sgd_auc"), ("synthetic_then_dp_real", "ft_auc")):
-        r = rows.get(rid)
-        mean, sd = row_auc(r)
-        eps = as_float(((r or {}).get("privacy") or {}).get("epsilon"))
+        mean, sd = ev.auc(rid)
+        r = ev.rows.get(rid)
+        eps = r.privacy.epsilon if r is not None and r.privacy is not None else None
         if mean is not None and eps is not None:
             pts.append({"epsilon": eps, key: mean, key.replace("_auc", "_std"): sd})
-    ceiling, _ = row_auc(rows.get("real"))
+    ceiling, _ = ev.auc("real")
     if not pts:
         return "<p>The evaluation has no utility rows: no privacy-utility plot.</p>"
     return ("<p>This run's utility rows at their own epsilons (run <code>dpgen sweep</code> for the full curve).</p>"
@@ -340,37 +338,34 @@ def curve_section(info: RunInfo) -> str:
 
 
 def probe_rows(info: RunInfo) -> list[list]:
-    """The probe results next to their limits (dpgen.probes' layout), one row each."""
-    pr = info.probes if isinstance(info.probes, dict) else {}
+    """The probe results next to their limits (dpgen.core.schemas.ProbesSummary), one row each."""
+    pr = info.probes or ProbesSummary()
     rows = []
-    mm = pr.get("membership") if isinstance(pr.get("membership"), dict) else {}
-    name, r = primary_attack(mm) if mm else (None, None)
-    lim = mm.get("dp_limits") if isinstance(mm.get("dp_limits"), dict) else {}
-    for k, t in ((r or {}).get("tpr_at_fpr") or {}).items():
-        row = (lim.get("per_fpr") or {}).get(k) or {}
-        L, Le = as_float(row.get("mechanism_pld")), as_float(row.get("eps_delta"))
-        tpr, ci = as_float((t or {}).get("tpr")), (t or {}).get("ci")
-        ci_s = f" [{fmt_num(ci[0])}, {fmt_num(ci[1])}]" if isinstance(ci, list) and len(ci) == 2 else ""
-        rows.append([f"membership inference: TPR at {k} FPR ({name} attack)", f"{fmt_num(tpr)}{ci_s}",
-                     f"≤ {fmt_num(L)} (composed mechanisms' trade-off curve); ≤ {fmt_num(Le)} from (ε, δ) alone"])
-    if r is not None:
-        rows.append([f"membership inference: ROC-AUC ({name} attack)", fmt_num(r.get("auc")),
-                     f"≤ {fmt_num(lim.get('auc_eps_delta'), 4)} from (ε, δ) alone"])
-    oc = mm.get("overfit_control") if isinstance(mm.get("overfit_control"), dict) else None
-    if oc:
-        o = (oc.get("scores") or {}).get(name) or {}
-        rows.append(["attack power: non-DP overfit control", f"AUC {fmt_num(o.get('auc'))} on a model overfit without "
-                     f"DP to {oc.get('n_images')} images: {'caught' if oc.get('caught') else 'NOT caught'}",
-                     str(oc.get("caught_criterion") or "")])
-    rec = pr.get("reconstruction") if isinstance(pr.get("reconstruction"), dict) else {}
-    for tname, t in (rec.get("targets") or {}).items():
-        cond = t.get("conditions") or {}
-        noisy = ((cond.get("run_noise") or {}).get("identification_by_gradient") or {})
-        clean = ((cond.get("no_noise") or {}).get("identification_by_gradient") or {})
-        ab = as_float((t.get("attack_bound") or {}).get("bound"))
-        rows.append([f"reconstruction attack: {tname}", f"identified {fmt_num(noisy.get('success_rate'))} with the run's "
-                     f"noise (without noise {fmt_num(clean.get('success_rate'))}; prior "
-                     f"{fmt_num(noisy.get('prior_kappa'))})", f"≤ {fmt_num(ab)} for one noisy step at that prior"])
+    mm = pr.membership
+    name, r = mm.primary() if mm is not None else (None, None)
+    if mm is not None and r is not None:
+        lim = mm.dp_limits
+        for k, t in r.tpr_at_fpr.items():
+            row = lim.per_fpr.get(k) or DPLimitRow()
+            ci_s = f" [{fmt_num(t.ci[0])}, {fmt_num(t.ci[1])}]" if t.ci and len(t.ci) == 2 else ""
+            rows.append([f"membership inference: TPR at {k} FPR ({name} attack)", f"{fmt_num(t.tpr)}{ci_s}",
+                         f"≤ {fmt_num(row.mechanism_pld)} (composed mechanisms' trade-off curve); ≤ "
+                         f"{fmt_num(row.eps_delta)} from (ε, δ) alone"])
+        rows.append([f"membership inference: ROC-AUC ({name} attack)", fmt_num(r.auc),
+                     f"≤ {fmt_num(lim.auc_eps_delta, 4)} from (ε, δ) alone"])
+    oc = mm.overfit_control if mm is not None else None
+    if oc is not None:
+        o = oc.scores.get(name)
+        rows.append(["attack power: non-DP overfit control", f"AUC {fmt_num(o.auc if o else None)} on a model overfit "
+                     f"without DP to {oc.n_images} images: {'caught' if oc.caught else 'NOT caught'}",
+                     str(oc.caught_criterion or "")])
+    for tname, t in (pr.reconstruction.targets if pr.reconstruction else {}).items():
+        noisy = (t.conditions.get("run_noise") or ConditionSummary()).identification_by_gradient or Identification()
+        clean = (t.conditions.get("no_noise") or ConditionSummary()).identification_by_gradient or Identification()
+        ab = t.attack_bound.bound if t.attack_bound else None
+        rows.append([f"reconstruction attack: {tname}", f"identified {fmt_num(noisy.success_rate)} with the run's "
+                     f"noise (without noise {fmt_num(clean.success_rate)}; prior "
+                     f"{fmt_num(noisy.prior_kappa)})", f"≤ {fmt_num(ab)} for one noisy step at that prior"])
     return rows
 
 
@@ -378,8 +373,8 @@ def probes_section(info: RunInfo) -> str:
     if info.probes is None:
         return f"<p>Probes: {e(str(info.probes_note))} (run <code>dpgen audit RUN_DIR</code>).</p>"
     out = [_table(["probe", "result", "limit / reference"], probe_rows(info))]
-    if info.probes.get("privacy_note"):
-        out.append(f"<p class='note'>{e(str(info.probes['privacy_note']))}</p>")
+    if info.probes.privacy_note:
+        out.append(f"<p class='note'>{e(info.probes.privacy_note)}</p>")
     return "\n".join(out)
 
 

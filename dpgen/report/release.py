@@ -40,7 +40,6 @@ the cohort. OUT must not exist or be empty, unless `overwrite`.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -50,11 +49,13 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from dpgen.core.files import sha256_file
+from dpgen.core.naming import class_name
 from dpgen.privacy.ledger import LedgerSummary
 from dpgen.privacy.mechanisms import FEDERATED_FINETUNE, scope_of
 from dpgen.privacy.schema import ArtifactEntry, PrivacySource
 from dpgen.report.checklist import delta_check, epsilon_check, overall, preflight_check, shareable_checklist
-from dpgen.report.runinfo import RunInfo, fmt_num, load_run
+from dpgen.report.runinfo import RunInfo, load_run
 
 CHECKSUMS = "SHA256SUMS"
 CARD_MD = "dataset_card.md"
@@ -245,14 +246,6 @@ def release_problems(info: RunInfo) -> list[str]:
 # ----------------------------------------------------------------------------- writing
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_checksums(out: Path) -> Path:
     """SHA256SUMS over every file in `out` (but itself), sorted, in `sha256sum -c` format."""
     out = Path(out)
@@ -337,22 +330,18 @@ def is_volume(images: np.ndarray) -> bool:
 def _write_images(folder: Path, images: np.ndarray, names: list[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if is_volume(images):
-        import nibabel as nib
+        from dpgen.data.medmnist import medmnist_to_channel_first
+        from dpgen.data.nifti import write_nifti
 
+        # dpgen.data.nifti's convention: the cohort's axes are the NIfTI voxel axes, in order, so the
+        # bundle read back as a folder source gives the cohort's volumes unchanged
         for img, name in zip(images, names):
-            vol = img[..., 0] if img.ndim == 4 and img.shape[-1] == 1 else img
-            # MedMNIST 3D is (D, H, W); NIfTI is (x, y, z): store (W, H, D), identity affine (1 mm voxels)
-            data = np.ascontiguousarray(np.transpose(vol, (2, 1, 0)) if vol.ndim == 3 else vol)
-            nib.save(nib.Nifti1Image(data, np.eye(4)), str(folder / name))
+            write_nifti(folder / name, medmnist_to_channel_first(img[None], name)[0])
     else:
         from PIL import Image
 
         for img, name in zip(images, names):
             Image.fromarray(img if img.ndim == 2 or img.shape[-1] != 1 else img[..., 0]).save(folder / name, format="PNG")
-
-
-def _class_name(k: int, names: list[str] | None) -> str:
-    return names[k] if names and 0 <= k < len(names) else str(k)
 
 
 def write_cohort_files(out: Path, arrays: dict[str, np.ndarray], class_names: list[str] | None) -> dict:
@@ -370,12 +359,12 @@ def write_cohort_files(out: Path, arrays: dict[str, np.ndarray], class_names: li
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image", "label", "class_name", *attr_names])
     for i, (name, lab) in enumerate(zip(names, labels)):
-        w.writerow([f"images/{name}", int(lab), _class_name(int(lab), class_names),
+        w.writerow([f"images/{name}", int(lab), class_name(int(lab), class_names),
                     *([f"{float(x):.6g}" for x in attrs[i]] if attrs is not None else [])])
     (out / "labels.csv").write_text(buf.getvalue())
     with open(out / "cohort.npz", "wb") as f:
         np.savez_compressed(f, **arrays)
-    counts = {_class_name(int(k), class_names): int((labels == k).sum()) for k in np.unique(labels)}
+    counts = {class_name(int(k), class_names): int((labels == k).sum()) for k in np.unique(labels)}
     return {"n": int(len(images)), "image_shape": list(images.shape[1:]), "dims": "3D" if volume else "2D",
             "image_format": "NIfTI (.nii.gz)" if volume else "PNG", "class_counts": counts,
             "attributes": attr_names}

@@ -2,9 +2,10 @@
 
 The release bundle, the shareable report, the internal review and the sweep all start from
 `load_run(RUN_DIR)`. Other stages write their outputs as files (the ledger, the evaluation and
-the probes under internal/); this module reads those files and never imports the code that
-wrote them, so a stage that has not run (or a file another version of dpgen wrote) shows as
-"not run" / "unreadable" with a one-line note, never as a crash.
+the probes under internal/); this module reads those files into the typed schemas the writers
+validate against (dpgen.privacy.schema for the ledger, dpgen.core.schemas for the evaluation and
+the probes) and never imports the code that wrote them, so a stage that has not run (or a file
+that does not parse) shows as "not run" / "unreadable" with a one-line note, never as a crash.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
+from dpgen.core.schemas import EvaluationResults, ProbesSummary
 from dpgen.privacy.ledger import LedgerSummary, PrivacyLedger
 from dpgen.privacy.schema import BoundEntry, LedgerEntry, PlanEntry, PreflightEntry
 from dpgen.rundir import RunDir
@@ -32,6 +36,19 @@ def read_json(path: Path, what: str) -> tuple[Any, str | None]:
     if not isinstance(obj, dict):
         return None, f"unreadable ({path.name}: not a JSON object)"
     return obj, None
+
+
+def read_typed(path: Path, what: str, schema: type[BaseModel]) -> tuple[Any, str | None]:
+    """A file dpgen wrote, parsed into its schema (dpgen.core.schemas), or (None, a note)."""
+    obj, note = read_json(path, what)
+    if obj is None:
+        return None, note
+    try:
+        return schema.model_validate(obj), None
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return None, f"unreadable ({Path(path).name}: {where}: {first['msg']}; not the layout dpgen writes)"
 
 
 def as_float(v: Any) -> float | None:
@@ -87,9 +104,9 @@ class RunInfo:
     records: list[LedgerEntry] = field(default_factory=list)  # the same, typed
     privacy: LedgerSummary | None = None
     privacy_note: str | None = None
-    evaluation: dict | None = None  # internal: computed on private data without DP
+    evaluation: EvaluationResults | None = None  # internal: computed on private data without DP
     evaluation_note: str | None = None
-    probes: dict | None = None  # internal: computed on private data without DP
+    probes: ProbesSummary | None = None  # internal: computed on private data without DP
     probes_note: str | None = None
     manifest: dict = field(default_factory=dict)
     # "run", or "federated coordinator" (config is then a FederationConfig; privacy.federated
@@ -234,9 +251,9 @@ def load_run(run_dir: str | Path) -> RunInfo:
             info.privacy = ledger.summary(delta)
         except Exception as err:  # noqa: BLE001 - a ledger the review cannot read is a finding, not a crash
             info.privacy_note = f"the ledger cannot be read: {err}"
-    info.evaluation, info.evaluation_note = read_json(rd.evaluation_file, "dpgen evaluate")
-    info.probes, info.probes_note = read_json(rd.probes_summary_file, "dpgen audit")
+    info.evaluation, info.evaluation_note = read_typed(rd.evaluation_file, "dpgen evaluate", EvaluationResults)
+    info.probes, info.probes_note = read_typed(rd.probes_summary_file, "dpgen audit", ProbesSummary)
     return info
 
 
-__all__ = ["AttrDict", "RunInfo", "load_run", "read_json", "as_float", "fmt_num"]
+__all__ = ["AttrDict", "RunInfo", "load_run", "read_json", "read_typed", "as_float", "fmt_num"]

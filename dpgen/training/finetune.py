@@ -12,17 +12,18 @@ Order of events (each one leaves the run directory consistent if the process die
    against the target before the weights are written where sampling reads them.
 
 The family trainers (dpgen.training.families) assemble these pieces (dpgen.training.dp) for
-their networks; this module dispatches on `model.generator`.
+their networks; this module dispatches to the trainer the registry (dpgen.models.registry)
+names for `model.generator`.
 """
 
 from __future__ import annotations
 
 from dpgen.data import ImageDataset
 from dpgen.rundir import RunDir
-from dpgen.training.families import trainer
+from dpgen.models.registry import family
 
 __all__ = ["finetune"]
 
 
 def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool = True) -> dict:
-    return trainer(config.model.generator).finetune(config, rd, private, device, progress)
+    return family(config.model.generator).trainer_module.finetune(config, rd, private, device, progress)
