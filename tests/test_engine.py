@@ -39,16 +39,39 @@ def _batch(n=4, seed=0):
 
 
 def test_preflight_catches_channels_last_conv_and_the_fix_passes():
+    # Opacus' own hooks ("opacus" mode) are silently wrong on a channels-last conv input
     model = ChannelsLastNet()
-    bad = preflight(model, _mse, _batch())
+    bad = preflight(model, _mse, _batch(), mode="opacus")
     assert not bad.passed
     assert "c2.weight" in bad.failed and bad.max_relative_error > 0.1
     with pytest.raises(PrivacyError, match=r"preflight failed .* c2\b.*refusing to train"):
         require_preflight(bad)
+    # dpgen's engine reshapes (copies) whatever layout it is given: exact without the fix
+    assert preflight(model, _mse, _batch(), mode="hooks").max_relative_error < 1e-10
     make_conv_inputs_contiguous(model)
-    good = preflight(model, _mse, _batch())
-    assert good.passed, good.errors
-    assert good.max_relative_error < 1e-10
+    for mode in ("opacus", "hooks", "functorch"):
+        good = preflight(model, _mse, _batch(), mode=mode)
+        assert good.passed, (mode, good.errors)
+        assert good.max_relative_error < 1e-10
+
+
+def test_preflight_catches_a_wrong_per_unit_gradient(monkeypatch):
+    """A sampler that is right per row but wrong per unit (it ignores all but the first slot)
+    is caught by the preflight's 2-slot check."""
+    import dpgen.privacy.engine as engine
+
+    right = engine._conv_unit_weight_grad
+
+    def first_slot_only(layer, x, g, padding, lay):
+        if lay.slots == 1:
+            return right(layer, x, g, padding, lay)
+        m = lay.units
+        return right(layer, x[:m], g[:m], padding, engine._Layout(1, m))
+
+    monkeypatch.setattr(engine, "_conv_unit_weight_grad", first_slot_only)
+    report = preflight(ChannelsLastNet(), _mse, _batch())
+    assert not report.passed and {"c1.weight", "c2.weight"} <= set(report.failed)
+    assert "c1.bias" not in report.failed
 
 
 def test_preflight_passes_the_shipped_diffusion_model():
