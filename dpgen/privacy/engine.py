@@ -33,6 +33,7 @@ import hashlib
 import os
 import types
 import warnings
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -180,13 +181,35 @@ def _conv_unit_weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, p
     return grad_w.view(m, *w_shape)
 
 
+def _conv_unit_grads(layer: nn.Module, items: list) -> None:
+    """Per-unit weight and bias gradients of a conv from its (x, g, padding, layout) of one or
+    more calls in the pass; calls with the same units are concatenated (their slots follow
+    each other, still slot-major) and computed as one: a GAN discriminator run on the real and
+    the fake rows pays one grouped convolution per layer, not two."""
+    groups: dict = {}
+    for x, g, padding, lay in items:
+        groups.setdefault((padding, lay.units), []).append((x, g, lay.slots))
+    for (padding, units), calls in groups.items():
+        if len(calls) == 1:
+            x, g, slots = calls[0]
+        else:
+            x, g, slots = torch.cat([c[0] for c in calls]), torch.cat([c[1] for c in calls]), sum(c[2] for c in calls)
+        lay = _Layout(slots, units)
+        if layer.weight.requires_grad:
+            _add_grad_sample(layer.weight, _conv_unit_weight_grad(layer, x.to(g.dtype), g, padding, lay))
+        if layer.bias is not None and layer.bias.requires_grad:
+            _add_grad_sample(layer.bias, g.reshape(lay.slots, lay.units, g.shape[1], -1).sum((0, 3)))
+
+
 class _ConvUnits(torch.autograd.Function):
-    """conv(x, w, b) whose backward gives x its gradient and w, b their per-unit gradients."""
+    """conv(x, w, b) whose backward gives x its gradient and w, b their per-unit gradients
+    (after the last backward call of the layer in the pass: see `_conv_unit_grads`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer, padding, lay):
-        ctx.layer, ctx.padding, ctx.lay = layer, padding, lay
+    def forward(ctx, x, weight, bias, layer, padding, lay, engine):
+        ctx.layer, ctx.padding, ctx.lay, ctx.engine = layer, padding, lay, engine
         ctx.save_for_backward(x, weight)
+        engine.pending[layer] = engine.pending.get(layer, 0) + 1
         return torch.ops.aten.convolution(x, weight, bias, list(layer.stride), list(padding), list(layer.dilation),
                                           False, [0] * (x.ndim - 2), layer.groups)
 
@@ -194,19 +217,20 @@ class _ConvUnits(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        layer, padding, lay = ctx.layer, ctx.padding, ctx.lay
+        layer, padding, lay, engine = ctx.layer, ctx.padding, ctx.lay, ctx.engine
         gx = None
         if ctx.needs_input_grad[0]:
             gx = torch.ops.aten.convolution_backward(
                 g, x, weight.to(g.dtype), None, list(layer.stride), list(padding), list(layer.dilation), False,
                 [0] * (x.ndim - 2), layer.groups, (True, False, False),
             )[0]
-        x = x.to(g.dtype)
-        if ctx.needs_input_grad[1]:
-            _add_grad_sample(layer.weight, _conv_unit_weight_grad(layer, x, g, padding, lay))
-        if ctx.needs_input_grad[2]:
-            _add_grad_sample(layer.bias, g.reshape(lay.slots, lay.units, g.shape[1], -1).sum((0, 3)))
-        return gx, None, None, None, None, None
+        left = engine.pending.pop(layer, 1) - 1
+        items = engine.stash.pop(layer, []) + [(x, g, padding, lay)]
+        if left > 0:  # the layer's other calls of this pass are still to come
+            engine.pending[layer], engine.stash[layer] = left, items
+        else:
+            _conv_unit_grads(layer, items)
+        return gx, None, None, None, None, None, None
 
 
 class _LinearUnits(torch.autograd.Function):
@@ -295,7 +319,7 @@ def _conv_forward(self, x):
     if not eng.active:
         return type(self).forward(self, x)
     x, padding = _explicit_padding(self, x)
-    return _ConvUnits.apply(x, self.weight, self.bias, self, padding, eng.layout(x.shape[0]))
+    return _ConvUnits.apply(x, self.weight, self.bias, self, padding, eng.layout(x.shape[0]), eng)
 
 
 def _linear_forward(self, x):
@@ -319,12 +343,15 @@ _FORWARDS = {
 
 
 class _Engine:
-    """What the patched layers read at forward time: whether to compute per-unit gradients,
-    and the layout of the pass. A plain object, so that it is no submodule of any layer."""
+    """What the patched layers read at forward time (whether to compute per-unit gradients,
+    the layout of the pass) and the bookkeeping of layers called more than once in a pass. A
+    plain object, so that it is no submodule of any layer."""
 
     def __init__(self):
         self.enabled = True
         self.current: _Layout | None = None
+        self.pending: dict = {}  # conv -> its forward calls in this pass whose backward has not run
+        self.stash: dict = {}  # conv -> (x, g, padding, layout) of its calls waiting for the others
 
     @property
     def active(self) -> bool:
@@ -338,6 +365,16 @@ class _Engine:
             raise RuntimeError(f"a layer saw {rows} rows in a pass laid out as {lay.slots} x {lay.units} "
                                "(the model must keep the batch dimension: one output row per input row)")
         return lay
+
+    def flush(self) -> None:
+        """Per-unit gradients of calls whose siblings never came back (an output the loss did
+        not use), then a clean slate for the next pass."""
+        for layer, items in self.stash.items():
+            _conv_unit_grads(layer, items)
+        self.reset()
+
+    def reset(self) -> None:
+        self.pending, self.stash = {}, {}
 
 
 class DPGradSampleModule(nn.Module):
@@ -382,12 +419,17 @@ class DPGradSampleModule(nn.Module):
 
     @contextmanager
     def layout_of(self, slots: int, units: int):
-        """Rows are slot-major: row s * units + u belongs to unit u."""
-        prev, self._engine.current = self._engine.current, _Layout(slots, units)
+        """One pass (forward and backward) over rows laid out slot-major: row s * units + u
+        belongs to unit u. Per-unit gradients are complete when the block ends."""
+        eng = self._engine
+        prev, eng.current = eng.current, _Layout(slots, units)
+        eng.reset()
         try:
             yield
+            eng.flush()
         finally:
-            self._engine.current = prev
+            eng.current = prev
+            eng.reset()
 
     def _capture(self, module: nn.Module, inputs: tuple, output) -> None:
         if not self._engine.active or not isinstance(output, torch.Tensor) or not output.requires_grad:
@@ -500,7 +542,7 @@ def preflight(
         rows = _rows(batch, slice(0, slots * units)) if slots * units < n else batch
         if isinstance(gsm, DPGradSampleModule):
             with gsm.layout_of(slots, units):
-                loss_fn(gsm, rows).sum().backward()
+                loss_fn(gsm, rows).sum().backward()  # (per-unit gradients complete at the end of the block)
         else:
             loss_fn(gsm, rows).sum().backward()
         out = {}
@@ -774,12 +816,11 @@ class DPSGD:
                 pos = np.stack([order[starts[u]:starts[u] + counts[u]] for u in units])
                 work.append((i, rows, pos, draws))
         total, count = None, 0
-        cached = (None, None)
+        batches, batches_of = None, None
         for w, (i, rows, pos, draws) in enumerate(work):
-            if cached[0] != i:
-                cached = (i, None)  # release the previous chunk's draws first
-                cached = (i, [make_batch(i, rows, k) for k in range(K)])
-            batches = cached[1]
+            if batches_of != i:  # the K draws of the chunk's rows, kept while its units are processed
+                batches = None
+                batches, batches_of = [make_batch(i, rows, k) for k in range(K)], i
             units, r = pos.shape
             idx = pos.T.reshape(-1)  # slot-major: the unit's j-th row, then the next unit
             whole = len(idx) == len(rows) and bool((idx == np.arange(len(rows))).all())
@@ -788,13 +829,10 @@ class DPSGD:
             for ks in draws:
                 batch = _concat_rows([batches[k] if whole else _rows(batches[k], idx_t) for k in ks])
                 slots = r * len(ks)
-                if self.per_unit:
-                    with self.gsm.layout_of(slots, units):
-                        losses = loss_fn(self.gsm, batch)
-                else:
+                with self.gsm.layout_of(slots, units) if self.per_unit else contextlib.nullcontext():
                     losses = loss_fn(self.gsm, batch)
-                # Each unit's gradient is the mean over its rows and its K draws.
-                (losses.sum() / (K * r)).backward()
+                    # Each unit's gradient is the mean over its rows and its K draws.
+                    (losses.sum() / (K * r)).backward()
                 if not self.per_unit:
                     _fold_grad_samples(self.params, slots, units, acc)
                 s = losses.detach().sum()
