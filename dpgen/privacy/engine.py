@@ -183,15 +183,18 @@ def _conv_unit_weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, p
 
 def _conv_unit_grads(layer: nn.Module, items: list) -> None:
     """Per-unit weight and bias gradients of a conv from its (x, g, padding, layout) of one or
-    more calls in the pass; calls with the same units are concatenated (their slots follow
-    each other, still slot-major) and computed as one: a GAN discriminator run on the real and
-    the fake rows pays one grouped convolution per layer, not two."""
+    more calls in the pass. Calls of one slot each (K = 1) with the same units are concatenated
+    (their slots follow each other, still slot-major) and computed as one: a GAN discriminator
+    run on the real and the fake rows pays one grouped convolution per layer, not two, and a
+    grouped convolution over 2 slots costs about what one over 1 slot does. With more slots
+    per call the copies would cost more than the call they save."""
     groups: dict = {}
-    for x, g, padding, lay in items:
-        groups.setdefault((padding, lay.units), []).append((x, g, lay.slots))
-    for (padding, units), calls in groups.items():
+    for i, (x, g, padding, lay) in enumerate(items):
+        groups.setdefault((padding, lay.units) if lay.slots == 1 else i, []).append((x, g, lay.slots, padding, lay.units))
+    for calls in groups.values():
+        padding, units = calls[0][3], calls[0][4]
         if len(calls) == 1:
-            x, g, slots = calls[0]
+            x, g, slots = calls[0][:3]
         else:
             x, g, slots = torch.cat([c[0] for c in calls]), torch.cat([c[1] for c in calls]), sum(c[2] for c in calls)
         lay = _Layout(slots, units)
