@@ -103,12 +103,13 @@ class Small(nn.Module):
 
 class Rich(nn.Module):
     """Every path of the engine: a conv called twice per row (like a GAN discriminator on real
-    and fake rows), a strided conv, a 1x1 conv, a frozen conv, GroupNorm, a Linear on a token
+    and fake rows), a conv with one output channel, a strided conv, a 1x1 conv, a frozen conv, GroupNorm, a Linear on a token
     sequence, an Embedding (Opacus' sampler through a tensor hook) and a LayerNorm."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.gate = nn.Conv2d(4, 1, 3, padding=1)  # one output channel
         self.down = nn.Conv2d(4, 4, 4, stride=2, padding=1)
         self.frozen = nn.Conv2d(4, 4, 3, padding=1).requires_grad_(False)
         self.mix = nn.Conv2d(4, 6, 1)
@@ -120,6 +121,7 @@ class Rich(nn.Module):
 
     def forward(self, x, label):
         h = torch.tanh(self.conv(x)) + 0.5 * torch.tanh(self.conv(x.flip(-1)))
+        h = h * torch.sigmoid(self.gate(h))
         h = self.mix(self.frozen(torch.relu(self.down(h))))  # (B, 6, 4, 4)
         t = self.norm(h).flatten(2).transpose(1, 2)  # (B, 16, 6): tokens
         t = self.ln(torch.tanh(self.tokens(t)) + self.embed(label)[:, None])

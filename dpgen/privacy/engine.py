@@ -1,39 +1,44 @@
-"""DP-SGD on Opacus' parts, with the checks that make the guarantee true.
+"""DP-SGD with dpgen's per-unit gradient engine and Opacus' optimizer, with the checks that
+make the guarantee true.
 
-What this module adds on top of Opacus (GradSampleModule + DPOptimizer), and why:
-
-- `preflight`: compares Opacus' per-sample gradients with per-sample autograd on the real
-  model and loss, before any private data is touched. Opacus' hooks give silently wrong conv
-  per-sample gradients when a conv input is channels-last (after diffusers' attention, inside
-  MONAI's AutoencoderKL); `make_conv_inputs_contiguous` is the fix and the preflight is the
-  proof, for whatever model is being trained.
-- Privacy units and noise multiplicity: each logical batch is a Poisson sample of *units*
-  (subjects when subject IDs exist, else images). Every row (image x draw) gets a group id,
-  and per-sample gradients are folded into one gradient per unit before Opacus clips them,
-  so a subject with many images, or an image with K (timestep, noise) draws, contributes one
-  clipped gradient. Folding happens after every backward pass, so memory scales with the
-  physical batch, never with batch x K.
-- Speed (`DPGradSampleModule`): conv per-sample gradients come from one grouped convolution
-  backward instead of Opacus' unfold + per-sample matmul, and in hooks mode autograd no
-  longer computes the conv weights' batch gradient that DP-SGD throws away; fresh per-sample
-  gradients are handed to Opacus without its zero-fill-and-copy (`_owning`). Measured on the
-  quickstart UNet (batch 32, 2 CPU threads): a DP step costs 1.55x a non-private one
-  (benchmarks/dp_overhead.py, benchmarks/RESULTS.md). The preflight checks this path.
+- Per-unit gradients ("hooks" mode, `DPGradSampleModule`, the default): what DP-SGD clips is
+  one gradient per privacy unit (a subject when subject IDs exist, else an image): the
+  gradient of the unit's loss averaged over its rows and its K noise draws (DPDM's noise
+  multiplicity). The engine computes exactly that, layer by layer, with no per-row gradient
+  in between: Conv/Linear/GroupNorm layers run as autograd Functions whose backward writes
+  per-unit gradients (a conv's is one grouped convolution backward with the units folded into
+  the channel groups), autograd never computes the batch weight gradient DP-SGD throws away,
+  and there are no module backward hooks. Other layers get Opacus' per-row samplers through
+  a tensor hook. "functorch" and "opacus" modes use Opacus' GradSampleModule (per-row
+  gradients, summed per unit after each pass).
+- Passes (`DPSGD.step`): the units of a physical chunk are regrouped so that one
+  forward/backward pass holds whole units with all their K draws (max_rows / (rows x K) units
+  each), so per-unit work is done once per unit and step, not once per draw, and the per-unit
+  buffer is (units per pass) x parameters: memory does not grow with K.
+- Clipping, noise, step: Opacus' DPOptimizer (DistributedDPOptimizer in a distributed run),
+  with the per-unit norms the engine took while each gradient was in cache (`_PerUnitClip`).
+- `preflight`: compares the engine's gradients with per-sample autograd on the real model and
+  loss, in float64, per row and per unit (2 rows per unit), before any private data is
+  touched. Opacus' own hooks ("opacus" mode) give silently wrong conv per-sample gradients when
+  a conv input is channels-last (after diffusers' attention, inside MONAI's AutoencoderKL);
+  `make_conv_inputs_contiguous` is their fix, and the preflight is the proof, for whatever
+  model is being trained and whichever mode.
+- Speed: benchmarks/dp_overhead.py and benchmarks/RESULTS.md (K = 1: 1.1-1.3x a non-private
+  step of the quickstart UNet, the latent UNet and the cGAN discriminator, measured under load).
 - Steps are deterministic functions of (seed, step): the Poisson sample, the diffusion draws
   and the DP noise come from per-step generators. A run killed and resumed from its last
   checkpoint recomputes exactly the same steps, so nothing is spent twice and the ledger of
   a resumed run equals that of an uninterrupted one. The DP-noise seed is secret (drawn from
   the OS, kept in the run directory's internal part): whoever knows it can subtract the noise.
 """
-
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
 import types
 import warnings
-import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -171,6 +176,13 @@ def _conv_unit_weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, p
         gs = g.reshape(lay.slots, lay.units, c_out, -1)
         return _per_unit_outer(gs, xs, lay).view(lay.units, *w_shape)
     m = lay.units
+    if w_shape[0] == layer.groups:
+        # One output channel per group (a UNet's output conv): grouped backward takes a slow
+        # path on CPU (2-3x); one plain weight gradient per unit over its slots is faster.
+        xs, gs = x.view(lay.slots, m, *x.shape[1:]), g.reshape(lay.slots, m, *g.shape[1:])
+        return torch.stack([torch.ops.aten.convolution_backward(
+            gs[:, u], xs[:, u], x.new_empty(w_shape), None, list(layer.stride), list(padding), list(layer.dilation),
+            False, [0] * dims, layer.groups, (False, True, False))[1] for u in range(m)])
     grad_w = torch.ops.aten.convolution_backward(
         g.reshape(lay.slots, m * c_out, *g.shape[2:]),
         x.reshape(lay.slots, m * c_in, *x.shape[2:]),
