@@ -691,9 +691,12 @@ class _PerUnitClip:
             clip = (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
         for p, gs in zip(self.params, samples):
             _check_processed_flag(p.grad_sample)
-            gs = gs.to(p.dtype)
-            grad = (clip.to(gs) @ gs.reshape(m, p.numel())).view(p.shape)
-            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            flat = gs.to(p.dtype).reshape(m, p.numel())
+            c = clip.to(flat)
+            if p.summed_grad is None:
+                p.summed_grad = (c @ flat).view(p.shape)
+            else:  # later unit batches of the step: accumulate in place
+                p.summed_grad.view(-1).addmv_(flat.t(), c)
             _mark_as_processed(p.grad_sample)
 
 
