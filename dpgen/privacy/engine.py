@@ -179,7 +179,7 @@ def _conv_unit_weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, p
     if w_shape[0] == layer.groups:
         # One output channel per group (a UNet's output conv): grouped backward takes a slow
         # path on CPU (2-3x); one plain weight gradient per unit over its slots is faster.
-        xs, gs = x.view(lay.slots, m, *x.shape[1:]), g.reshape(lay.slots, m, *g.shape[1:])
+        xs, gs = x.reshape(lay.slots, m, *x.shape[1:]), g.reshape(lay.slots, m, *g.shape[1:])
         return torch.stack([torch.ops.aten.convolution_backward(
             gs[:, u], xs[:, u], x.new_empty(w_shape), None, list(layer.stride), list(padding), list(layer.dilation),
             False, [0] * dims, layer.groups, (False, True, False))[1] for u in range(m)])
