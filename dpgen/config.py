@@ -24,6 +24,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class PublicTransform(_Section):
+    """How the public images are fitted to the private images' shape before anything trains on
+    them (`data.public.transform`). Fixed maps: the private data contributes only its shape
+    (channels and size, which size the model anyway), never a statistic of its content, and
+    it is never transformed itself. What was done is recorded in the manifest.
+
+    - `resize`: resample to the private spatial size (MONAI `Resize`); `interpolation`: `auto`
+      (area averaging when shrinking, bi/trilinear when enlarging), `area`, `linear` or `nearest`.
+    - `channels`: grey -> RGB by repeating the grey channel, RGB -> grey by luminance
+      (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B).
+    """
+
+    resize: bool = False
+    interpolation: Literal["auto", "area", "linear", "nearest"] = "auto"
+    channels: bool = False
+
+
 class DataSource(_Section):
     """Where a dataset comes from.
 
@@ -44,6 +61,8 @@ class DataSource(_Section):
     # range, e.g. a CT window. Without it each image is min-max scaled on its own (a per-record
     # map; a dataset-wide statistic of private data would leak).
     intensity_range: tuple[float, float] | None = None
+    # Public data only: fit the images to the private shape (see PublicTransform).
+    transform: PublicTransform | None = None
 
 
 class AttributeRange(_Section):
@@ -79,6 +98,17 @@ class DataConfig(_Section):
     # brighter images) taught "class 1 = brighter", which 120 DP steps did not undo (TSTR AUC
     # 0.43); with "ignore" it was 0.59.
     public_labels: Literal["use", "ignore"] = "ignore"
+    # What the config is sized for: 2 (images, the default) or 3 (volumes). Checked against the
+    # data before training: a 2D config given 3D volumes would otherwise build a 3D pixel-space
+    # UNet (slow, and not what the config's sizes were chosen for) without a word.
+    spatial_dims: Literal[2, 3] = 2
+
+    @model_validator(mode="after")
+    def _private_untransformed(self) -> "DataConfig":
+        if self.private.transform is not None:
+            raise ValueError("data.private.transform: only the public data is transformed (fitted to the private "
+                             "images' shape); the private data is used as it is. Move the key to data.public")
+        return self
 
 
 class GANConfig(_Section):
@@ -105,10 +135,11 @@ class GANConfig(_Section):
 
 
 class ModelConfig(_Section):
-    # diffusion: pixel space (small images); latent_diffusion: UNet on the latents of an
-    # autoencoder trained on public data (section `autoencoder`); cgan: conditional GAN whose
-    # discriminator alone sees private data (section `model.gan`).
-    generator: Literal["diffusion", "latent_diffusion", "cgan"] = "diffusion"
+    # The generator family, one of dpgen.models.registry.FAMILIES: diffusion (pixel space, small
+    # images); latent_diffusion (UNet on the latents of an autoencoder trained on public data,
+    # section `autoencoder`); cgan (conditional GAN whose discriminator alone sees private data,
+    # section `model.gan`).
+    generator: str = "diffusion"
     channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
     attention_levels: list[bool] = Field(default_factory=lambda: [False, False, True])
     num_res_blocks: int = Field(default=1, gt=0)
@@ -124,6 +155,14 @@ class ModelConfig(_Section):
     # guidance needs an unconditional model too).
     cond_drop_prob: float = Field(default=0.1, ge=0, lt=1)
     gan: GANConfig = Field(default_factory=GANConfig)
+
+    @field_validator("generator")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        from dpgen.models.registry import family
+
+        family(v)  # raises ValueError naming the known families
+        return v
 
     @model_validator(mode="after")
     def _levels_match(self) -> "ModelConfig":
@@ -229,9 +268,20 @@ class FinetuneConfig(_Section):
 
 
 class PrivacyConfig(_Section):
+    """The run's one privacy budget, covering every mechanism whose outputs may be released.
+
+    `neighbouring` is the relation epsilon is for. "add_remove" (default): neighbouring data
+    sets differ by one unit added or removed; it requires that the number of private units N
+    stays secret, so nothing shareable states N or a quantity it follows from (the sample
+    rate, sigma, the exact spent epsilon). "replace_one": data sets of the same size differ in
+    one unit; N is public and the card states it (for the same noise, epsilon is about twice
+    the add/remove one).
+    """
+
     epsilon: float = 10.0
     delta: float = 1e-5
     accountant: Literal["pld", "rdp"] = "pld"
+    neighbouring: Literal["add_remove", "replace_one"] = "add_remove"
 
     @field_validator("epsilon")
     @classmethod
@@ -246,6 +296,13 @@ class PrivacyConfig(_Section):
         if not (0 < v < 1):
             raise ValueError("must be in the open interval (0, 1)")
         return v
+
+    @model_validator(mode="after")
+    def _rdp_relation(self) -> "PrivacyConfig":
+        if self.accountant == "rdp" and self.neighbouring != "add_remove":
+            raise ValueError("privacy.accountant = 'rdp' supports only neighbouring = 'add_remove' (dp-accounting "
+                             "has no replace-one RDP for Poisson subsampling); use 'pld'")
+        return self
 
 
 class ClassCounts(_Section):
@@ -341,6 +398,14 @@ class RunConfig(_Section):
             )
         self._check_families()
         self._check_attributes()
+        if self.finetune.steps == 0:
+            for key, mode in (("sample.class_counts.mode", self.sample.class_counts.mode),
+                              ("sample.attributes.mode", self.sample.attributes.mode)):
+                if mode == "dp_histogram":
+                    raise ValueError(
+                        f"{key} = 'dp_histogram' needs the DP histogram the finetune stage releases, but "
+                        f"finetune.steps = 0 (no fine-tuning); use another mode (e.g. uniform)"
+                    )
         counts = self.sample.class_counts.counts
         if counts:
             bad = [k for k in counts if not 0 <= k < self.data.num_classes]
@@ -351,21 +416,9 @@ class RunConfig(_Section):
         return self
 
     def _check_families(self) -> None:
-        gen, ft = self.model.generator, self.finetune
-        if gen == "cgan" and ft.trainable in ("attention", "attention+conditioning"):
-            raise ValueError(
-                f"finetune.trainable = {ft.trainable!r} needs attention blocks, which the cgan discriminator does not "
-                f"have; use 'all' or 'lora'"
-            )
-        if gen != "cgan" and ft.trainable in ("attention", "attention+conditioning") and not any(self.model.attention_levels):
-            raise ValueError(
-                f"finetune.trainable = {ft.trainable!r} but model.attention_levels has no attention level; "
-                f"turn one on or use 'all' / 'lora'"
-            )
-        if self.autoencoder.finetune.mode == "dp" and gen != "latent_diffusion":
-            raise ValueError("autoencoder.finetune.mode = 'dp' applies only to model.generator = 'latent_diffusion'")
-        if gen == "cgan" and self.sample.guidance_scale != 1.0:
-            raise ValueError("sample.guidance_scale applies to diffusion models; a cgan samples with 1.0")
+        from dpgen.models.registry import family
+
+        family(self.model.generator).check_config(self)
 
     def _check_attributes(self) -> None:
         names = list(self.data.attributes)
@@ -464,6 +517,8 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; give a YAML file (e.g. configs/quickstart.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:

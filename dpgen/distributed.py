@@ -3,7 +3,8 @@
 How a distributed DP-SGD step works (dpgen.privacy.engine.DPSGD does the steps):
 
 * Every rank draws the *same* global Poisson sample of privacy units (the sampler is seeded
-  per step, identically on every rank) and keeps every `world_size`-th sampled unit. So
+  per step from the run's secret seed, which rank 0 reads from internal/ and broadcasts over
+  the process group: `broadcast_int`) and keeps every `world_size`-th sampled unit. So
   the units that take part in a step are exactly those of the single-process run: each
   unit with probability q, which is what the accountant assumes. (Opacus'
   DistributedPoissonBatchSampler instead samples each rank's shard with the same q; that
@@ -123,6 +124,17 @@ def check_in_sync(module: torch.nn.Module, what: str) -> list[float]:
     if len(set(digests)) > 1:
         raise RuntimeError(f"{what}: model replicas differ across ranks (parameter checksums {digests}); stopping")
     return digests
+
+
+def broadcast_int(value: int) -> int:
+    """Rank 0's `value` on every rank (e.g. a secret seed: sent over the process group, never
+    written anywhere); the value itself without a process group."""
+    if not world().distributed:
+        return int(value)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.broadcast(t, 0)
+    return int(t.item())
 
 
 def broadcast_parameters(module: torch.nn.Module) -> None:

@@ -16,25 +16,37 @@ import numpy as np
 import torch
 
 from dpgen.config import ConfigError, RunConfig, load_config
-from dpgen.data import DataError, ImageDataset, load_dataset, resolve_source
+from dpgen.core.device import resolve_device
+from dpgen.data import DataError, ImageDataset, check_labels, check_spatial_dims, load_dataset, resolve_source
+from dpgen.data.transform import fit_to_shape
+from dpgen.privacy import mechanisms
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.privacy.mechanisms import counts_from_histogram, split_total
-from dpgen.rundir import RunDir, default_run_dir, write_json_atomic
-from dpgen.training.common import resolve_device
+from dpgen.privacy.schema import ArtifactEntry, PrivacySource
+from dpgen.rundir import COHORT_NPZ, RunDir, default_run_dir, write_json_atomic
 
 STAGES = ("pretrain", "finetune", "sample")
 
 
 def check_sources(config: RunConfig) -> None:
-    """Every data source resolves to a file before any work starts (errors name the key)."""
+    """Every data source resolves to a file before any work starts, and .npz sources are readable
+    and of the config's dimensionality (errors name the key): `dpgen.data.check_sources`."""
+    from dpgen.data import check_sources as check_data_sources
+
+    check_data_sources(config.data)
+
+
+def read_paths(config: RunConfig, config_path: str | Path | None = None) -> list[Path]:
+    """The files a run reads (its config file, its data sources): `--overwrite` never deletes them."""
+    paths = [Path(config_path)] if config_path is not None else []
     for role in ("public", "private"):
         spec = getattr(config.data, role)
-        if spec is None:
-            continue
-        try:
-            resolve_source(spec.source)
-        except DataError as err:
-            raise ConfigError(f"config error: data.{role}.source = {spec.source!r}: {err}") from None
+        if spec is not None:
+            try:
+                paths.append(resolve_source(spec.source, download=False))
+            except DataError:
+                pass
+    return paths
 
 
 def load_role(config: RunConfig, role: str, split: str | None = None) -> ImageDataset | None:
@@ -72,9 +84,16 @@ def pretrain_stage(config: RunConfig, rd: RunDir, device="auto", progress: bool 
     from dpgen.training.pretrain import pretrain
 
     public = load_role(config, "public")
-    _record(rd, "public", public)
     # The private data's *shape* (not its content) sizes the model.
-    shape = private_image_shape(config)
+    private = load_role(config, "private")
+    shape = private.image_shape
+    for role, ds in (("public", public), ("private", private)):
+        if ds is not None:
+            check_spatial_dims(config.data, role, ds.image_shape)  # folder sources are first read here
+    check_labels(config.data, private.labels)
+    if public is not None:  # data.public.transform: fitted to the private shape (recorded in the manifest)
+        public = fit_to_shape(public, shape, config.data.public.transform)
+    _record(rd, "public", public)
     result = pretrain(config, rd, public, shape, resolve_device(device), progress)
     rd.mark_done("pretrain", result)
     return result
@@ -83,11 +102,17 @@ def pretrain_stage(config: RunConfig, rd: RunDir, device="auto", progress: bool 
 def finetune_stage(config: RunConfig, rd: RunDir, device="auto", progress: bool = True) -> dict:
     from dpgen.training.finetune import finetune
 
+    if not rd.is_done("pretrain"):
+        from dpgen.rundir import RunDirError
+
+        raise RunDirError(f"{rd.root}: its pretraining has not finished, so there is nothing to fine-tune yet; finish it "
+                          f"first: dpgen pretrain {rd.config_path} --run-dir {rd.root} --resume")
     if config.finetune.steps == 0:
         result = {"steps": 0, "note": "finetune.steps is 0: no private data used; sampling uses the pretrained model"}
         rd.mark_done("finetune", result)
         return result
     private = load_role(config, "private")
+    check_labels(config.data, private.labels)
     _record(rd, "private", private)
     result = finetune(config, rd, private, resolve_device(device), progress)
     rd.mark_done("finetune", result)
@@ -107,7 +132,7 @@ def cohort_class_counts(config: RunConfig, rd: RunDir, n: int) -> tuple[dict[int
                 f"but sample.num_images = {n}"
             )
         return counts, "fixed by the user"
-    release = PrivacyLedger(rd.ledger_path).latest("dp_release", name="label_histogram")
+    release = PrivacyLedger(rd.ledger_path).latest("dp_release", name=mechanisms.LABEL_HISTOGRAM)
     if release is None:
         raise ConfigError(
             "sample.class_counts.mode = 'dp_histogram' but the ledger holds no DP label histogram "
@@ -119,7 +144,7 @@ def cohort_class_counts(config: RunConfig, rd: RunDir, n: int) -> tuple[dict[int
 def cohort_attributes(config: RunConfig, n: int, seed: int, rd: RunDir | None = None) -> tuple[dict | None, str]:
     """The attributes the cohort is generated with, and where they come from (never the
     private table: user values, the fixed ranges, the public dataset, or DP histograms)."""
-    from dpgen.privacy.engine import step_generator
+    from dpgen.core.seeding import step_generator
 
     a = config.sample.attributes
     names = list(config.data.attributes)
@@ -133,7 +158,7 @@ def cohort_attributes(config: RunConfig, n: int, seed: int, rd: RunDir | None = 
         return ({k: (r.min + u[:, j] * (r.max - r.min)).tolist() for j, (k, r) in enumerate(config.data.attributes.items())},
                 "uniform over the configured ranges (public: uses no data)")
     if a.mode == "dp_histogram":
-        release = PrivacyLedger(rd.ledger_path).latest("dp_release", name="attribute_histogram") if rd else None
+        release = PrivacyLedger(rd.ledger_path).latest("dp_release", name=mechanisms.ATTRIBUTE_HISTOGRAM) if rd else None
         if release is None:
             raise ConfigError(
                 "sample.attributes.mode = 'dp_histogram' but the ledger holds no DP attribute histogram "
@@ -164,36 +189,88 @@ def cohort_attributes(config: RunConfig, n: int, seed: int, rd: RunDir | None = 
 
 
 def sample_stage(config: RunConfig, rd: RunDir, device="auto", progress: bool = True,
-                 num_images: int | None = None, seed: int | None = None) -> dict:
-    from dpgen.sampling import load
-
+                 num_images: int | None = None, seed: int | None = None, name: str | None = None,
+                 overwrite: bool = False) -> dict:
+    """Sample the run's cohort into cohort/ (cohort/cohort.npz, what evaluate, audit and release
+    use). Once the run has its cohort, sampling again writes a new cohort beside it, in
+    cohort/NAME/ (default NAME: a time stamp), and never replaces the run's cohort unless
+    `overwrite` (without `name`). Every cohort is its own artifact in the ledger."""
     s = config.sample
-    n = num_images or s.num_images
+    n = s.num_images if num_images is None else int(num_images)
+    if n <= 0:
+        raise ConfigError(f"--num-images {n}: the cohort needs at least one image")
     seed = s.seed if seed is None else seed
-    counts, source = cohort_class_counts(config, rd, n)
-    labels = np.concatenate([np.full(c, k) for k, c in counts.items()]).astype(np.int64)
-    attributes, attr_source = cohort_attributes(config, len(labels), seed, rd)
-    gen = load(rd.root, device=str(resolve_device(device)))
-    result = gen.sample_cohort(
-        rd.cohort, labels=labels, attributes=attributes, seed=seed, sampler=s.sampler, steps=s.steps,
-        guidance_scale=s.guidance_scale, batch_size=s.batch_size, class_names=config.data.class_names,
-        nifti=s.nifti, progress=progress,
-    )
+    folder, rel, artifact = cohort_target(rd, name, overwrite)
+    fresh = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)  # a read-only run fails here, before any work
+    try:
+        from dpgen.sampling import load
+
+        gen = load(rd.root, device=str(resolve_device(device)))  # before the counts: its error names the missing stage
+        counts, source = cohort_class_counts(config, rd, n)
+        labels = np.concatenate([np.full(c, k) for k, c in counts.items()]).astype(np.int64)
+        attributes, attr_source = cohort_attributes(config, len(labels), seed, rd)
+        result = gen.sample_cohort(
+            folder, labels=labels, attributes=attributes, seed=seed, sampler=s.sampler, steps=s.steps,
+            guidance_scale=s.guidance_scale, batch_size=s.batch_size, class_names=config.data.class_names,
+            nifti=s.nifti, progress=progress,
+        )
+    except BaseException:
+        if fresh:  # a cohort folder this call made: leave nothing half-written
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     result["class_counts_source"] = source
     result["attributes_source"] = attr_source
+    result["cohort"] = str(folder)
     ledger = PrivacyLedger(rd.ledger_path)
-    if (rd.checkpoints / "finetune.safetensors").is_file():
-        dp_source = gen.info.get("cohort_privacy_source", "post-processing of dp_sgd:finetune")
-    else:
-        dp_source = "public data only (no fine-tuning)"
-    entry = {"kind": "artifact", "name": "cohort", "path": "cohort/cohort.npz", "privacy_source": dp_source,
-             "n": len(labels), "class_counts": result["class_counts"], "class_counts_source": source,
-             "generator": gen.family, "attributes_source": attr_source}
-    if "nifti" in result:
-        entry["nifti"] = "cohort/nifti"
+    entry = ArtifactEntry(name=artifact, path=rel,
+                          privacy_source=cohort_privacy_source(config, gen.info.get("privacy_mechanisms") or []),
+                          n=len(labels), class_counts=result["class_counts"], class_counts_source=source,
+                          generator=gen.family, attributes_source=attr_source,
+                          **({"nifti": str(Path(rel).parent / "nifti")} if "nifti" in result else {}))
     ledger.append(entry)
-    rd.mark_done("sample", {"n": result["n"], "class_counts": result["class_counts"]})
+    if artifact == "cohort":
+        rd.mark_done("sample", {"n": result["n"], "class_counts": result["class_counts"]})
     return result
+
+
+def cohort_target(rd: RunDir, name: str | None, overwrite: bool) -> tuple[Path, str, str]:
+    """(folder, path in the run directory, ledger artifact name) of the cohort to write."""
+    from datetime import datetime
+
+    from dpgen.rundir import RunDirError
+
+    if name is None and (overwrite or not rd.is_done("sample")):
+        return rd.cohort, rd.rel(rd.cohort_file), "cohort"
+    if name is None:
+        base = datetime.now().strftime("%Y%m%d-%H%M%S")
+        name, i = base, 2
+        while (rd.cohort / name).exists():
+            name, i = f"{base}-{i}", i + 1
+    elif not name or name != Path(name).name or name.startswith(".") or name in ("nifti", COHORT_NPZ) \
+            or not all(ch.isalnum() or ch in "-_." for ch in name):
+        raise ConfigError(f"--name {name!r}: use letters, digits, '-', '_' and '.' (a folder name inside cohort/)")
+    folder = rd.cohort / name
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise RunDirError(f"cohort {folder} already exists; choose another --name, or pass --overwrite to replace it")
+    return folder, rd.rel(folder / COHORT_NPZ), f"cohort/{name}"
+
+
+def cohort_privacy_source(config: RunConfig, weight_mechanisms: list[str]) -> PrivacySource:
+    """The cohort is computed from the generator's weights, the class counts and the
+    attributes, and public randomness: post-processing of the mechanisms behind them."""
+    used = list(weight_mechanisms)
+    if config.sample.class_counts.mode == "dp_histogram":
+        used.append(mechanisms.LABEL_HISTOGRAM)
+    if config.sample.attributes.mode == "dp_histogram":
+        used.append(mechanisms.ATTRIBUTE_HISTOGRAM)
+    if not used:
+        public = config.sample.attributes.mode == "public" or config.data.public is not None
+        return PrivacySource(kind="public" if public else "user",
+                             note="no fine-tuning: the generator saw public data only")
+    return PrivacySource(kind="post_processing", mechanisms=tuple(dict.fromkeys(used)))
 
 
 STAGE_FUNCS = {"pretrain": pretrain_stage, "finetune": finetune_stage, "sample": sample_stage}
@@ -212,28 +289,55 @@ def run(
     device: str = "auto",
     progress: bool = True,
     stages: tuple[str, ...] = STAGES,
+    log=None,
 ) -> dict:
-    """pretrain -> finetune -> sample in one run directory. Returns a summary dict."""
+    """pretrain -> finetune -> sample in one run directory. Returns a summary dict.
+
+    `log`: called with one line when the run directory is open (the CLI prints it). A run that
+    fails before anything was computed (a data error, say) leaves no run directory behind."""
+    config_path = None
     if not isinstance(config, RunConfig):
+        config_path = config
         config = load_config(config, overrides)
     check_sources(config)
     resolve_device(device)  # a device this machine lacks fails before the run directory exists
-    rd = RunDir.create(run_dir or default_run_dir(config.name), config, resume=resume, overwrite=overwrite)
+    root = Path(run_dir or default_run_dir(config.name))
+    was_empty = root.is_dir() and not any(root.iterdir())
+    rd = RunDir.create(root, config, resume=resume, overwrite=overwrite, protect=read_paths(config, config_path))
+    if log is not None:
+        log(f"run directory: {rd.root}" + (" (resumed)" if resume else ""))
     summary: dict = {"run_dir": str(rd.root), "stages": {}}
-    for name in stages:
-        if resume and rd.is_done(name):
-            summary["stages"][name] = {"skipped": "already done", **rd.state()["completed"][name]}
-            continue
-        t0 = time.time()
-        result = STAGE_FUNCS[name](config, rd, device=device, progress=progress)
-        result["seconds"] = round(time.time() - t0, 1)
-        summary["stages"][name] = result
+    try:
+        for name in stages:
+            if resume and rd.is_done(name):
+                summary["stages"][name] = {"skipped": "already done", **rd.state()["completed"][name]}
+                continue
+            t0 = time.time()
+            result = STAGE_FUNCS[name](config, rd, device=device, progress=progress)
+            result["seconds"] = round(time.time() - t0, 1)
+            summary["stages"][name] = result
+    except BaseException:
+        if not resume and not rd.has_progress():
+            _remove_new_run(rd.root, was_empty)
+        raise
     ledger = PrivacyLedger(rd.ledger_path)
-    summary["privacy"] = ledger.summary(config.privacy.delta) if ledger.path.is_file() else None
+    summary["privacy"] = ledger.summary(config.privacy.delta).to_dict() if ledger.path.is_file() else None
     summary["target_epsilon"] = config.privacy.epsilon
     summary["generator"] = config.model.generator
-    write_json_atomic(rd.root / "summary.json", summary)
+    write_json_atomic(rd.summary_path, summary)
     return summary
+
+
+def _remove_new_run(root: Path, was_empty: bool) -> None:
+    """Remove what this call wrote into a run directory it started (nothing computed yet): the
+    directory itself, or its contents when it was an empty directory before."""
+    import shutil
+
+    if not was_empty:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for p in root.iterdir():
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def format_summary(summary: dict) -> str:
@@ -256,18 +360,16 @@ def format_summary(summary: dict) -> str:
             lines.append(f"finetune: {f.get('note') or f.get('skipped')}")
     if "sample" in st:
         s = st["sample"]
-        lines.append(f"cohort: {s.get('n')} images, class counts {s.get('class_counts')} -> {summary['run_dir']}/cohort")
+        where = s.get("cohort") or f"{summary['run_dir']}/cohort"
+        lines.append(f"cohort: {s.get('n')} images, class counts {s.get('class_counts')} -> {where}")
     priv = summary.get("privacy")
     if priv and priv.get("epsilon") is not None:
-        if priv.get("within_target") is None and priv.get("target_epsilon") is None:
-            # several mechanisms (e.g. a DP autoencoder too): compare with the run's target
-            target = summary.get("target_epsilon")
-            priv = {**priv, "target_epsilon": target,
-                    "within_target": None if target is None else priv["epsilon"] <= target * (1 + 1e-9)}
+        rdp = priv.get("epsilon_rdp")
+        rdp_s = f"; RDP {rdp:.3f}" if isinstance(rdp, float) else ""
         lines.append(
-            f"privacy: epsilon {priv['epsilon']:.3f} (PLD; RDP {priv.get('epsilon_rdp', float('nan')):.3f}) at delta "
-            f"{priv['delta']:g}, {priv.get('unit')}, target {priv.get('target_epsilon')}: "
-            f"{'within target' if priv.get('within_target') else 'NOT within target'}; ledger {priv.get('ledger')}"
+            f"privacy: epsilon {priv['epsilon']:.3f} (PLD{rdp_s}) at delta {priv['delta']:g} for "
+            f"{priv['neighbouring'].replace('_', '/')} neighbours, {priv.get('unit')}, budget {priv.get('target_epsilon')}: "
+            f"{'within budget' if priv.get('within_target') else 'NOT within budget'}; ledger {priv.get('ledger')}"
         )
     return "\n".join(lines)
 

@@ -1,8 +1,8 @@
 """Sampling a labeled cohort from a trained generator.
 
 `dpgen.load(run_dir)` returns the generator of a run (a `DiffusionGenerator`,
-`LatentDiffusionGenerator` or `GANGenerator`, looked up by the family stored in the
-checkpoint); `.generate(n, labels=..., attributes=..., seed=...)` gives tensors,
+`LatentDiffusionGenerator` or `GANGenerator`: the generator the family registry,
+dpgen.models.registry, names for the family stored in the checkpoint); `.generate(n, labels=..., attributes=..., seed=...)` gives tensors,
 `.save_cohort(folder, images, labels)` writes them, and `.sample_cohort(folder, ...)` generates
 and streams batches to disk (cohorts larger than memory).
 
@@ -21,13 +21,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpgen.data.cohort import CohortWriter, write_class_grids, write_cohort_npz, write_nifti
+from dpgen.data.cohort import CohortWriter, write_class_grids, write_cohort_npz
 from dpgen.data.dataset import from_model_range
-from dpgen.models import LatentDiffusion
+from dpgen.data.nifti import write_nifti
+from dpgen.core.device import resolve_device
+from dpgen.core.seeding import step_generator
 from dpgen.models.conditioning import AttributeSpace
 from dpgen.models.diffusion import SAMPLERS, make_sample_scheduler
-from dpgen.privacy.engine import step_generator
-from dpgen.training.common import build_from_checkpoint, resolve_device
+from dpgen.models.latent import LatentDiffusion
+from dpgen.models.registry import build_from_checkpoint, family
+from dpgen.rundir import RunDir
 
 CPU_BATCH = 256
 
@@ -271,23 +274,52 @@ class GANGenerator(Generator):
         return g(z, y, a, m)
 
 
-GENERATORS: dict[str, type[Generator]] = {c.family: c for c in (DiffusionGenerator, LatentDiffusionGenerator, GANGenerator)}
-
-
 def from_checkpoint(path: str | Path, device="auto") -> Generator:
     """The generator a weights file describes (safetensors + spec; never unpickles)."""
-    family, model, spec, info = build_from_checkpoint(Path(path))
-    return GENERATORS[family](model, spec, info, resolve_device(device))
+    name, model, spec, info = build_from_checkpoint(Path(path))
+    return family(name).generator_class(model, spec, info, resolve_device(device))
 
 
 def load(run_dir: str | Path, device: str = "auto", stage: str | None = None) -> Generator:
-    """The generator of a finished run (fine-tuned weights, else pretrained)."""
-    ck = Path(run_dir) / "checkpoints"
-    names = [f"{stage}.safetensors"] if stage else ["finetune.safetensors", "pretrain.safetensors"]
-    for name in names:
-        if (ck / name).is_file():
-            return from_checkpoint(ck / name, device=device)
-    raise FileNotFoundError(f"{run_dir}: no trained generator (looked for {', '.join(names)} in {ck})")
+    """The generator of a run: its DP fine-tuned weights.
+
+    A run whose fine-tuning has not run yet holds only the public pretrained model; loading it
+    is an error unless asked for explicitly with `stage="pretrain"` (a run configured with
+    `finetune.steps: 0` has the pretrained model as its generator and loads it by default).
+    `stage="finetune"` or `"pretrain"` loads that checkpoint."""
+    rd = RunDir(Path(run_dir))
+    weights = {"finetune": rd.finetune_weights, "pretrain": rd.pretrain_weights}
+    if stage is not None:
+        if stage not in weights:
+            raise ValueError(f"stage={stage!r}: choose 'finetune' (the DP fine-tuned generator) or 'pretrain' "
+                             f"(the public pretrained one)")
+        if not weights[stage].is_file():
+            raise FileNotFoundError(f"{run_dir}: no {stage} checkpoint ({weights[stage]} is missing)")
+        return from_checkpoint(weights[stage], device=device)
+    if rd.finetune_weights.is_file():
+        return from_checkpoint(rd.finetune_weights, device=device)
+    if not rd.root.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    if rd.pretrain_weights.is_file():
+        done = _completed(rd).get("finetune")
+        if isinstance(done, dict) and not done.get("steps"):  # finetune.steps: 0 -- the run's generator is public
+            return from_checkpoint(rd.pretrain_weights, device=device)
+        raise FileNotFoundError(
+            f"{run_dir} has no DP fine-tuned generator yet, only the public pretrained one: run `dpgen finetune "
+            f"{run_dir}` first (or, for the public model on purpose, dpgen.load(run_dir, stage='pretrain'))"
+        )
+    if rd.config_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no trained generator yet (its pretraining has not finished); finish the "
+                                f"run first: dpgen run {rd.config_path} --run-dir {rd.root} --resume")
+    raise FileNotFoundError(f"{run_dir}: no trained generator (no checkpoints/); not a dpgen run directory?")
+
+
+def _completed(rd: RunDir) -> dict:
+    try:
+        state = rd.state()
+    except (OSError, ValueError):
+        return {}
+    return state.get("completed") or {} if isinstance(state, dict) else {}
 
 
 __all__ = ["Generator", "DiffusionGenerator", "LatentDiffusionGenerator", "GANGenerator", "Samples", "load",

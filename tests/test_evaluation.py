@@ -288,11 +288,14 @@ def test_evaluate_writes_fidelity_with_references_and_four_rows(tmp_path, encode
     from dpgen.privacy.ledger import PrivacyLedger
 
     rd = new_run(tmp_path, encoder_run)
-    event = {"type": "poisson_gaussian", "sigma": 1.0, "sample_rate": 0.2, "steps": 50}
+    event = {"type": "poisson_gaussian", "sigma": 2.0, "sample_rate": 0.2, "steps": 50}
     ledger = PrivacyLedger(rd.ledger_path)
-    ledger.append({"kind": "dp_plan", "mechanism": "dp_sgd:finetune", "unit": "per image", "delta": 1e-5,
-                   "target_epsilon": 10.0})
-    ledger.append({"kind": "dp_complete", "mechanism": "dp_sgd:finetune", "steps_done": 50, "event": event})
+    ledger.append({"kind": "dp_plan", "mechanism": "dp_sgd:finetune", "unit": "per image", "n_units": 546,
+                   "delta": 1e-5, "target_epsilon": 10.0, "sigma": 2.0, "sample_rate": 0.2,
+                   "expected_batch_size": 109.2, "planned_steps": 50, "max_grad_norm": 1.0,
+                   "epsilon_planned_pld": 1.0})
+    ledger.append({"kind": "dp_complete", "mechanism": "dp_sgd:finetune", "steps_done": 50, "event": event,
+                   "sigma": 2.0, "sample_rate": 0.2, "max_grad_norm": 1.0, "unit": "per image"})
     cohort_eps = accounting.epsilon([event], 1e-5)
 
     import dpgen.evaluation.inputs as inputs
@@ -316,7 +319,8 @@ def test_evaluate_writes_fidelity_with_references_and_four_rows(tmp_path, encode
     assert log.count(("load", "test")) == 1
     assert log.index(("load", "test")) > log.index(("train", "end"))
 
-    saved = json.loads((rd.root / "metrics" / "evaluation.json").read_text())
+    saved = json.loads((rd.root / "internal" / "evaluation" / "evaluation.json").read_text())
+    assert not (rd.root / "metrics").exists()  # computed on private data without DP: internal only
     assert saved["cohort"]["n"] == 78
     fidelity = saved["fidelity"]
     assert fidelity["feature_extractor"]["name"] == "public-encoder"
@@ -334,19 +338,29 @@ def test_evaluate_writes_fidelity_with_references_and_four_rows(tmp_path, encode
         assert set(row["recall_per_class"]) == {"malignant", "normal_benign"}
         assert len(row["per_seed"]) == 2
     assert rows["real"]["privacy"]["epsilon"] == "inf"
-    assert rows["dp_real"]["privacy"]["epsilon"] == pytest.approx(cohort_eps, rel=2e-3)
+    budget = config.privacy.epsilon
+    assert cohort_eps < budget  # this cohort spent a share of the budget: room for a split
+    assert rows["dp_real"]["privacy"]["epsilon"] == pytest.approx(budget, rel=2e-3)  # the baseline spends it all
     assert rows["synthetic"]["privacy"]["epsilon"] == pytest.approx(cohort_eps)
     ft = rows["synthetic_then_dp_real"]["privacy"]
-    assert ft["budget"] == "composed"
+    assert ft["budget"] == "split"  # cohort + classifier fine-tune compose to the baseline's epsilon
+    assert ft["epsilon"] == pytest.approx(budget, rel=2e-3) and ft["epsilon"] <= budget
     assert ft["epsilon"] > max(ft["epsilon_cohort"], ft["epsilon_classifier_finetune"])
-    assert ft["epsilon"] < ft["epsilon_cohort"] + ft["epsilon_classifier_finetune"] + 1e-9
     assert saved["protocol"]["selection"]["dp_real"].startswith("none")
     cmp_ = saved["utility"]["comparison"]
     assert cmp_["synthetic_minus_dp_real"] == pytest.approx(rows["synthetic"]["roc_auc"]["mean"] - rows["dp_real"]["roc_auc"]["mean"])
 
     for fig in saved["figures"]:
-        assert (rd.root / fig).is_file() and fig.startswith("metrics/")
-    assert all(p.startswith("internal/") for p in saved["internal_figures"])
+        assert (rd.root / fig).is_file() and fig.startswith("internal/evaluation/")
+    # every DP classifier trained on private data is in the ledger, as an internal mechanism
+    from dpgen.privacy.ledger import PrivacyLedger
+
+    internal = {e["mechanism"]: e for e in PrivacyLedger(rd.ledger_path).entries() if e["kind"] == "dp_internal"}
+    assert set(internal) == {"dp_sgd:evaluation_baseline", "dp_sgd:evaluation_finetune"}
+    assert internal["dp_sgd:evaluation_baseline"]["repeats"] == 2
+    assert internal["dp_sgd:evaluation_baseline"]["outputs"] == "internal/evaluation/evaluation.json"
+    summary = PrivacyLedger(rd.ledger_path).summary()
+    assert summary.epsilon == pytest.approx(cohort_eps)  # composed into nothing released
     text = format_summary(metrics)
     assert "FD[public-encoder]" in text and "real vs real" in text and "DP-SGD" in text
 
@@ -387,7 +401,7 @@ def test_volumes_run_end_to_end_with_a_volumetric_classifier(tmp_path):
     if not (DATA / "adrenalmnist3d.npz").is_file():
         pytest.skip("no adrenalmnist3d.npz")
     config = config_from_dict({"name": "vol", "data": {"private": {"source": "adrenalmnist3d", "max_images": 40},
-                                                       "num_classes": 2}})
+                                                       "num_classes": 2, "spatial_dims": 3}})
     rd = RunDir.create(tmp_path / "run", config)
     val = load_npz(DATA / "adrenalmnist3d.npz", "val").subset(40)
     write_cohort_npz(rd.cohort / "cohort.npz", val.images, val.labels)
@@ -422,3 +436,29 @@ def test_rgb_five_classes_run_end_to_end(tmp_path):
     assert len(metrics["fidelity"]["per_class"]) == 5
     for row in metrics["utility"]["rows"].values():
         assert 0.0 <= row["roc_auc"]["mean"] <= 1.0 and len(row["recall_per_class"]) == 5
+
+
+def test_class_signal_sees_a_cohort_that_lost_its_classes():
+    """The diagnostic applies real-data classifiers to the cohort: right classes score high, a cohort
+    whose labels no longer match its images scores low."""
+    from dpgen.data import ImageDataset
+    from dpgen.evaluation.utility import TrainedRows, class_signal
+
+    class Brightness(torch.nn.Module):  # stands in for a classifier trained on real data: class 1 = bright
+        def forward(self, x):
+            m = x.flatten(1).mean(1, keepdim=True)
+            return torch.cat([-m, m], 1) * 10
+
+    g = torch.Generator().manual_seed(0)
+    dark, bright = torch.rand(20, 1, 8, 8, generator=g) * 0.3, 0.7 + torch.rand(20, 1, 8, 8, generator=g) * 0.3
+    images = (torch.cat([dark, bright]) * 255).to(torch.uint8).numpy()
+    labels = np.array([0] * 20 + [1] * 20)
+    trained = TrainedRows(models={"real": [Brightness(), Brightness()]}, records={"real": [{}, {}]}, info={})
+    def ds(y):
+        return ImageDataset(images, y, name="cohort", path="cohort.npz", split="train", fingerprint="-")
+
+    good = class_signal(trained, ds(labels), 2, ["a", "b"])
+    lost = class_signal(trained, ds(1 - labels), 2, ["a", "b"])
+    assert good["accuracy_per_class"]["a"]["mean"] == 1.0 and good["balanced_accuracy"]["mean"] == 1.0
+    assert lost["balanced_accuracy"]["mean"] == 0.0
+    assert class_signal(TrainedRows(models={}, records={}, info={}), ds(labels), 2) is None

@@ -45,7 +45,7 @@ def _check_private_path(run_dir: Path, trains: str) -> PrivacyLedger:
     pre = ledger.latest("preflight", mechanism="dp_sgd:finetune")
     assert pre["passed"] and pre["max_relative_error"] < 1e-4 and trains in pre["trains"]
     s = ledger.summary(1e-5)
-    assert 0 < s["epsilon"] <= 8.0
+    assert 0 < s.epsilon <= 8.0 and s.within_target
     assert ledger.latest("artifact", name="cohort") is not None
     assert (run_dir / "cohort" / "cohort.npz").is_file()
     return ledger
@@ -74,7 +74,8 @@ def test_latent_diffusion_end_to_end(latent_run):
     assert plan["trainable"]["mode"] == "attention"
     assert plan["trainable"]["trainable_parameters"] < plan["trainable"]["total_parameters"] / 2
     art = ledger.latest("artifact", name="finetune_weights")
-    assert "autoencoder: public data only" in art["privacy_source"]
+    assert art["privacy_source"] == {"kind": "dp", "mechanisms": ["dp_sgd:finetune"],
+                                     "note": "the autoencoder saw public data only"}
     with np.load(latent_run / "cohort" / "cohort.npz") as z:
         assert z["train_images"].shape == (6, 28, 28)
 
@@ -115,9 +116,10 @@ def gan_run(tmp_path_factory):
 
 def test_cgan_private_discriminator_and_post_processing(gan_run):
     ledger = _check_private_path(gan_run, "discriminator")
-    assert ledger.latest("artifact", name="generator_weights")["privacy_source"] == \
-        "post-processing of dp_sgd:finetune (discriminator)"
-    assert ledger.latest("artifact", name="cohort")["privacy_source"] == "post-processing of dp_sgd:finetune (discriminator)"
+    source = ledger.latest("artifact", name="generator_weights")["privacy_source"]
+    assert source["kind"] == "post_processing" and source["mechanisms"] == ["dp_sgd:finetune"]
+    cohort = ledger.latest("artifact", name="cohort")["privacy_source"]
+    assert cohort["kind"] == "post_processing" and cohort["mechanisms"][0] == "dp_sgd:finetune"
     assert len([e for e in ledger.entries() if e["kind"] == "dp_plan"]) == 1  # one mechanism: D only
     gen = dpgen.load(gan_run, device="cpu")
     a, la = gen.generate(labels=[0, 1, 1, 0], seed=1)
@@ -162,16 +164,30 @@ def test_gan_discriminator_step_keeps_generator_out_of_dp():
 def volume_run(tmp_path_factory):
     raw = _tiny(
         data={"public": {"source": "adrenalmnist3d", "split": "val", "max_images": 16},
-              "private": {"source": "adrenalmnist3d", "max_images": 16}, "num_classes": 2},
+              "private": {"source": "adrenalmnist3d", "max_images": 16}, "num_classes": 2, "spatial_dims": 3},
         model={"generator": "latent_diffusion", "channels": [8, 16], "attention_levels": [False, True],
                "num_head_channels": 8, "norm_num_groups": 4, "num_train_timesteps": 50},
         autoencoder={"channels": [4, 8], "latent_channels": 2, "norm_num_groups": 4,
                      "pretrain": {"steps": 2, "batch_size": 4}},
         pretrain={"steps": 2, "batch_size": 4, "checkpoint_every": 2},
         finetune={"steps": 2, "batch_size": 8, "physical_batch_size": 8, "checkpoint_every": 2},
-        sample={"num_images": 3, "steps": 2, "batch_size": 3, "class_counts": {"mode": "uniform"}},
+        sample={"num_images": 4, "steps": 2, "batch_size": 4, "class_counts": {"mode": "uniform"}},
     )
     return _run(tmp_path_factory, "vol", raw)
+
+
+@pytest.fixture(scope="module")
+def gan_volume_run(tmp_path_factory):
+    raw = _tiny(
+        data={"public": {"source": "adrenalmnist3d", "split": "val", "max_images": 16},
+              "private": {"source": "adrenalmnist3d", "max_images": 16}, "num_classes": 2, "spatial_dims": 3},
+        model={"generator": "cgan", "gan": {"latent_dim": 8, "generator_channels": [16, 8, 4],
+                                             "discriminator_channels": [4, 8, 16], "norm_num_groups": 4}},
+        pretrain={"steps": 2, "batch_size": 4, "checkpoint_every": 2},
+        finetune={"steps": 2, "batch_size": 8, "physical_batch_size": 8, "checkpoint_every": 2},
+        sample={"num_images": 4, "steps": 2, "batch_size": 4, "class_counts": {"mode": "uniform"}},
+    )
+    return _run(tmp_path_factory, "ganvol", raw)
 
 
 def test_3d_cohort_written_as_npz_and_nifti(volume_run):
@@ -180,10 +196,10 @@ def test_3d_cohort_written_as_npz_and_nifti(volume_run):
     ledger = _check_private_path(volume_run, "latent diffusion UNet")
     assert ledger.latest("preflight")["input_shapes"]["x0"] == [2, 14, 14, 14]
     with np.load(volume_run / "cohort" / "cohort.npz") as z:
-        assert z["train_images"].shape == (3, 28, 28, 28)
+        assert z["train_images"].shape == (4, 28, 28, 28)
         first = z["train_images"][0]
     rows = list(csv.DictReader(open(volume_run / "cohort" / "labels.csv")))
-    assert len(rows) == 3 and set(rows[0]) == {"image", "label"}
+    assert len(rows) == 4 and set(rows[0]) == {"image", "label"}
     vol = np.asarray(nib.load(volume_run / "cohort" / rows[0]["image"]).dataobj)
     assert vol.shape == (28, 28, 28) and np.array_equal(vol, first)
 
@@ -229,7 +245,7 @@ def test_attribute_conditioning(attribute_run):
     assert names == ["age", "brightness"] and attrs.shape == (6, 2)
     assert (attrs[:, 0] >= 18).all() and (attrs[:, 0] <= 90).all()
     assert "DP attribute histograms" in ledger.latest("artifact", name="cohort")["attributes_source"]
-    release = ledger.latest("dp_release", name="attribute_histogram")
+    release = ledger.latest("dp_release", name="gaussian:attribute_histogram")
     assert np.asarray(release["values"]).shape == (2, 5) and release["event"]["sigma"] == pytest.approx(20 / 2 ** 0.5)
     assert release["event"] in ledger.latest("dp_plan")["other_events"]  # planned with DP-SGD's budget
 
@@ -276,7 +292,7 @@ def test_attribute_config_errors(tiny_raw):
 
 
 def test_latent_shape_errors(tiny_raw):
-    from dpgen.training.families.latent import build_spec
+    from dpgen.models.latent import latent_spec_from_config as build_spec
 
     tiny_raw["model"].update({"generator": "latent_diffusion", "channels": [16, 32]})
     tiny_raw["autoencoder"] = {"channels": [8, 8, 8, 8], "norm_num_groups": 8}  # 28 / 8: not a whole grid
@@ -317,7 +333,7 @@ def test_lora_errors_and_merge():
     make_conv_inputs_contiguous(model)
     obj = DiffusionObjective(model, 0.1)
     g = torch.Generator().manual_seed(0)
-    from dpgen.training.dp import preflight_copy
+    from dpgen.privacy.dpsgd import preflight_copy
 
     probe, n_zero = preflight_copy(model, g)  # LoRA `up` starts at zero: perturbed for the check
     assert n_zero >= len(layers)
@@ -348,7 +364,9 @@ def test_trainable_config_errors(tiny_raw):
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.yaml")))
 def test_every_shipped_config_validates(path):
     cfg = load_config(REPO / path)
-    assert cfg.privacy.epsilon > 0 and cfg.model.generator in ("diffusion", "latent_diffusion", "cgan")
+    from dpgen.models.registry import FAMILIES
+
+    assert cfg.privacy.epsilon > 0 and cfg.model.generator in FAMILIES
 
 
 def test_cli_lora_target_without_layers_fails_before_training(tmp_path, tiny_raw, capsys):
@@ -364,3 +382,154 @@ def test_cli_lora_target_without_layers_fails_before_training(tmp_path, tiny_raw
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert "finetune.lora_targets = ['nope']" in err and "match no nn.Linear layer" in err and "to_q" in err
     assert not (tmp_path / "run" / "checkpoints" / "pretrain.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- every command, every family
+
+
+FAMILY_RUNS = {"latent_run": ("latent_diffusion", 2), "gan_run": ("cgan", 2), "volume_run": ("latent_diffusion", 3),
+               "gan_volume_run": ("cgan", 3)}  # pixel diffusion 2D: tests/test_release.py's finished run
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared 2-core box: one thread is several times faster
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("fixture", list(FAMILY_RUNS))
+def test_every_command_on_every_family(fixture, request, tmp_path, capsys, one_thread):
+    """load, evaluate, audit (the family's own membership attack and inversion target), report,
+    release (3D: a bundle that reads back as a folder source, volumes unchanged) and sweep."""
+    import json
+    import shutil
+
+    from dpgen.cli import main
+    from dpgen.data import load_dataset
+    from dpgen.data.medmnist import medmnist_to_channel_first
+    from dpgen.report.release import verify_bundle
+
+    family, dims = FAMILY_RUNS[fixture]
+    run = tmp_path / "run"
+    shutil.copytree(request.getfixturevalue(fixture), run)  # the module's run stays as it was
+    gen = dpgen.load(run, device="cpu")
+    assert gen.family == family
+    out = gen.generate(labels=[0, 1], seed=0, steps=2)
+    assert out.images.shape[2:] == (28,) * dims
+
+    quick = ["--no-progress", "--device", "cpu"]
+    assert main(["evaluate", str(run), "--seeds", "1", "--epochs", "1", "--encoder-epochs", "1", *quick]) == 0
+    ev = json.loads((run / "internal" / "evaluation" / "evaluation.json").read_text())
+    assert ev["utility"]["rows"]["synthetic"]["roc_auc"]["mean"] is not None
+    assert main(["audit", str(run), "--overfit-images", "4", "--overfit-steps", "3", "--attack-targets", "1",
+                 "--inversion-iterations", "3", *quick]) == 0
+    probes = json.loads((run / "internal" / "audit" / "probes.json").read_text())
+    mm = probes["membership"]
+    assert mm["family"] == family and mm["dp_model"]["primary"] == "reference"
+    assert set(mm["dp_model"]["scores"]) == ({"discriminator", "reference"} if family == "cgan" else {"loss", "reference"})
+    assert "overfit_control" in mm
+    target = {"cgan": "discriminator_loss", "latent_diffusion": "latent_diffusion_loss"}[family]
+    assert any(t.startswith(target) for t in probes["reconstruction"]["targets"])
+    capsys.readouterr()
+
+    assert main(["report", str(run), "--no-pdf"]) == 0
+    assert "internal checklist" in capsys.readouterr().out
+    assert main(["release", str(run), str(tmp_path / "bundle")]) == 0
+    assert verify_bundle(tmp_path / "bundle") == []
+    with np.load(run / "cohort" / "cohort.npz") as z:
+        cohort = medmnist_to_channel_first(z["train_images"], "cohort")
+    if dims == 3:  # the bundle read back as a folder source gives the cohort's volumes, axes and all
+        from dpgen.config import DataSource
+
+        back = load_dataset(DataSource(source=str(tmp_path / "bundle")))
+        assert back.images.shape == cohort.shape and np.array_equal(back.images, cohort)
+
+    assert main(["sweep", str(run / "config.yaml"), "--epsilons", "4", "--run-dir", str(tmp_path / "sweep"),
+                 "--eval-seeds", "1", "--eval-epochs", "1", "--encoder-epochs", "1", *quick]) == 0
+    sweep = json.loads((tmp_path / "sweep" / "internal" / "sweep.json").read_text())
+    assert sweep["runs"][0]["evaluated"] and sweep["points"][0]["tstr_auc"] is not None
+
+
+def test_nifti_round_trip_and_one_axis_convention(tmp_path):
+    """dpgen.data.nifti: what is written (the cohort writer, the release) reads back unchanged,
+    as nibabel's voxel array in the array's own axis order (no transposes anywhere)."""
+    import nibabel as nib
+
+    from dpgen.data.folder import load_folder
+    from dpgen.data.nifti import read_nifti, write_nifti
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (1, 5, 6, 7), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (3, 5, 6, 7), dtype=np.uint8)
+    for name, vol in (("grey.nii.gz", grey), ("rgb.nii.gz", rgb), ("plain.nii", grey)):
+        write_nifti(tmp_path / name, vol)
+        assert np.array_equal(read_nifti(tmp_path / name), vol)
+    assert np.array_equal(np.asarray(nib.load(tmp_path / "grey.nii.gz").dataobj), grey[0])  # (D, H, W) as stored
+    assert np.array_equal(np.asarray(nib.load(tmp_path / "rgb.nii.gz").dataobj), np.moveaxis(rgb, 0, -1))
+    (tmp_path / "labels.csv").write_text("image,label\ngrey.nii.gz,0\nplain.nii,1\n")
+    assert np.array_equal(load_folder(tmp_path).images, np.stack([grey, grey]))
+    with pytest.raises(ValueError, match="PNG"):
+        write_nifti(tmp_path / "x.nii.gz", rng.integers(0, 256, (3, 8, 8), dtype=np.uint8))
+
+
+# ----------------------------------------------------------------------------- public data of another shape
+
+
+@pytest.fixture(scope="module")
+def rgb_folder(tmp_path_factory):
+    """BreastMNIST colourised to RGB and enlarged to 32x32: a private set of another shape than
+    the public PneumoniaMNIST (grey, 28x28)."""
+    from PIL import Image
+
+    from tests.conftest import data_dir
+
+    root = tmp_path_factory.mktemp("rgb")
+    rows = ["image,label,split"]
+    with np.load(data_dir() / "breastmnist.npz") as z:
+        for split, n in (("train", 48), ("val", 16), ("test", 16)):
+            for i, (im, lab) in enumerate(zip(z[f"{split}_images"][:n], z[f"{split}_labels"][:n, 0])):
+                g = np.asarray(Image.fromarray(im).resize((32, 32), Image.BILINEAR), dtype=np.float32)
+                rgb = np.stack([g, 0.8 * g + 20, 0.6 * g + 40], -1).clip(0, 255).astype(np.uint8)
+                Image.fromarray(rgb).save(root / f"{split}{i}.png")
+                rows.append(f"{split}{i}.png,{int(lab)},{split}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_grey_public_data_fitted_to_an_rgb_private_set(tmp_path, rgb_folder, one_thread):
+    import json
+
+    raw = _tiny(data={**TINY["data"], "private": {"source": str(rgb_folder), "split_column": "split"}},
+                model={**TINY["model"], "channels": [16, 32]})
+    with pytest.raises(Exception, match=r"data.public.transform"):  # without it: refused, with the key to set
+        dpgen.run(config_from_dict(raw), tmp_path / "refused", progress=False, device="cpu")
+    raw["data"]["public"]["transform"] = {"resize": True, "channels": True}
+    run = tmp_path / "run"
+    dpgen.run(config_from_dict(raw), run, progress=False, device="cpu")
+    with np.load(run / "cohort" / "cohort.npz") as z:
+        assert z["train_images"].shape == (6, 32, 32, 3)
+    manifest = json.loads((run / "manifest.json").read_text())
+    t = manifest["datasets"]["public/train"]["transform"]
+    assert t["from"] == [1, 28, 28] and t["to"] == [3, 32, 32] and len(t["steps"]) == 2
+    assert "transform" not in manifest["datasets"]["private/train"]  # the private data is used as it is
+
+    raw["data"]["private"]["transform"] = {"resize": True}
+    with pytest.raises(ConfigError, match="only the public data is transformed"):
+        config_from_dict(raw)
+
+
+def test_public_transform_maps():
+    from dpgen.data.transform import LUMA, convert_channels, resize
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (2, 1, 8, 8), dtype=np.uint8)
+    rgb = convert_channels(grey, 3)
+    assert rgb.dtype == np.uint8 and np.array_equal(rgb[:, 1], grey[:, 0])
+    back = convert_channels(rgb, 1)
+    assert np.abs(back.astype(int) - grey.astype(int)).max() <= 1 and abs(sum(LUMA) - 1) < 1e-9
+    small = resize(grey, (4, 4))  # shrinking: area averages
+    assert small.shape == (2, 1, 4, 4) and small[0, 0, 0, 0] == round(grey[0, 0, :2, :2].mean())
+    vol = rng.random((1, 1, 4, 4, 4)).astype(np.float32)
+    assert resize(vol, (6, 6, 6)).shape == (1, 1, 6, 6, 6)

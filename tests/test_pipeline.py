@@ -31,7 +31,9 @@ def test_run_directory_holds_everything(finished_run):
     for rel in ["config.yaml", "manifest.json", "state.json", "summary.json", "privacy/ledger.jsonl",
                 "checkpoints/pretrain.safetensors", "checkpoints/finetune.safetensors", "cohort/cohort.npz"]:
         assert (run_dir / rel).is_file(), rel
-    assert list((run_dir / "logs" / "finetune").glob("events.out.tfevents*"))  # TensorBoard
+    assert list((run_dir / "logs" / "pretrain").glob("events.out.tfevents*"))  # TensorBoard (public)
+    # curves of private batches are not DP: internal/
+    assert list((run_dir / "internal" / "logs" / "finetune").glob("events.out.tfevents*"))
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["versions"]["opacus"] != "not installed"
     assert manifest["seeds"] == {"run": 0, "sample": 0}
@@ -58,15 +60,18 @@ def test_ledger_epsilon_within_target(finished_run):
     _, run_dir = finished_run
     ledger = PrivacyLedger(run_dir / "privacy" / "ledger.jsonl")
     s = ledger.summary(1e-5)
-    assert 0 < s["epsilon"] <= 8.0 and s["within_target"]
-    assert s["epsilon_rdp"] >= s["epsilon"]  # PLD is tighter
+    assert 0 < s.epsilon <= 8.0 and s.within_target and s.neighbouring == "add_remove"
+    assert s.epsilon_rdp >= s.epsilon  # PLD is tighter
+    assert s.epsilon_replace_one > s.epsilon  # the same events for replace-one neighbours
     plan = ledger.latest("dp_plan")
     assert plan["sample_rate"] == pytest.approx(24 / 96) and plan["unit"] == "per image"
     assert ledger.latest("preflight")["passed"] is True
     done = ledger.latest("dp_complete")
     assert done["steps_done"] == 6 and done["epsilon_pld"] <= 8.0
     names = {e["name"] for e in ledger.entries() if e["kind"] in ("artifact", "dp_release")}
-    assert {"finetune_weights", "cohort", "label_histogram"} <= names
+    assert {"finetune_weights", "cohort", "gaussian:label_histogram"} <= names
+    cohort = ledger.latest("artifact", name="cohort")["privacy_source"]
+    assert cohort == {"kind": "post_processing", "mechanisms": ["dp_sgd:finetune", "gaussian:label_histogram"], "note": ""}
 
 
 def test_second_run_refuses_to_overwrite(finished_run, capsys):
@@ -102,12 +107,13 @@ def test_generate_is_reproducible_and_checks_labels(finished_run):
 
 
 def test_sample_command_reproduces_the_cohort(finished_run, tmp_path):
-    """`dpgen sample` with the same seed writes the same cohort bit for bit."""
+    """`dpgen sample` with the same seed writes the same cohort bit for bit (beside the run's own:
+    a finished run's cohort is never replaced without --overwrite)."""
     _, run_dir = finished_run
     with np.load(run_dir / "cohort" / "cohort.npz") as z:
         first = z["train_images"].copy()
-    assert main(["sample", str(run_dir), "--no-progress"]) == 0
-    with np.load(run_dir / "cohort" / "cohort.npz") as z:
+    assert main(["sample", str(run_dir), "--name", "again", "--no-progress"]) == 0
+    with np.load(run_dir / "cohort" / "again" / "cohort.npz") as z:
         assert np.array_equal(z["train_images"], first)
 
 
@@ -117,7 +123,7 @@ def test_public_labels_of_another_task_are_ignored(finished_run, tiny_raw):
     from dpgen.config import config_from_dict
     from dpgen.data import load_dataset
     from dpgen.models.conditioning import AttributeSpace
-    from dpgen.training.common import load_checkpoint
+    from dpgen.core.checkpoints import load_checkpoint
     from dpgen.training.families.shared import public_rows
 
     _, run_dir = finished_run

@@ -59,21 +59,22 @@ def test_calibrate_bad_arguments(capsys):
 
 def test_report_missing_ledger(tmp_path, capsys):
     rc, out, err = run_cli(["privacy", "report", str(tmp_path)], capsys)
-    assert rc == 1 and out == ""
+    assert rc == 2 and out == ""
     assert "no privacy ledger" in err and str(ledger_path(tmp_path)) in err
     assert len(err.strip().splitlines()) == 1
 
 
 def _make_run(tmp_path):
     ledger = PrivacyLedger(ledger_path(tmp_path))
-    ledger.append({"kind": "dp_plan", "mechanism": MECH, "unit": "per image", "target_epsilon": 10.0, "delta": 1e-5,
-                   "sigma": 1.2, "sample_rate": 0.06, "planned_steps": 1000, "max_grad_norm": 1.0,
-                   "noise_multiplicity": 1, "accountant": "pld", "epsilon_planned_pld": 9.7,
+    ledger.append({"kind": "dp_plan", "mechanism": MECH, "unit": "per image", "n_units": 1000, "target_epsilon": 10.0,
+                   "delta": 1e-5, "sigma": 1.2, "sample_rate": 0.06, "expected_batch_size": 60, "planned_steps": 1000,
+                   "max_grad_norm": 1.0, "noise_multiplicity": 1, "accountant": "pld", "epsilon_planned_pld": 9.7,
                    "epsilon_planned_rdp": 10.6})
     ev = accounting.poisson_gaussian_event(1.2, 0.06, 1000)
-    ledger.append({"kind": "dp_complete", "mechanism": MECH, "steps_done": 1000, "event": ev})
+    ledger.append({"kind": "dp_complete", "mechanism": MECH, "steps_done": 1000, "event": ev, "sigma": 1.2,
+                   "sample_rate": 0.06, "max_grad_norm": 1.0, "unit": "per image"})
     ledger.append({"kind": "artifact", "name": "cohort", "path": "cohort/",
-                   "privacy_source": f"post-processing of {MECH}"})
+                   "privacy_source": {"kind": "post_processing", "mechanisms": [MECH]}})
     return ev
 
 
@@ -96,7 +97,7 @@ def test_report_json_and_text(tmp_path, capsys):
 
 def test_report_without_delta(tmp_path, capsys):
     PrivacyLedger(ledger_path(tmp_path)).append(
-        {"kind": "dp_release", "name": "h", "event": {"type": "gaussian", "sigma": 5.0, "count": 1}})
+        {"kind": "dp_release", "name": "gaussian:label_histogram", "event": {"type": "gaussian", "sigma": 5.0, "count": 1}})
     rc, _, err = run_cli(["privacy", "report", str(tmp_path)], capsys)
     assert rc == 2 and "--delta" in err
     rc, out, _ = run_cli(["privacy", "report", str(tmp_path), "--delta", "1e-5", "--json"], capsys)

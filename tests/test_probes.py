@@ -54,10 +54,15 @@ def test_dp_limits():
 
     event = {"type": "poisson_gaussian", "sigma": 1.0, "sample_rate": 0.05, "steps": 100}
     eps = accounting.epsilon([event], 1e-5, "pld")
-    lim = stats.dp_tpr_limits(epsilon=eps, delta=1e-5, sigma=1.0, sample_rate=0.05, steps=100)
+    lim = stats.dp_tpr_limits(epsilon=eps, delta=1e-5, events=[event])
     for row in lim["per_fpr"].values():
         # the run's trade-off curve is tighter than its (eps, delta) summary, and above chance
         assert row["fpr"] <= row["mechanism_pld"] <= row["eps_delta"] + 1e-6 <= 1.0 + 1e-6
+    # composed with a second mechanism the limit grows: limits are for everything released
+    hist = {"type": "gaussian", "sigma": 2.0, "count": 1}
+    both = stats.dp_tpr_limits(epsilon=accounting.epsilon([event, hist], 1e-5), delta=1e-5, events=[event, hist])
+    for key, row in both["per_fpr"].items():
+        assert row["mechanism_pld"] > lim["per_fpr"][key]["mechanism_pld"]
 
 
 def test_nearest_neighbours_match_brute_force():
@@ -95,17 +100,23 @@ def test_copies_are_flagged_and_held_out_images_are_not(tiny_config):
 
 
 def test_discriminator_attack_scores_members_higher():
-    from dpgen.probes.membership import discriminator_attack
+    from dpgen.probes.membership import attack_results, discriminator_attack
 
     class MeanD(torch.nn.Module):  # "looks real" = bright, standing in for a memorizing discriminator
         def forward(self, x):
             return x.flatten(1).mean(1, keepdim=True)
 
+    class ZeroD(torch.nn.Module):  # a reference that finds everything equally real
+        def forward(self, x):
+            return torch.zeros(len(x), 1)
+
     g = torch.Generator().manual_seed(0)
     members = torch.rand(40, 1, 8, 8, generator=g) + 0.5
     non_members = torch.rand(40, 1, 8, 8, generator=g)
-    res = discriminator_attack(MeanD(), members, non_members, n_boot=200)
-    assert res["auc"] > 0.95 and res["auc_ci"][0] > 0.9
+    res = attack_results(discriminator_attack(MeanD(), members, non_members, reference=ZeroD()), n_boot=200)
+    assert res["primary"] == "reference" and set(res["scores"]) == {"discriminator", "reference"}
+    for r in res["scores"].values():
+        assert r["auc"] > 0.95 and r["auc_ci"][0] > 0.9
 
 
 # ----------------------------------------------------------------------------- a tiny finished run
@@ -198,12 +209,14 @@ def test_inversion_succeeds_without_noise_and_fails_with_the_runs_noise(audited)
     assert r["ledger_bound"]["bound"] > 0 and r["run_bound_at_candidate_prior"]["bound"] > 0
 
 
-def test_releasable_summary_holds_no_private_data(audited):
+def test_summary_holds_aggregates_only_and_everything_stays_internal(audited):
     run_dir, res = audited
-    summary_path = run_dir / "metrics" / "probes_summary.json"
+    summary_path = run_dir / "internal" / "audit" / "probes_summary.json"
     text = summary_path.read_text()
     s = json.loads(text)
-    assert s["contains_private_images"] is False and s["internal"] is False
+    # no image, no per-record value; and still internal: computed on private data without DP
+    assert s["contains_private_images"] is False and s["internal"] is True
+    assert not (run_dir / "metrics").exists()
     assert len(text) < 40_000
 
     def walk(node, path="$"):
@@ -225,7 +238,6 @@ def test_releasable_summary_holds_no_private_data(audited):
     assert {p.name for p in (run_dir / "internal" / "audit").glob("*.png")} >= {
         "closest_pairs_synthetic.png", "closest_pairs_held_out.png", "nn_distances.png", "roc.png",
         "reconstructions_classifier.png"}
-    assert not list((run_dir / "metrics").glob("*.png")) or all("probe" not in p.name for p in (run_dir / "metrics").glob("*.png"))
 
 
 def test_cli_audit_json(audited, tiny_config, tmp_path, capsys):
@@ -247,5 +259,5 @@ def test_cli_audit_json(audited, tiny_config, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["memorization"]["flagged"] is True
     assert out["memorization"]["spaces"]["pixel"]["synthetic"]["near_copies"] == 20
-    summary = json.loads((run_dir / "metrics" / "probes_summary.json").read_text())
+    summary = json.loads((run_dir / "internal" / "audit" / "probes_summary.json").read_text())
     assert summary["contains_private_images"] is False and summary["memorization"]["flagged"] is True

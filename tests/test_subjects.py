@@ -37,8 +37,8 @@ def test_subject_ids_make_the_subject_the_unit(tmp_path, tiny_raw):
     assert plan["unit"] == "per subject" and plan["n_units"] == 20
     assert plan["sample_rate"] == 8 / 20  # Poisson sampling over subjects, not the 60 images
     assert ledger.latest("dp_complete")["unit"] == "per subject"
-    assert ledger.summary(1e-5)["unit"] == "per subject"
-    hist = ledger.latest("dp_release", name="label_histogram")
+    assert ledger.summary(1e-5).unit == "per subject"
+    hist = ledger.latest("dp_release", name="gaussian:label_histogram")
     assert hist["unit"] == "per subject"
     with np.load(tmp_path / "run" / "cohort" / "cohort.npz") as z:
         assert len(z["train_labels"]) == 4

@@ -8,14 +8,15 @@ NIfTI files), so a cohort larger than memory can be written; `close()` then writ
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from dpgen.core.naming import class_name
 from dpgen.data.medmnist import channel_first_to_medmnist
+from dpgen.data.nifti import to_nifti_array, write_nifti
 from dpgen.rundir import atomic_path, write_text_atomic
 
 
@@ -68,23 +69,10 @@ def write_class_grids(folder: str | Path, images: np.ndarray, labels: np.ndarray
     for k in np.unique(labels):
         idx = np.flatnonzero(labels == k)[:per_class]  # index first: never loads a whole class of a memmap
         sel = np.asarray(images[idx])
-        name = class_names[k] if class_names and k < len(class_names) else str(k)
+        name = class_name(int(k), class_names)
         safe = "".join(ch if ch.isalnum() else "_" for ch in name)
         out.append(write_png(Path(folder) / f"grid_class{k}_{safe}.png", image_grid(sel)))
     return out
-
-
-def write_nifti(path: str | Path, volume: np.ndarray) -> Path:
-    """One (C, D, H, W) uint8 volume as .nii.gz (channel last when C > 1), identity affine:
-    the generator knows no voxel spacing."""
-    import nibabel as nib
-
-    vol = volume[0] if volume.shape[0] == 1 else np.moveaxis(volume, 0, -1)
-    data = nib.Nifti1Image(np.ascontiguousarray(vol), np.eye(4)).to_bytes()
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
-            gz.write(data)
-    return Path(path)
 
 
 class CohortWriter:
@@ -105,6 +93,7 @@ class CohortWriter:
         self.written = 0
         self.nifti_dir = self.folder / "nifti"
         if nifti:
+            to_nifti_array(np.zeros(self.image_shape, dtype=np.uint8))  # refuses what NIfTI cannot hold
             shutil.rmtree(self.nifti_dir, ignore_errors=True)
             self.nifti_dir.mkdir(parents=True)
 

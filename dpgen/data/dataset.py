@@ -7,12 +7,11 @@ channel-first array (N, C, *spatial). Scaling to the model's range is a fixed, p
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import torch
+
+# torch is imported where tensors are made: reading and checking data needs only numpy.
 
 
 class DataError(ValueError):
@@ -31,6 +30,7 @@ class ImageDataset:
     attributes: np.ndarray | None = None  # (N, A) float32
     attribute_names: list[str] = field(default_factory=list)
     intensity_range: tuple[float, float] | None = None  # fixed window for float images
+    transform: dict | None = None  # what dpgen.data.transform did to fit the images to another shape
 
     def __post_init__(self) -> None:
         check_arrays(self.images, self.labels, self.path, self.split)
@@ -72,7 +72,7 @@ class ImageDataset:
             attribute_names=list(self.attribute_names),
         )
 
-    def model_tensor(self) -> torch.Tensor:
+    def model_tensor(self) -> "torch.Tensor":
         return to_model_range(self.images, self.intensity_range)
 
     def info(self) -> dict:
@@ -80,6 +80,7 @@ class ImageDataset:
             "name": self.name, "path": self.path, "split": self.split, "n": len(self),
             "image_shape": list(self.image_shape), "sha256": self.fingerprint,
             "has_subjects": self.subjects is not None, "attributes": list(self.attribute_names),
+            **({"transform": self.transform} if self.transform else {}),
         }
 
 
@@ -109,6 +110,8 @@ def to_model_range(images: np.ndarray | torch.Tensor, intensity_range: tuple[flo
     min and max (a per-record map). Using private dataset-wide min/max or mean/std here would
     release a statistic of the private data outside DP.
     """
+    import torch
+
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
@@ -125,20 +128,8 @@ def to_model_range(images: np.ndarray | torch.Tensor, intensity_range: tuple[flo
 
 def from_model_range(x: torch.Tensor) -> np.ndarray:
     """float [-1, 1] -> uint8 [0, 255] (the cohort's storage format)."""
+    import torch
+
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def md5_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -1,4 +1,5 @@
-"""An image folder plus a labels CSV, and NIfTI / DICOM volumes through MONAI's readers.
+"""An image folder plus a labels CSV: PNG/JPEG (Pillow), NIfTI (dpgen.data.nifti, one axis
+convention with the cohort writer), DICOM (MONAI's reader).
 
 CSV columns: `image` (path relative to the folder), `label` (integer), optional subject ID,
 split and attribute columns (names set in the config).
@@ -13,8 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dpgen.data.dataset import DataError, ImageDataset
-
-_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm")
+from dpgen.data.nifti import is_nifti, read_nifti
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -23,8 +23,10 @@ def _read_image(path: Path) -> np.ndarray:
     if not path.exists():
         raise DataError(f"{path}: listed in the labels CSV but does not exist")
     try:
-        if name.endswith(_VOLUME_SUFFIXES) or path.is_dir():
-            from monai.transforms import LoadImage  # MONAI reads NIfTI (nibabel) and DICOM (pydicom)
+        if is_nifti(name):
+            return read_nifti(path)
+        if name.endswith(".dcm") or path.is_dir():
+            from monai.transforms import LoadImage  # MONAI reads DICOM (pydicom): a file or a series folder
 
             arr = np.asarray(LoadImage(image_only=True, ensure_channel_first=True)(str(path)))
             return arr.astype(np.float32)
@@ -37,6 +39,17 @@ def _read_image(path: Path) -> np.ndarray:
     except Exception as err:  # a decoder's error deep inside PIL/MONAI: say which file
         raise DataError(f"{path}: cannot be read as an image ({type(err).__name__}: {err})") from None
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _label(text: str, csv_path: Path, row: int, column: str) -> int:
+    """A class index from the CSV: "1" or "1.0", never a truncated "1.5"."""
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        v = None
+    if v is None or not v.is_integer():
+        raise DataError(f"{csv_path}: row {row}: {column} = {text!r} is not an integer class index (0..K-1)")
+    return int(v)
 
 
 def load_folder(
@@ -78,8 +91,8 @@ def load_folder(
                 f"all images must have one size (resample them first)"
             )
         images.append(img)
+        labels.append(_label(r[label_column], csv_path, i + 2, label_column))
         try:
-            labels.append(int(r[label_column]))
             attrs.append([float(r[c]) for c in attribute_columns])
         except ValueError as err:
             raise DataError(f"{csv_path}: row {i + 2}: {err}") from None

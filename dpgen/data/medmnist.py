@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dpgen.data.dataset import DataError, ImageDataset, md5_file, sha256_file
+from dpgen.core.files import md5_file, sha256_file
+from dpgen.data.dataset import DataError, ImageDataset
 
 _ZENODO = "https://zenodo.org/records/10519652/files/{name}.npz?download=1"
 
@@ -87,11 +88,22 @@ def download_medmnist(key: str, target: Path) -> Path:
     return target
 
 
-def load_npz(path: str | Path, split: str = "train", name: str | None = None) -> ImageDataset:
-    """Read one split of a MedMNIST-layout .npz (2D grey, 2D RGB or 3D)."""
-    path = Path(path)
+def _read_npz(path: Path, split: str, images: bool = True) -> tuple[np.ndarray | tuple, np.ndarray]:
+    """(images, or only their shape when `images` is False; labels as int64), with the checks
+    every reader of a MedMNIST .npz needs. Never unpickles."""
     if split not in SPLITS:
         raise DataError(f"{path}: split {split!r} is not one of {SPLITS}")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a .npz file")
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if not is_zip:
+        raise DataError(
+            f"{path}: not a readable .npz file: not a zip archive (a .npz is a zip of .npy arrays, as "
+            f"numpy.savez writes it); the file is something else, or corrupt or truncated"
+        )
     try:
         with np.load(path, allow_pickle=False) as z:  # never unpickle data files
             keys = set(z.files)
@@ -101,22 +113,73 @@ def load_npz(path: str | Path, split: str = "train", name: str | None = None) ->
                     f"{path}: missing key(s) {sorted(need - keys)}; a MedMNIST .npz has "
                     f"<split>_images and <split>_labels (found: {sorted(keys)})"
                 )
-            images = z[f"{split}_images"]
             labels = z[f"{split}_labels"]
+            imgs = z[f"{split}_images"] if images else _npy_shape(z.zip, f"{split}_images.npy")
+            if imgs is None:  # a header we do not parse: read the array
+                imgs = z[f"{split}_images"].shape
     except DataError:
         raise
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-        raise DataError(f"{path}: not a readable .npz file (corrupt or truncated?): {err}") from None
+        msg = str(err)
+        if "pickle" in msg.lower():  # an object array: dpgen never unpickles data files
+            msg = "it holds Python objects (pickled), not plain numeric arrays"
+        raise DataError(f"{path}: not a readable .npz file (corrupt or truncated?): {msg}") from None
     labels = np.asarray(labels)
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     elif labels.ndim == 2:
         raise DataError(f"{path}: labels have shape {labels.shape}; multi-label tasks are not supported")
+    return imgs, integer_labels(labels, f"{path}: {split}_labels")
+
+
+def _npy_shape(zf: zipfile.ZipFile, member: str) -> tuple | None:
+    """The shape in a .npy header inside the archive, without reading the array."""
+    with zf.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(f)[0]
+        if version == (2, 0):
+            return np.lib.format.read_array_header_2_0(f)[0]
+    return None
+
+
+def peek_npz(path: str | Path, split: str = "train") -> tuple[tuple[int, ...], np.ndarray]:
+    """(channel-first shape of one image, labels) of a split, checked like `load_npz` checks them,
+    reading the labels and only the images' header (fast: the CLI calls it before starting a run)."""
+    path = Path(path)
+    shape, labels = _read_npz(path, split, images=False)
+    if len(shape) not in (3, 4) or not shape[0]:
+        raise DataError(f"{path}: {split}_images have shape {tuple(shape)}; not a MedMNIST 2D or 3D layout")
+    if len(labels) != shape[0]:
+        raise DataError(f"{path} (split {split!r}): {len(labels)} labels for {shape[0]} images")
+    return medmnist_to_channel_first(np.empty((1, *shape[1:]), dtype=np.uint8), path).shape[1:], labels
+
+
+def load_npz(path: str | Path, split: str = "train", name: str | None = None) -> ImageDataset:
+    """Read one split of a MedMNIST-layout .npz (2D grey, 2D RGB or 3D)."""
+    path = Path(path)
+    images, labels = _read_npz(path, split)
     images = medmnist_to_channel_first(images, path)
     return ImageDataset(
         images=images, labels=labels.astype(np.int64), name=name or path.stem, path=str(path), split=split,
         fingerprint=sha256_file(path),
     )
+
+
+def integer_labels(labels: np.ndarray, where: str) -> np.ndarray:
+    """Class indices as int64; float labels must be whole numbers (0.0, 1.0), never truncated."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "iub":
+        return labels.astype(np.int64)
+    if labels.dtype.kind == "f":
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            raise DataError(
+                f"{where}: {int(bad.sum())} label(s) are not whole numbers (e.g. {float(labels[bad][0]):g}); labels are "
+                f"integer class indices 0..K-1 (bin a continuous value into classes first)"
+            )
+        return labels.astype(np.int64)
+    raise DataError(f"{where}: labels have dtype {labels.dtype}; expected integer class indices")
 
 
 def medmnist_to_channel_first(images: np.ndarray, path) -> np.ndarray:
@@ -125,6 +188,14 @@ def medmnist_to_channel_first(images: np.ndarray, path) -> np.ndarray:
         return images[:, None]
     if images.ndim == 4 and images.shape[-1] in (3, 4) and images.shape[1] not in (3, 4):
         return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    if images.ndim == 4 and images.shape[1] in (3, 4) and images.shape[-1] not in (3, 4) \
+            and images.shape[2] == images.shape[3] != images.shape[1]:
+        # (N, 3, H, W): RGB stored channel-first. As a volume it would be 3 slices deep.
+        raise DataError(
+            f"{path}: each image has shape {images.shape[1:]}: RGB (or RGBA) images stored channel-first? MedMNIST "
+            f"layout is channel-last (N, H, W, {images.shape[1]}); save them with images.transpose(0, 2, 3, 1). "
+            f"(A 3D volume of depth {images.shape[1]} is not supported either.)"
+        )
     if images.ndim == 4:
         return images[:, None]  # 3D volume, one channel
     raise DataError(f"{path}: images have shape {images.shape}; not a MedMNIST 2D or 3D layout")

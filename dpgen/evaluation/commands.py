@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=None, help="classifier seeds per utility row (default 3)")
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs of the real and DP-SGD classifiers (default 40; fine-tuning uses half)")
+    p.add_argument("--target-epsilon", type=float, default=None, metavar="E",
+                   help="compare the DP rows at E (default: the run's budget): the DP-SGD baseline spends E, the "
+                        "synthetic-pretrain + DP fine-tune row composes with the cohort to E (a split budget)")
     p.add_argument("--no-utility", action="store_true", help="fidelity only (no classifiers)")
     p.add_argument("--no-fidelity", action="store_true", help="downstream utility only")
     p.add_argument("--threads", type=int, default=None,
@@ -30,34 +33,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    from dpgen.rundir import RunDir
+
+    rd = RunDir.open(args.run_dir)  # before torch: a wrong path answers at once
+    config = rd.load_config()
+    if args.no_fidelity and args.no_utility:
+        print("dpgen: error: --no-fidelity and --no-utility leave nothing to evaluate", file=sys.stderr)
+        return 2
+    if args.epochs is not None and args.epochs < 1:
+        print("dpgen: error: --epochs must be >= 1", file=sys.stderr)
+        return 2
     from dpgen.evaluation.features import EvaluationError
     from dpgen.evaluation.stage import EvalOptions, evaluate_stage, format_summary
-    from dpgen.rundir import RunDir
 
     if args.threads:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
-    rd = RunDir(args.run_dir)
-    config = rd.load_config()
     opts = EvalOptions(fidelity=not args.no_fidelity, utility=not args.no_utility)
     if args.encoder_epochs is not None:
         opts.encoder_epochs = max(1, args.encoder_epochs)
     if args.epochs is not None:
-        if args.epochs < 1:
-            print("dpgen: error: --epochs must be >= 1", file=sys.stderr)
-            return 2
         u = opts.utility_options
         u.epochs = u.dp_epochs = u.synthetic_epochs = args.epochs
         u.finetune_epochs = max(1, args.epochs // 2)
-    if args.no_fidelity and args.no_utility:
-        print("dpgen: error: --no-fidelity and --no-utility leave nothing to evaluate", file=sys.stderr)
-        return 2
     try:
         metrics = evaluate_stage(
             config, rd, device=args.device, progress=not args.no_progress, cohort_path=args.cohort,
             feature_extractor=args.feature_extractor, inception_weights=args.inception_weights, seeds=args.seeds,
-            options=opts,
+            options=opts, target_epsilon=args.target_epsilon,
         )
     except EvaluationError as err:
         print(f"dpgen: error: {err}", file=sys.stderr)

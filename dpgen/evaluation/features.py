@@ -7,6 +7,7 @@ module mapping model-range images (N, C, *spatial) in [-1, 1] to features (N, D)
   dataset (its labels, plus which of 4 rotations was applied: a cheap self-supervised task that
   keeps the penultimate features from collapsing onto the two-class decision direction). Public
   data only, so it costs no privacy. It is cached in RUN/evaluation/public_encoder.safetensors
+  (`RunDir.public_encoder_file`)
   and its metrics are labeled "FD[public-encoder]" etc. so nobody mistakes them for Inception
   FID: the numbers are comparable between runs that use the same public data, not with
   published FIDs. A fixed seed makes the encoder the same for every run of the same public data.
@@ -30,11 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dpgen.config import PublicTransform
 from dpgen.data import ImageDataset, load_dataset, to_model_range
+from dpgen.data.transform import fit_to_shape
 from dpgen.evaluation.nets import CNNSpec, SmallCNN
-from dpgen.rundir import load_tensors, save_tensors_atomic
+from dpgen.rundir import RunDir, load_tensors, save_tensors_atomic
 
-ENCODER_FILE = "public_encoder.safetensors"
 ENCODER_VERSION = 2  # bump when the architecture or recipe changes: cached encoders are retrained
 ENCODER_SEED = 0
 ENCODER_EPOCHS = 6
@@ -125,30 +127,6 @@ def extract_features(
 # ----------------------------------------------------------------------------- public encoder
 
 
-def adapt_images(x: torch.Tensor, image_shape: tuple[int, ...]) -> torch.Tensor:
-    """Public images (float, model range) -> the private data's channels and spatial size.
-
-    Grey -> RGB repeats the channel, RGB -> grey averages; spatial size by interpolation. These
-    are fixed maps: the private data contributes only its shape, which is schema, not content.
-    """
-    c, spatial = image_shape[0], tuple(image_shape[1:])
-    if x.ndim - 2 != len(spatial):
-        raise EvaluationError(
-            f"public images are {x.ndim - 2}D {tuple(x.shape[1:])}, the private data is {len(spatial)}D {tuple(image_shape)}"
-        )
-    if x.shape[1] != c:
-        if x.shape[1] == 1:
-            x = x.repeat(1, c, *([1] * len(spatial)))
-        elif c == 1:
-            x = x.mean(1, keepdim=True)
-        else:
-            raise EvaluationError(f"cannot map {x.shape[1]}-channel public images to {c}-channel private images")
-    if tuple(x.shape[2:]) != spatial:
-        mode = "bilinear" if len(spatial) == 2 else "trilinear"
-        x = F.interpolate(x, size=spatial, mode=mode, align_corners=False)
-    return x
-
-
 def _rotate(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Rotate each image by k*90 degrees in its last two axes (volumes: in-plane)."""
     out = x.clone()
@@ -174,7 +152,10 @@ def train_public_encoder(
     progress: bool = True,
     seed: int = ENCODER_SEED,
 ) -> tuple[SmallCNN, dict]:
-    """Train the encoder on (public label, rotation) pairs; returns the net and a training record."""
+    """Train the encoder on (public label, rotation) pairs; returns the net and a training record.
+    `public` holds images of `image_shape` (dpgen.data.transform.fit_to_shape fits them)."""
+    if tuple(public.image_shape) != tuple(image_shape):
+        raise EvaluationError(f"public images of shape {public.image_shape} for an encoder of {tuple(image_shape)}")
     k_pub = int(public.labels.max()) + 1
     spec = _encoder_spec(image_shape, k_pub)
     torch.manual_seed(seed)
@@ -193,8 +174,7 @@ def train_public_encoder(
         correct = seen = 0
         for i in range(steps_per_epoch):
             idx = perm[i * ENCODER_BATCH:(i + 1) * ENCODER_BATCH]
-            x = adapt_images(to_model_range(public.images[idx.numpy()], getattr(public, "intensity_range", None)),
-                             image_shape)
+            x = to_model_range(public.images[idx.numpy()], public.intensity_range)
             rot = torch.randint(0, ROTATIONS, (len(idx),), generator=g)
             x = _rotate(x, rot)
             y = labels[idx] * ROTATIONS + rot
@@ -238,9 +218,12 @@ def public_encoder(config, rd, image_shape: tuple[int, ...], device="cpu", progr
             image_shape, f"the public data {public.name} is {public.spatial_dims}D but the private data is "
             f"{len(image_shape) - 1}D, so no encoder can be trained on it"
         )
-    path = Path(rd.root) / "evaluation" / ENCODER_FILE
+    # The encoder sees the private shape: the public images fitted as data.public.transform says
+    # (its interpolation), and fully (channels and size) when the config sets no transform.
+    public = fit_to_shape(public, image_shape, spec_src.transform or PublicTransform(resize=True, channels=True))
+    path = RunDir(Path(rd.root)).public_encoder_file
     want = {"version": ENCODER_VERSION, "public_sha256": public.fingerprint, "image_shape": list(image_shape),
-            "epochs": epochs}
+            "epochs": epochs, "public_transform": public.transform}
     net = record = None
     if path.is_file():
         from safetensors import safe_open
@@ -261,6 +244,7 @@ def public_encoder(config, rd, image_shape: tuple[int, ...], device="cpu", progr
     if net is None:
         net, record = train_public_encoder(public, image_shape, epochs=epochs, device=device, progress=progress)
         record["image_shape"] = list(image_shape)
+        record["public_transform"] = public.transform
         net = net.cpu()
         save_tensors_atomic(path, net.state_dict(),
                             metadata={"spec": json.dumps(net.spec.to_dict()), "record": json.dumps(record)})
@@ -342,5 +326,5 @@ def build_extractor(kind, config, rd, image_shape, device="cpu", progress=True, 
 
 __all__ = [
     "FeatureExtractor", "EvaluationError", "extract_features", "public_encoder", "inception_extractor",
-    "build_extractor", "train_public_encoder", "adapt_images",
+    "build_extractor", "train_public_encoder",
 ]

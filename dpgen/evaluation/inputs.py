@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dpgen.core.naming import class_name
 from dpgen.data import DataError, ImageDataset, load_dataset, load_npz, resolve_source
 
 COHORT_FILE = Path("cohort") / "cohort.npz"
@@ -29,7 +30,9 @@ def load_cohort(run_root: str | Path, cohort_path: str | Path | None = None) -> 
     """The run's cohort (RUN/cohort/cohort.npz), or `cohort_path` when given."""
     path = Path(cohort_path) if cohort_path else Path(run_root) / COHORT_FILE
     if not path.is_file():
-        hint = "" if cohort_path else " (run `dpgen sample RUN_DIR` first, or pass --cohort PATH)"
+        from dpgen.rundir import RunDir
+
+        hint = "" if cohort_path else f" (continue the run: `{RunDir(Path(run_root)).next_command()}`, or pass --cohort PATH)"
         raise DataError(f"no cohort at {path}{hint}")
     ds = load_npz(path, "train", name="cohort")
     return ds
@@ -66,10 +69,6 @@ def require_split(spec, split: str, against: ImageDataset | None = None) -> None
             f"evaluation needs the private data's {split!r} split{why}, but {path} has no "
             f"{' / '.join(sorted(need - keys))} (it holds: {', '.join(sorted(keys))})"
         )
-
-
-def class_name(k: int, class_names: list[str] | None) -> str:
-    return class_names[k] if class_names and k < len(class_names) else str(k)
 
 
 def check_real(ds: ImageDataset, num_classes: int, class_names: list[str] | None = None,
@@ -125,4 +124,4 @@ def check_cohort(cohort: ImageDataset, real: ImageDataset, num_classes: int,
         )
 
 
-__all__ = ["load_cohort", "load_real", "require_split", "check_cohort", "check_real", "describe_shape", "class_name", "COHORT_FILE"]
+__all__ = ["load_cohort", "load_real", "require_split", "check_cohort", "check_real", "describe_shape"]

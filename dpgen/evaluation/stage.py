@@ -10,10 +10,13 @@ Order of work, chosen so that the private test split cannot influence any choice
 4. only now read the private test split: it is the real-vs-real reference for fidelity and the
    test set of the frozen classifiers.
 
-Outputs: RUN/metrics/evaluation.json and the figures RUN/metrics/{fidelity,utility}.png (aggregate
-numbers only), RUN/internal/evaluation/features_pca.png (one point per private image: internal).
-The metrics are aggregate statistics of private data computed without DP; they are the data
-custodian's evidence for the release review, and the JSON says so.
+Outputs, all under RUN/internal/evaluation/ (never released): evaluation.json, the figures
+fidelity.png, utility.png and features_pca.png. Every number here is computed on private data
+(train, val and test splits) without DP: it is the data holder's evidence for the internal
+release review, never part of a bundle or of the shareable report. The DP classifiers of the
+utility rows are mechanisms on the private data: they run on the one DP-SGD loop with secret
+randomness and are recorded in the ledger as internal mechanisms (their own epsilon, composed
+into nothing released, because their only outputs stay here).
 """
 
 from __future__ import annotations
@@ -27,23 +30,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpgen.core.device import resolve_device
+from dpgen.core.naming import class_name
+from dpgen.core.schemas import EvaluationResults
 from dpgen.data import DataError
 from dpgen.evaluation import fidelity as fid
 from dpgen.evaluation.features import ENCODER_EPOCHS, FeatureExtractor, build_extractor, extract_features
-from dpgen.evaluation.inputs import check_cohort, check_real, class_name, load_cohort, load_real, require_split
-from dpgen.evaluation.utility import ROW_LABELS, ROWS, UtilityOptions, evaluate_rows, train_rows
-from dpgen.privacy import accounting
+from dpgen.evaluation.inputs import check_cohort, check_real, load_cohort, load_real, require_split
+from dpgen.evaluation.utility import ROW_LABELS, ROWS, UtilityOptions, class_signal, evaluate_rows, train_rows
+from dpgen.privacy import accounting, mechanisms
 from dpgen.privacy.ledger import PrivacyLedger
+from dpgen.privacy.randomness import EVALUATION_SECRET, secret_streams
+from dpgen.privacy.schema import InternalRunEntry
 from dpgen.rundir import RunDir, to_jsonable, write_json_atomic
-from dpgen.training.common import resolve_device
-
-METRICS_FILE = Path("metrics") / "evaluation.json"
 
 PRIVACY_NOTE = (
-    "Aggregate metrics computed on the private data without differential privacy (the usual "
-    "evaluation of a DP release). Only the cohort's epsilon is a DP guarantee; these numbers are for "
-    "the data custodian's release review. Figures that show individual private images or their "
-    "features are kept in internal/."
+    "INTERNAL: computed on the private data (train, val and test splits) without differential privacy. "
+    "For the data holder's internal release review only; never part of a release bundle or of the shareable "
+    "report. The DP classifiers' epsilons are their own (each is a separate mechanism, composed into nothing "
+    "that is released); the cohort's guarantee is the run's ledger."
 )
 
 
@@ -63,31 +68,34 @@ class EvalOptions:
         return asdict(self)
 
 
-def privacy_context(config, rd: RunDir, cohort_override: bool) -> dict:
-    """What the cohort cost (from the run's ledger) and the epsilon the DP rows use.
+def privacy_context(config, rd: RunDir, cohort_override: bool, target_epsilon: float | None = None) -> dict:
+    """What the cohort cost (from the run's ledger) and the epsilon the DP rows are compared at.
 
-    The DP rows run at the cohort's spent epsilon when the ledger records one, else at the
-    configured target; the fine-tuning row's total is the PLD composition of the ledger's events
-    and its own DP-SGD event.
+    The DP rows are compared at `target_epsilon` (default: the run's budget, privacy.epsilon): the
+    DP-SGD baseline spends it on its own; the synthetic-pretrain + DP fine-tune row gets what the
+    cohort left of it (its sigma calibrated so that the cohort's ledger events and the fine-tune
+    compose to the target: a split budget). A cohort that spent its whole budget leaves nothing:
+    run the generator with a share of the budget (e.g. privacy.epsilon=7) and evaluate with
+    --target-epsilon 10 to compare both at 10.
     """
     delta = config.privacy.delta
     ctx: dict = {"delta": delta, "configured_epsilon": config.privacy.epsilon, "cohort_epsilon": None,
                  "cohort_events": None, "ledger": None}
     ledger = PrivacyLedger(rd.ledger_path)
+    ctx["neighbouring"] = config.privacy.neighbouring
     if cohort_override:
         ctx["note"] = "the cohort was given with --cohort; the run's ledger does not describe it, its epsilon is unknown"
     elif not ledger.exists():
         ctx["note"] = f"no privacy ledger at {rd.ledger_path}; the cohort's epsilon is unknown"
     else:
         summary = ledger.summary(delta)
-        ctx["cohort_epsilon"] = summary["epsilon"]
-        ctx["cohort_epsilon_rdp"] = summary["epsilon_rdp"]
-        ctx["cohort_events"] = summary["events"]
+        ctx["cohort_epsilon"] = summary.epsilon
+        ctx["cohort_epsilon_rdp"] = summary.epsilon_rdp
+        ctx["cohort_events"] = summary.events
         ctx["ledger"] = str(Path(rd.ledger_path).relative_to(rd.root))
-    eps = ctx["cohort_epsilon"]
-    ctx["dp_rows_epsilon"] = eps if eps is not None and eps > 0 else config.privacy.epsilon
-    ctx["dp_rows_epsilon_source"] = ("the cohort's spent epsilon (ledger)" if eps is not None and eps > 0
-                                     else "the configured privacy.epsilon")
+    ctx["dp_rows_epsilon"] = float(target_epsilon) if target_epsilon is not None else config.privacy.epsilon
+    ctx["dp_rows_epsilon_source"] = ("--target-epsilon" if target_epsilon is not None
+                                     else "the run's budget (privacy.epsilon)")
     return ctx
 
 
@@ -103,8 +111,8 @@ def _labeled(result: dict, extractor: FeatureExtractor) -> dict:
 
 def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, cohort_path=None,
                    feature_extractor="public-encoder", inception_weights=None, seeds: int | None = None,
-                   options: EvalOptions | None = None, write: bool = True) -> dict:
-    """Evaluate the run's cohort; writes RUN/metrics/evaluation.json + figures; returns the metrics."""
+                   options: EvalOptions | None = None, write: bool = True, target_epsilon: float | None = None) -> dict:
+    """Evaluate the run's cohort; writes RUN/internal/evaluation/ (evaluation.json, figures); returns the metrics."""
     rd = rd if isinstance(rd, RunDir) else RunDir(Path(rd))
     opts = copy.deepcopy(options) if options is not None else EvalOptions()
     if seeds is not None:
@@ -156,13 +164,17 @@ def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, 
         timing["features_s"] = time.time() - t
 
     # 3. utility classifiers (trained and frozen before the test split is read)
-    privacy = privacy_context(config, rd, cohort_path is not None)
+    privacy = privacy_context(config, rd, cohort_path is not None, target_epsilon)
     trained = None
     if opts.utility:
         t = time.time()
         trained = train_rows(cohort, train, val, k, epsilon=privacy["dp_rows_epsilon"], delta=config.privacy.delta,
-                             opts=opts.utility_options, device=dev, progress=progress)
+                             secret=secret_streams(rd.internal, EVALUATION_SECRET), opts=opts.utility_options,
+                             device=dev, progress=progress, neighbouring=config.privacy.neighbouring,
+                             finetune_within=privacy["cohort_events"])
         timing["utility_training_s"] = time.time() - t
+        if write:
+            record_internal_mechanisms(rd, trained, config)
 
     # 4. the final evaluation: the private test split is read here and only here
     t = time.time()
@@ -219,33 +231,55 @@ def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, 
             "rows": rows,
             "comparison": compare_rows(rows),
             "options": trained.info["options"],
+            "dp_rows_epsilon": privacy["dp_rows_epsilon"],
         }
+        if trained.info.get("finetune_skipped"):
+            metrics["utility"]["finetune_skipped"] = ("the cohort already spends the target epsilon "
+                                                      f"{privacy['dp_rows_epsilon']:g}: nothing is left for a split budget")
+        signal = class_signal(trained, cohort, k, names, device=dev, batch_size=opts.utility_options.eval_batch_size)
+        if signal is not None:
+            metrics["class_signal"] = signal
     metrics["privacy"] = {k_: v for k_, v in privacy.items() if k_ != "cohort_events"}
     timing["total_s"] = time.time() - t0
     metrics["timing"] = {k_: round(v, 2) for k_, v in timing.items()}
 
     if write:
-        metrics_dir = rd.root / "metrics"
+        out_dir = rd.evaluation_dir
         if opts.fidelity:
             from dpgen.evaluation.figures import feature_scatter, fidelity_figure
 
-            figures.append(fidelity_figure(metrics["fidelity"], metrics_dir / "fidelity.png"))
-            internal = feature_scatter(
+            figures.append(fidelity_figure(metrics["fidelity"], out_dir / "fidelity.png"))
+            figures.append(feature_scatter(
                 {f"private {train.split}": f_train.numpy(), "cohort": f_cohort.numpy(), "private test": f_test.numpy()},
-                rd.internal / "evaluation" / "features_pca.png", title=f"{extractor.name} features (internal: private data)")
-            metrics["internal_figures"] = [str(internal.relative_to(rd.root))]
+                out_dir / "features_pca.png", title=f"{extractor.name} features (internal: private data)"))
         if opts.utility:
             from dpgen.evaluation.figures import utility_figure
 
-            figures.append(utility_figure(metrics["utility"]["rows"], metrics_dir / "utility.png"))
+            figures.append(utility_figure(metrics["utility"]["rows"], out_dir / "utility.png"))
         metrics["figures"] = [str(Path(p).relative_to(rd.root)) for p in figures]
         metrics = to_jsonable(metrics)
-        write_json_atomic(rd.root / METRICS_FILE, metrics)
+        EvaluationResults.model_validate(metrics)  # the schema the release review reads it with
+        write_json_atomic(rd.evaluation_file, metrics)
         try:
-            rd.mark_done("evaluate", {"metrics": str(METRICS_FILE)})
+            rd.mark_done("evaluate", {"metrics": str(rd.evaluation_file.relative_to(rd.root))})
         except OSError:  # pragma: no cover - a read-only state file must not lose the metrics
             pass
     return to_jsonable(metrics)
+
+
+def record_internal_mechanisms(rd: RunDir, trained, config) -> None:
+    """Every DP classifier trained on the private data is a mechanism: into the ledger, as
+    internal (its only outputs are the metrics under internal/evaluation/)."""
+    ledger = PrivacyLedger(rd.ledger_path)
+    outputs = str(rd.evaluation_file.relative_to(rd.root))
+    for name, key in ((mechanisms.EVALUATION_BASELINE, "dp_real"), (mechanisms.EVALUATION_FINETUNE, "synthetic_then_dp_real")):
+        plan = trained.info["dp_baseline_plan" if key == "dp_real" else "dp_finetune_plan"]
+        if plan is None or key not in trained.models or not trained.models[key]:
+            continue
+        ledger.append(InternalRunEntry(
+            mechanism=name, event=plan.event(), repeats=len(trained.models[key]), epsilon_each=plan.epsilon_pld,
+            delta=plan.delta, neighbouring=plan.neighbouring, outputs=outputs, unit=trained.info["privacy_unit"],
+            n_units=plan.n_units))
 
 
 def compare_rows(rows: dict) -> dict:
@@ -271,7 +305,11 @@ def compare_rows(rows: dict) -> dict:
 
 
 def _attach_privacy(rows: dict, trained, privacy: dict, delta: float) -> None:
-    base, ft = trained.info["dp_baseline_plan"], trained.info["dp_finetune_plan"]
+    def as_dict(p):
+        return None if p is None else {"sigma": p.sigma, "sample_rate": p.sample_rate, "steps": p.steps,
+                                       "epsilon": p.epsilon_pld, "target_epsilon": p.epsilon_pld, "event": p.event()}
+
+    base, ft = as_dict(trained.info["dp_baseline_plan"]), as_dict(trained.info["dp_finetune_plan"])
     cohort_eps, events = privacy["cohort_epsilon"], privacy["cohort_events"]
     cohort_desc = "unknown (no ledger)" if cohort_eps is None else cohort_eps
     if "real" in rows:
@@ -280,24 +318,25 @@ def _attach_privacy(rows: dict, trained, privacy: dict, delta: float) -> None:
         rows["dp_real"]["privacy"] = {"epsilon": base["epsilon"], "target_epsilon": base["target_epsilon"],
                                       "delta": delta, "sigma": base["sigma"], "sample_rate": base["sample_rate"],
                                       "steps": base["steps"], "unit": trained.info["privacy_unit"],
-                                      "note": f"DP-SGD at {privacy['dp_rows_epsilon_source']}"}
+                                      "note": f"DP-SGD at {privacy['dp_rows_epsilon_source']}; each classifier is a "
+                                              f"separate mechanism with this epsilon (internal: never released)"}
     if "synthetic" in rows:
         rows["synthetic"]["privacy"] = {"epsilon": cohort_eps, "delta": delta,
                                         "note": f"post-processing of the cohort (epsilon {cohort_desc})"}
     if "synthetic_then_dp_real" in rows:
-        total = None
-        if events is not None:
-            total = accounting.epsilon(list(events) + [ft["event"]], delta, "pld") if ft["sigma"] > 0 else math.inf
+        split = events is not None
+        own = accounting.epsilon([ft["event"]], delta, "pld", privacy["neighbouring"]) if ft["sigma"] > 0 else math.inf
         rows["synthetic_then_dp_real"]["privacy"] = {
-            "budget": "composed",
-            "epsilon": total,
+            "budget": "split" if split else "not split (the cohort's epsilon is unknown)",
+            "epsilon": ft["epsilon"] if split else None,
             "epsilon_cohort": cohort_eps,
-            "epsilon_classifier_finetune": ft["epsilon"],
+            "epsilon_classifier_finetune": own,
             "delta": delta, "sigma": ft["sigma"], "sample_rate": ft["sample_rate"], "steps": ft["steps"],
             "unit": trained.info["privacy_unit"],
-            "note": ("total = PLD composition of the cohort's ledger events and the classifier's DP-SGD fine-tuning "
-                     "(the fine-tuning is calibrated to the same epsilon as the DP baseline; the budget is not split)"
-                     + ("" if events is not None else "; the cohort's epsilon is unknown, so the total is too")),
+            "note": ("a split budget: the classifier's DP-SGD fine-tuning is calibrated so that the cohort's ledger "
+                     f"events and it compose to {privacy['dp_rows_epsilon']:g} (PLD), the DP-SGD baseline's epsilon"
+                     if split else "the cohort's epsilon is unknown: the fine-tuning alone is calibrated to the "
+                                   "baseline's epsilon, and the total is unknown"),
         }
 
 
@@ -362,12 +401,20 @@ def format_summary(metrics: dict) -> str:
                          f"(ROC-AUC {cmp_['synthetic_minus_dp_real']:+.3f})")
         ft = utility["rows"].get("synthetic_then_dp_real", {}).get("privacy")
         if ft:
-            lines.append(f"  (last row: epsilon composed = cohort {_num(ft['epsilon_cohort'], 3)} + classifier "
-                         f"fine-tuning {_num(ft['epsilon_classifier_finetune'], 3)} -> {_num(ft['epsilon'], 3)})")
+            lines.append(f"  (synthetic + DP fine-tune, split budget: cohort {_num(ft['epsilon_cohort'], 3)} and classifier "
+                         f"fine-tuning {_num(ft['epsilon_classifier_finetune'], 3)} compose to {_num(ft['epsilon'], 3)})")
+        if utility.get("finetune_skipped"):
+            lines.append(f"  synthetic + DP fine-tune: not run ({utility['finetune_skipped']}); run the generator with a "
+                         f"share of the budget and evaluate with --target-epsilon")
+    signal = metrics.get("class_signal")
+    if signal:
+        per = ", ".join(f"{c} {_pm(v['mean'], v['std'], 3)}" for c, v in signal["accuracy_per_class"].items())
+        lines.append(f"class signal (real-data classifiers on the cohort, accuracy per class): {per}; balanced "
+                     f"{_pm(signal['balanced_accuracy']['mean'], signal['balanced_accuracy']['std'], 3)}")
     if metrics.get("figures"):
         lines.append("figures: " + ", ".join(metrics["figures"]))
-    lines.append(f"metrics: {Path(metrics['run_dir']) / METRICS_FILE}")
+    lines.append(f"metrics (internal: never share): {RunDir(Path(metrics['run_dir'])).evaluation_file}")
     return "\n".join(lines)
 
 
-__all__ = ["EvalOptions", "evaluate_stage", "format_summary", "privacy_context", "compare_rows", "METRICS_FILE", "ROWS", "ROW_LABELS"]
+__all__ = ["EvalOptions", "evaluate_stage", "format_summary", "privacy_context", "compare_rows", "ROWS", "ROW_LABELS"]

@@ -24,17 +24,19 @@ it; `evaluate_rows` only predicts). Selection uses:
   `synthetic_val_fraction`); the cohort is already released, so this costs nothing.
 Hyperparameters (`UtilityOptions`) were fixed a priori, not tuned on any private split.
 
-DP-SGD here is dpgen's own engine (dpgen.privacy.engine.DPSGD: Poisson sampling of privacy
-units, Opacus clipping and noise, per-sample-gradient preflight), with sigma calibrated by
-dpgen.privacy.accounting for the planned number of steps. The DP classifiers are never released
-(only their aggregate test metrics are), so their noise is seeded for reproducibility.
+DP-SGD here is dpgen's one DP-SGD loop (dpgen.privacy.dpsgd: the same planner, preflight,
+Poisson sampling of privacy units, Opacus clipping and noise as the generator's fine-tuning).
+Its randomness (which units each step samples, the noise) comes from a secret seed kept in
+the run's internal/ (`EVALUATION_SECRET`), never from a public seed. Each DP classifier is a
+mechanism on the private data with its own epsilon; its only outputs are test metrics, which
+stay in the data holder's internal review, so it is recorded in the ledger as an internal
+mechanism and composed into nothing that is released.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -43,10 +45,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dpgen.core.naming import class_name
 from dpgen.data import ImageDataset
 from dpgen.evaluation.nets import CNNSpec, SmallCNN
-from dpgen.privacy import accounting
-from dpgen.privacy.engine import DPSGD, PrivacyUnits, preflight, require_preflight, step_generator, validate_model
+from dpgen.privacy.dpsgd import DPSGDLoop, DPSGDPlan, plan_dpsgd
+from dpgen.privacy.engine import PrivacyError, PrivacyUnits
+from dpgen.privacy.randomness import SecretStreams
 
 ROWS = ("real", "dp_real", "synthetic", "synthetic_then_dp_real")
 ROW_LABELS = {
@@ -176,62 +180,49 @@ def train_nonprivate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
                    "val_score": None if val is None else best}
 
 
-_SIGMA_CACHE: dict[tuple, float] = {}
-
-
-def dp_plan(epsilon: float, delta: float, n_units: int, batch_size: int, epochs: int) -> dict:
-    """Sample rate, steps and calibrated noise multiplier for `epochs` passes over the units."""
+def dp_plan(epsilon: float, delta: float, n_units: int, batch_size: int, epochs: int, max_grad_norm: float = 1.0,
+            neighbouring: str = "add_remove", other_events=()) -> DPSGDPlan:
+    """The one DP-SGD planner for `epochs` passes over the units (steps = epochs / q); with
+    `other_events` (the cohort's), sigma is calibrated so that everything composes to `epsilon`."""
     q = min(1.0, batch_size / n_units)
-    steps = max(1, int(round(epochs / q)))
-    key = (epsilon, delta, q, steps)
-    if key not in _SIGMA_CACHE:
-        _SIGMA_CACHE[key] = 0.0 if math.isinf(epsilon) else accounting.calibrate_sigma(epsilon, delta, q, steps)
-    sigma = _SIGMA_CACHE[key]
-    event = {"type": "poisson_gaussian", "sigma": sigma, "sample_rate": q, "steps": steps}
-    return {"sigma": sigma, "sample_rate": q, "steps": steps, "event": event, "target_epsilon": epsilon,
-            "epsilon": math.inf if sigma == 0 else accounting.epsilon([event], delta), "delta": delta}
+    return plan_dpsgd(target_epsilon=epsilon, delta=delta, n_units=n_units, batch_size=min(batch_size, n_units),
+                      steps=max(1, int(round(epochs / q))), max_grad_norm=max_grad_norm, neighbouring=neighbouring,
+                      other_events=other_events, what="the evaluation's DP-SGD classifier")
 
 
-def _ce_rows(model: nn.Module, batch: dict) -> torch.Tensor:
-    return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+class ClassifierObjective:
+    """Cross-entropy of a classifier, per row: the DP objective of the utility rows."""
+
+    def __init__(self, image_shape: tuple[int, ...], num_classes: int):
+        self.image_shape, self.num_classes = tuple(image_shape), num_classes
+
+    def draw_rows(self, rows: dict, generator: torch.Generator) -> dict:
+        return rows  # no random inputs
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+
+    def preflight_batch(self, n: int, generator: torch.Generator) -> dict:
+        return {"x": torch.randn((n, *self.image_shape), generator=generator),
+                "y": torch.randint(0, self.num_classes, (n,), generator=generator)}
 
 
-def train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, units: PrivacyUnits, *, plan: dict, lr: float,
-             max_grad_norm: float, physical_batch_size: int, seed: int, device="cpu", progress: bool = False,
+def train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, units: PrivacyUnits, *, plan: DPSGDPlan, lr: float,
+             physical_batch_size: int, secret: SecretStreams, num_classes: int, device="cpu", progress: bool = False,
              desc: str = "") -> tuple[nn.Module, dict]:
-    """DP-SGD for a fixed number of steps with dpgen's engine; no model selection."""
-    with warnings.catch_warnings():
-        # Opacus' backward hooks warn that the (image) inputs need no gradient: expected here
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        return _train_dp(model, x, y, units, plan=plan, lr=lr, max_grad_norm=max_grad_norm,
-                         physical_batch_size=physical_batch_size, seed=seed, device=device, progress=progress, desc=desc)
-
-
-def _train_dp(model, x, y, units, *, plan, lr, max_grad_norm, physical_batch_size, seed, device, progress, desc):
+    """DP-SGD for the planned number of steps with the one DP-SGD loop; no model selection."""
     model.to(device).train()
-    validate_model(model)
-    g = step_generator(seed, 0, "preflight")
-    probe = {"x": torch.randn((4, *x.shape[1:]), generator=g).to(device),
-             "y": torch.randint(0, int(y.max()) + 1, (4,), generator=g).to(device)}
-    report = preflight(model, _ce_rows, probe)
-    require_preflight(report)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    dp = DPSGD(model, opt, noise_multiplier=plan["sigma"], max_grad_norm=max_grad_norm,
-               expected_batch_size=plan["sample_rate"] * len(units))
-    bar = tqdm(total=plan["steps"], desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
-    for step in range(plan["steps"]):
-        chosen = units.poisson_sample(plan["sample_rate"], step_generator(seed, step, "poisson"))
-        chunks = units.physical_chunks(chosen, physical_batch_size)
-
-        def make_batch(_chunk: int, rows: np.ndarray, _k: int) -> dict:
-            return {"x": x[rows].to(device), "y": y[rows].to(device)}
-
-        dp.step(chunks, make_batch, _ce_rows, 1, step_generator(seed, step, "dp-noise"))
+    loop = DPSGDLoop(model, opt, ClassifierObjective(tuple(x.shape[1:]), num_classes), {"x": x, "y": y}, units, plan,
+                     secret, physical_batch_size=physical_batch_size, device=device)
+    bar = tqdm(total=plan.steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    for step in range(plan.steps):
+        loop.step(step)
         bar.update(1)
     bar.close()
-    model = dp.close().eval()
-    return model, {"steps": plan["steps"], "selected_epoch": "fixed (no selection)",
-                   "preflight_max_error": report.max_relative_error}
+    model = loop.close().eval()
+    return model, {"steps": plan.steps, "selected_epoch": "fixed (no selection)",
+                   "preflight_max_error": loop.preflight_report.max_relative_error}
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -259,9 +250,15 @@ class TrainedRows:
 
 
 def train_rows(cohort: ImageDataset, private_train: ImageDataset, private_val: ImageDataset | None, num_classes: int,
-               *, epsilon: float, delta: float, opts: UtilityOptions | None = None, rows=ROWS, device="cpu",
-               progress: bool = True) -> TrainedRows:
-    """Train every row and seed. Reads the cohort, private train and private val, never test."""
+               *, epsilon: float, delta: float, secret: SecretStreams, opts: UtilityOptions | None = None, rows=ROWS,
+               device="cpu", progress: bool = True, neighbouring: str = "add_remove",
+               finetune_within: list[dict] | None = None) -> TrainedRows:
+    """Train every row and seed. Reads the cohort, private train and private val, never test.
+    `secret`: the secret streams of the DP rows (each row and seed gets its own stream).
+    `finetune_within`: the cohort's accounting events; when given, the synthetic-pretrain + DP
+    fine-tune row is calibrated so that the cohort and the fine-tune compose to `epsilon` (a split
+    budget, comparable with the DP-SGD baseline at `epsilon`); the row is left out when the cohort
+    alone already spends `epsilon`."""
     opts = opts or UtilityOptions()
     shape = tuple(private_train.image_shape)
     x_real, y_real = private_train.model_tensor(), torch.as_tensor(private_train.labels)
@@ -270,8 +267,18 @@ def train_rows(cohort: ImageDataset, private_train: ImageDataset, private_val: I
     val_real = None
     if private_val is not None:
         val_real = (private_val.model_tensor(), private_val.labels)
-    base_plan = dp_plan(epsilon, delta, len(units), opts.dp_batch_size, opts.dp_epochs)
-    ft_plan = dp_plan(epsilon, delta, len(units), opts.dp_batch_size, opts.finetune_epochs)
+    need_dp = "dp_real" in rows or "synthetic_then_dp_real" in rows
+    skipped = None
+    plan_args = (delta, len(units), opts.dp_batch_size)
+    base_plan = dp_plan(epsilon, *plan_args, opts.dp_epochs, opts.dp_max_grad_norm, neighbouring) if need_dp else None
+    ft_plan = None
+    if need_dp and "synthetic_then_dp_real" in rows:
+        try:
+            ft_plan = dp_plan(epsilon, *plan_args, opts.finetune_epochs, opts.dp_max_grad_norm, neighbouring,
+                              other_events=finetune_within or ())
+        except PrivacyError as err:  # the cohort spent the whole budget: nothing left for a split
+            rows = tuple(r for r in rows if r != "synthetic_then_dp_real")
+            skipped = str(err)
     models: dict[str, list] = {r: [] for r in rows}
     records: dict[str, list] = {r: [] for r in rows}
     need_syn = "synthetic" in rows or "synthetic_then_dp_real" in rows
@@ -285,8 +292,8 @@ def train_rows(cohort: ImageDataset, private_train: ImageDataset, private_val: I
             records["real"].append(rec)
         if "dp_real" in rows:
             m, rec = train_dp(new_classifier(shape, num_classes, seed, opts), x_real, y_real, units, plan=base_plan,
-                              lr=opts.dp_lr, max_grad_norm=opts.dp_max_grad_norm,
-                              physical_batch_size=opts.dp_physical_batch_size, seed=seed, device=device,
+                              lr=opts.dp_lr, physical_batch_size=opts.dp_physical_batch_size,
+                              secret=secret.derived(f"dp_real:{seed}:"), num_classes=num_classes, device=device,
                               progress=progress, desc=f"DP-SGD on real (seed {seed})")
             models["dp_real"].append(m)
             records["dp_real"].append(rec)
@@ -302,14 +309,16 @@ def train_rows(cohort: ImageDataset, private_train: ImageDataset, private_val: I
                 records["synthetic"].append(rec)
             if "synthetic_then_dp_real" in rows:
                 m2, rec2 = train_dp(copy.deepcopy(m), x_real, y_real, units, plan=ft_plan, lr=opts.finetune_lr,
-                                    max_grad_norm=opts.dp_max_grad_norm,
-                                    physical_batch_size=opts.dp_physical_batch_size, seed=seed, device=device,
-                                    progress=progress, desc=f"synthetic -> DP fine-tune (seed {seed})")
+                                    physical_batch_size=opts.dp_physical_batch_size,
+                                    secret=secret.derived(f"synthetic_then_dp_real:{seed}:"),
+                                    num_classes=num_classes, device=device, progress=progress,
+                                    desc=f"synthetic -> DP fine-tune (seed {seed})")
                 rec2["pretraining"] = rec
                 models["synthetic_then_dp_real"].append(m2)
                 records["synthetic_then_dp_real"].append(rec2)
     info = {"dp_baseline_plan": base_plan, "dp_finetune_plan": ft_plan, "privacy_unit": units.kind,
-            "n_units": len(units), "options": opts.to_dict()}
+            "n_units": len(units), "options": opts.to_dict(), "seeds": opts.seeds,
+            "finetune_split_budget": finetune_within is not None, "finetune_skipped": skipped}
     return TrainedRows(models=models, records=records, info=info)
 
 
@@ -325,7 +334,7 @@ def evaluate_rows(trained: TrainedRows, private_test: ImageDataset, num_classes:
               class_names: list[str] | None = None, device="cpu", batch_size: int = 512) -> dict[str, dict]:
     """Evaluate the frozen models on the private test split: the only place the split is used."""
     x, y = private_test.model_tensor(), private_test.labels
-    names = [class_names[k] if class_names and k < len(class_names) else str(k) for k in range(num_classes)]
+    names = [class_name(k, class_names) for k in range(num_classes)]
     out = {}
     for row, models in trained.models.items():
         per_seed = []
@@ -345,5 +354,30 @@ def evaluate_rows(trained: TrainedRows, private_test: ImageDataset, num_classes:
     return out
 
 
-__all__ = ["ROWS", "ROW_LABELS", "UtilityOptions", "TrainedRows", "train_rows", "evaluate_rows", "dp_plan",
+def class_signal(trained: TrainedRows, cohort: ImageDataset, num_classes: int, class_names: list[str] | None = None,
+                 device="cpu", batch_size: int = 512) -> dict | None:
+    """Does the cohort's class-k image look like class k to a classifier trained on the real data?
+
+    The non-private ceiling classifiers (row "real", trained on private train) applied to the
+    cohort: accuracy per class, mean and spread over seeds. A cohort with good marginals but lost
+    classes shows accuracies near the class prior. Internal: the classifiers are fitted to private
+    data without DP. Needs the "real" row."""
+    models = trained.models.get("real") or []
+    if not models:
+        return None
+    x, y = cohort.model_tensor(), np.asarray(cohort.labels)
+    names = [class_name(k, class_names) for k in range(num_classes)]
+    per_seed = [classification_metrics(predict_proba(m, x, batch_size, device), y, num_classes) for m in models]
+    return {
+        "what": "classifiers trained on the real private train split (the ceiling row), applied to the cohort: "
+                "the fraction of the cohort's class-k images they call class k",
+        "accuracy_per_class": {names[k]: _mean_std([p["recall_per_class"][k] for p in per_seed])
+                               for k in range(num_classes)},
+        "balanced_accuracy": _mean_std([p["balanced_accuracy"] for p in per_seed]),
+        "roc_auc": _mean_std([p["roc_auc"] for p in per_seed]),
+    }
+
+
+__all__ = ["ROWS", "ROW_LABELS", "UtilityOptions", "TrainedRows", "train_rows", "evaluate_rows", "dp_plan", "ClassifierObjective",
+           "class_signal",
            "classification_metrics", "roc_auc", "train_nonprivate", "train_dp", "new_classifier", "stratified_split"]

@@ -42,6 +42,23 @@ class AutoencoderSpec:
         return latent_shape(self)
 
 
+def autoencoder_spec_from_config(config, image_shape: tuple[int, ...]) -> AutoencoderSpec:
+    a = config.autoencoder
+    spec = AutoencoderSpec(
+        spatial_dims=len(image_shape) - 1, in_channels=image_shape[0], image_shape=list(image_shape),
+        channels=list(a.channels), latent_channels=a.latent_channels, num_res_blocks=a.num_res_blocks,
+        norm_num_groups=a.norm_num_groups, attention=a.attention,
+    )
+    shape = spec.latent_shape  # raises on shapes it cannot encode
+    if a.latent_shape is not None and list(a.latent_shape) != list(shape):
+        raise ValueError(
+            f"autoencoder.latent_shape = {list(a.latent_shape)}, but this autoencoder can only produce latents of "
+            f"shape {shape} from images of shape {list(image_shape)} ({a.latent_channels} channels, spatial size / "
+            f"{spec.downsample_factor})"
+        )
+    return spec
+
+
 def latent_shape(spec: AutoencoderSpec) -> list[int]:
     """(latent_channels, *spatial / factor), or a clear error when the images cannot be encoded
     to a whole latent grid."""

@@ -18,6 +18,12 @@ import torch
 from torch import nn
 
 
+def attributes_from_config(config) -> tuple[list[str], list[list[float]]]:
+    """(names, fixed ranges) of the conditioning attributes a config names (`data.attributes`)."""
+    attrs = config.data.attributes or {}
+    return list(attrs), [[float(r.min), float(r.max)] for r in attrs.values()]
+
+
 @dataclass
 class AttributeSpace:
     names: list[str]

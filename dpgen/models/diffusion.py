@@ -17,7 +17,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from dpgen.models.conditioning import ConditionedSpec, ConditionEmbedding, pack_condition
+from dpgen.models.conditioning import ConditionedSpec, ConditionEmbedding, attributes_from_config, pack_condition
 
 SAMPLERS = ("ddim", "ddpm", "dpmsolver++")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -84,6 +84,27 @@ class ConditionalDiffusion(nn.Module):
             cond = pack_condition(labels, attributes, attr_mask, self.n_attributes, x.dtype)
             return self.unet(x, timesteps, class_labels=cond)
         return self.unet(x, timesteps, class_labels=labels)
+
+
+def diffusion_spec_from_config(config, image_shape: tuple[int, ...]) -> DiffusionSpec:
+    """The UNet for inputs of `image_shape` (images for pixel diffusion, latents for latent)."""
+    m = config.model
+    names, ranges = attributes_from_config(config)
+    return DiffusionSpec(
+        spatial_dims=len(image_shape) - 1,
+        in_channels=image_shape[0],
+        num_classes=config.data.num_classes,
+        channels=list(m.channels),
+        attention_levels=list(m.attention_levels),
+        num_res_blocks=m.num_res_blocks,
+        num_head_channels=m.num_head_channels,
+        norm_num_groups=m.norm_num_groups,
+        num_train_timesteps=m.num_train_timesteps,
+        prediction_type=m.prediction_type,
+        image_shape=list(image_shape),
+        attribute_names=names,
+        attribute_ranges=ranges,
+    )
 
 
 def make_train_scheduler(spec: DiffusionSpec) -> DDPMScheduler:

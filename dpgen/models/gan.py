@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dpgen.models.conditioning import ConditionedSpec
+from dpgen.models.conditioning import ConditionedSpec, attributes_from_config
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -46,6 +46,19 @@ class GANSpec(ConditionedSpec):
                 f"got {tuple(spatial)}"
             )
         return [s // f for s in spatial]
+
+
+def gan_spec_from_config(config, image_shape: tuple[int, ...]) -> GANSpec:
+    g = config.model.gan
+    names, ranges = attributes_from_config(config)
+    spec = GANSpec(
+        spatial_dims=len(image_shape) - 1, in_channels=image_shape[0], num_classes=config.data.num_classes,
+        image_shape=list(image_shape), latent_dim=g.latent_dim, generator_channels=list(g.generator_channels),
+        discriminator_channels=list(g.discriminator_channels), norm_num_groups=g.norm_num_groups,
+        attribute_names=names, attribute_ranges=ranges,
+    )
+    spec.base_shape  # raises on sizes the generator cannot produce
+    return spec
 
 
 def _condition_input(labels: torch.Tensor, attributes: torch.Tensor | None, mask: torch.Tensor | None,

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dpgen.models.autoencoder import AutoencoderSpec, LatentAutoencoder
-from dpgen.models.diffusion import ConditionalDiffusion, DiffusionSpec
+from dpgen.models.autoencoder import AutoencoderSpec, LatentAutoencoder, autoencoder_spec_from_config
+from dpgen.models.diffusion import ConditionalDiffusion, DiffusionSpec, diffusion_spec_from_config
 
 
 @dataclass
@@ -38,6 +38,14 @@ class LatentDiffusionSpec:
     @property
     def attributes(self):
         return self.unet.attributes
+
+
+def latent_spec_from_config(config, image_shape: tuple[int, ...]) -> LatentDiffusionSpec:
+    """The two networks' specs (scale factor 1 until the public latents are measured); raises
+    (with the shapes) when the autoencoder cannot produce a latent grid the UNet accepts."""
+    ae = autoencoder_spec_from_config(config, tuple(image_shape))
+    unet = diffusion_spec_from_config(config, tuple(ae.latent_shape))
+    return LatentDiffusionSpec(unet=unet, autoencoder=ae, scale_factor=1.0)
 
 
 def check_latent_match(unet: DiffusionSpec, ae: AutoencoderSpec) -> None:

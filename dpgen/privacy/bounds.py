@@ -13,6 +13,11 @@ privacy profile is delta(eps),
 where f is the mechanism's trade-off (type-I/type-II) curve: reconstruction is a
 hypothesis test whose type-I error is the prior success rate kappa.
 
+A release usually depends on several mechanisms (DP-SGD of the generator, a DP autoencoder
+fine-tune, DP histograms): ``rero_bound_events`` evaluates the bound on the composition of
+all of them (the ledger's events), which is what a release review must quote; the
+one-mechanism functions below are that computation for a single DP-SGD event.
+
 Two evaluations are provided for T steps of Poisson-subsampled Gaussian DP-SGD
 (noise multiplier sigma, sample rate q):
 
@@ -50,7 +55,7 @@ from scipy.stats import norm
 
 from dp_accounting.pld import privacy_loss_distribution as _pld
 
-__all__ = ["METHODS", "gdp_mu", "rero_bound", "rero_bound_gdp", "rero_bound_tight"]
+__all__ = ["METHODS", "eps_delta_auc_limit", "eps_delta_tpr_limit", "gdp_mu", "rero_bound", "rero_bound_events", "rero_bound_gdp", "rero_bound_tight"]
 
 METHODS = ("tight", "gdp")
 
@@ -93,14 +98,13 @@ def rero_bound_gdp(sigma: float, sample_rate: float, steps: int, kappa: float) -
     return float(norm.sf(norm.isf(kappa) - mu))
 
 
-def _tight_at(sigma: float, q: float, steps: int, kappa: float, interval: float) -> tuple[float, float]:
-    """(bound, argmin eps) on the pessimistic PLD at one discretisation interval."""
-    pld = _pld.from_gaussian_mechanism(
-        standard_deviation=sigma,
-        sampling_prob=q,
-        value_discretization_interval=interval,
-        pessimistic_estimate=True,
-    ).self_compose(steps)
+def _tight_at(events: list[dict], kappa: float, interval: float, neighbouring: str) -> tuple[float, float]:
+    """(bound, argmin eps) on the pessimistic PLD of the composed events at one interval."""
+    from dpgen.privacy.accounting import composed_pld
+
+    pld = composed_pld(events, interval, neighbouring)
+    if pld is None:  # nothing private happened: the attacker learns nothing
+        return kappa, 0.0
 
     def g(eps: float) -> float:
         return kappa * math.exp(eps) + float(pld.get_delta_for_epsilon(float(eps)))
@@ -118,16 +122,26 @@ def _tight_at(sigma: float, q: float, steps: int, kappa: float, interval: float)
     return min(best, 1.0), best_eps
 
 
-def rero_bound_tight(
-    sigma: float, sample_rate: float, steps: int, kappa: float, rtol: float = TIGHT_RTOL
-) -> dict:
-    """Certified (pessimistic-PLD) ReRo upper bound with a convergence tolerance."""
-    sigma, q, steps, kappa = _validate(sigma, sample_rate, steps, kappa)
+def rero_bound_events(events: list[dict], kappa: float, rtol: float = TIGHT_RTOL,
+                      neighbouring: str = "add_remove") -> dict:
+    """Certified (pessimistic-PLD) ReRo upper bound for the composition of ledger events
+    (every mechanism a release depends on), with a convergence tolerance. Also the largest
+    TPR any membership test can reach at FPR = kappa (1 - f(kappa))."""
+    from dpgen.privacy.accounting import validate_event
+
+    events = [validate_event(e) for e in events]
+    if not 0 < float(kappa) < 1:
+        raise ValueError(f"kappa (the attacker's prior success probability) must be in (0, 1), got {kappa}")
+    kappa = float(kappa)
+    if any(e["sigma"] == 0 and (e.get("steps", e.get("count", 1)) or 0) > 0 for e in events):
+        return {"bound": 1.0, "method": "tight", "tolerance": 0.0, "kappa": kappa, "events": events,
+                "neighbouring": neighbouring, "note": "a mechanism ran without noise: no bound"}
     interval = TIGHT_START_INTERVAL
     prev = None
     best = None
+    change = 0.0
     while True:
-        bound, eps_opt = _tight_at(sigma, q, steps, kappa, interval)
+        bound, eps_opt = _tight_at(events, kappa, interval, neighbouring)
         if best is None or bound < best[0]:
             best = (bound, eps_opt, interval)  # each value is a valid upper bound
         if prev is not None:
@@ -143,12 +157,22 @@ def rero_bound_tight(
         "tolerance": change,
         "tolerance_kind": "a-posteriori discretisation error (change over the last halving of the PLD interval); bound is a certified upper bound",
         "kappa": kappa,
-        "sigma": sigma,
-        "sample_rate": q,
-        "steps": steps,
+        "events": events,
+        "neighbouring": neighbouring,
         "epsilon_at_optimum": eps_opt,
         "value_discretization_interval": used,
     }
+
+
+def rero_bound_tight(
+    sigma: float, sample_rate: float, steps: int, kappa: float, rtol: float = TIGHT_RTOL
+) -> dict:
+    """Certified (pessimistic-PLD) ReRo upper bound of one DP-SGD mechanism."""
+    sigma, q, steps, kappa = _validate(sigma, sample_rate, steps, kappa)
+    out = rero_bound_events([{"type": "poisson_gaussian", "sigma": sigma, "sample_rate": q, "steps": steps}], kappa,
+                            rtol)
+    out.pop("events")
+    return {**out, "sigma": sigma, "sample_rate": q, "steps": steps}
 
 
 def rero_bound(sigma: float, sample_rate: float, steps: int, kappa: float, method: str = "tight") -> dict:
@@ -174,3 +198,22 @@ def rero_bound(sigma: float, sample_rate: float, steps: int, kappa: float, metho
             "mu": gdp_mu(sigma, q, steps),
         }
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+# ----------------------------------------------------------------------------- (epsilon, delta) alone
+
+
+def eps_delta_tpr_limit(fpr: float, epsilon: float, delta: float) -> float:
+    """max TPR at `fpr` for any (epsilon, delta)-DP mechanism (Kairouz et al. 2015)."""
+    if not math.isfinite(epsilon):
+        return 1.0
+    return float(min(1.0, math.exp(epsilon) * fpr + delta, 1 - math.exp(-epsilon) * (1 - delta - fpr)))
+
+
+def eps_delta_auc_limit(epsilon: float, delta: float, grid: int = 20001) -> float:
+    """max ROC-AUC for (epsilon, delta)-DP: the area under the limit curve above."""
+    if not math.isfinite(epsilon):
+        return 1.0
+    a = np.linspace(0.0, 1.0, grid)
+    t = np.minimum.reduce([np.ones_like(a), math.exp(epsilon) * a + delta, 1 - math.exp(-epsilon) * (1 - delta - a)])
+    return float(np.trapezoid(np.clip(t, 0, 1), a))

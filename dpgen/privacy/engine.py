@@ -25,18 +25,16 @@ make the guarantee true.
   model is being trained and whichever mode.
 - Speed: benchmarks/dp_overhead.py and benchmarks/RESULTS.md (K = 1: 1.1-1.3x a non-private
   step of the quickstart UNet, the latent UNet and the cGAN discriminator, measured under load).
-- Steps are deterministic functions of (seed, step): the Poisson sample, the diffusion draws
-  and the DP noise come from per-step generators. A run killed and resumed from its last
-  checkpoint recomputes exactly the same steps, so nothing is spent twice and the ledger of
-  a resumed run equals that of an uninterrupted one. The DP-noise seed is secret (drawn from
-  the OS, kept in the run directory's internal part): whoever knows it can subtract the noise.
+- Steps are deterministic functions of (secret seed, step): the Poisson sample, the per-row
+  draws and the DP noise come from per-step generators of the mechanism's secret streams
+  (`dpgen.privacy.randomness`), which `dpgen.privacy.dpsgd.DPSGDLoop` hands to `DPSGD.step`.
+  A run killed and resumed from its last checkpoint recomputes exactly the same steps. The
+  noise generator lives on the parameters' device (Opacus draws the noise there).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import os
 import types
 import warnings
 from contextlib import contextmanager
@@ -54,6 +52,8 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from dpgen.privacy.randomness import new_secret_seed, step_generator  # noqa: F401  (re-exported)
+
 # loss_fn(model, batch) -> per-row losses of shape (B,). `batch` holds every random input
 # already drawn, so the same rows give the same losses in the batched and one-by-one passes.
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
@@ -66,16 +66,6 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d
 
 class PrivacyError(RuntimeError):
     """Training would not have the privacy guarantee it claims: refuse to run."""
-
-
-def step_generator(seed: int, step: int, stream: str) -> torch.Generator:
-    """An independent generator for one (seed, step, purpose)."""
-    digest = hashlib.sha256(f"{seed}:{step}:{stream}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-
-
-def new_secret_seed() -> int:
-    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
 
 
 # ----------------------------------------------------------------------------- model fixes
@@ -514,6 +504,8 @@ class PreflightReport:
     failed: list[str] = field(default_factory=list)
     tolerance: float = PREFLIGHT_TOLERANCE
     batch_size: int = 0
+    zero_parameters_perturbed: int = 0  # all-zero parameters given random values for the check
+    input_shapes: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -525,6 +517,7 @@ class PreflightReport:
             "mode": self.mode, "passed": self.passed, "tolerance": self.tolerance,
             "max_relative_error": self.max_relative_error, "failed_parameters": self.failed,
             "worst": dict(worst), "batch_size": self.batch_size, "dtype": "float64",
+            "zero_parameters_perturbed": self.zero_parameters_perturbed, "input_shapes": self.input_shapes,
         }
 
 

@@ -20,40 +20,24 @@ append first terminates it with a newline, so earlier bytes are never changed.
 
 Entry kinds
 -----------
-``dp_plan``
-    The privacy plan of one DP mechanism, written once before training:
-    ``mechanism`` (e.g. ``"dp_sgd:finetune"``), ``unit`` (``"per image"`` or
-    ``"per subject"``: what one privacy unit is), ``target_epsilon``, ``delta``,
-    ``sigma`` (noise multiplier), ``sample_rate`` (Poisson q), ``planned_steps``,
-    ``max_grad_norm``, ``noise_multiplicity`` (noise draws averaged per unit before
-    clipping; does not change the accounting), ``accountant`` (``"pld"``),
-    ``epsilon_planned_pld``, ``epsilon_planned_rdp``; optionally ``other_events``
-    (events the budget was calibrated to leave room for, e.g. a DP histogram).
-``dp_progress``
-    Steps done so far by a mechanism: ``mechanism``, ``steps_done``, ``event`` (the
-    accounting event for *all* steps done so far, not an increment), ``epsilon_pld``,
-    ``epsilon_rdp`` (optional).  Written at checkpoints.
-``dp_complete``
-    Same fields as ``dp_progress`` plus final values (``sigma``, ``sample_rate``,
-    ``target_epsilon``...), written when the mechanism finished.
-``dp_release``
-    A separately released DP statistic: ``name``, ``event`` (its accounting event),
-    ``epsilon`` (optional, its own cost), and the released values if small.
-``artifact``
-    A file the run produced: ``name``, ``path`` (relative to the run directory),
-    ``privacy_source``: ``"dp_sgd:finetune"``, ``"post-processing of dp_sgd:finetune"``,
-    ``"public data"``, ``"user-fixed"``, ``"gaussian_histogram"``...
-``bound``
-    A reconstruction-robustness bound (the dict from ``bounds.rero_bound``), under
-    key ``bound`` or inline.
-Other kinds (e.g. ``preflight``) are stored verbatim and ignored by the accounting.
+Typed records (pydantic models keyed on ``kind``) in :mod:`dpgen.privacy.schema`:
+``dp_plan`` (one per DP-SGD mechanism, before it touches private data: sigma, sample rate,
+steps, clipping norm, unit, budget, neighbouring relation, scope), ``preflight``,
+``dp_progress`` (cumulative steps done; written at checkpoints), ``dp_complete``,
+``dp_release`` (a DP statistic released beside the model: its event and values),
+``dp_internal`` (an internal DP mechanism, e.g. the evaluation's DP classifiers: recorded
+with its own cost, composed into nothing released), ``artifact`` (a file and its typed
+``PrivacySource``), ``bound`` (a reconstruction bound of the composition of the named
+mechanisms). An entry of a known kind must validate on append and on read; other kinds are
+kept verbatim and ignored by the accounting.
 
 What is spent
 -------------
-``events()``: for each mechanism, the ``event`` of its *latest* ``dp_progress`` or
-``dp_complete`` entry (each carries the cumulative steps, so a resumed run that
-re-logs progress is never double counted), plus the ``event`` of every
-``dp_release`` entry.  All of them are composed in one accountant.
+``events()``: for each *release-scope* mechanism, the ``event`` of its latest
+``dp_progress`` or ``dp_complete`` entry (each carries the cumulative steps, so a resumed
+run that re-logs progress is never double counted), plus the ``event`` of every
+``dp_release`` entry. All of them are composed in one accountant, for the neighbouring
+relation the plans name. A run has one budget (``privacy.epsilon``): every plan carries it.
 """
 
 from __future__ import annotations
@@ -63,28 +47,26 @@ import json
 import math
 import os
 import warnings
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+from pydantic import BaseModel
+
 from dpgen.distributed import is_writer
 from dpgen.privacy import accounting
+from dpgen.privacy.mechanisms import scope_of
+from dpgen.privacy.schema import (
+    ArtifactEntry, BoundEntry, CompleteEntry, InternalRunEntry, LedgerEntry, PlanEntry, PreflightEntry, ProgressEntry,
+    ReleaseEntry, dump_entry, parse_entry,
+)
 
-__all__ = ["ENTRY_KINDS", "LEDGER_RELPATH", "LedgerError", "PrivacyLedger", "format_ledger", "ledger_path"]
+__all__ = ["ENTRY_KINDS", "LEDGER_RELPATH", "LedgerError", "LedgerSummary", "MechanismState", "PrivacyLedger",
+           "format_ledger", "ledger_path"]
 
-ENTRY_KINDS = ("dp_plan", "dp_progress", "dp_complete", "dp_release", "artifact", "bound")
+ENTRY_KINDS = ("dp_plan", "preflight", "dp_progress", "dp_complete", "dp_release", "dp_internal", "artifact", "bound")
 LEDGER_RELPATH = Path("privacy") / "ledger.jsonl"
-
-# Fields an entry of a known kind must carry; checked on append so that a broken
-# entry fails in the training code that wrote it, not in a later report.
-_REQUIRED = {
-    "dp_plan": ("mechanism",),
-    "dp_progress": ("mechanism", "event"),
-    "dp_complete": ("mechanism", "event"),
-    "dp_release": ("name", "event"),
-    "artifact": ("name",),
-    "bound": (),
-}
 _RESERVED = ("seq", "time")
 
 
@@ -104,15 +86,6 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"ledger entries must be JSON-serialisable; got {type(obj).__name__}: {obj!r}")
-
-
-def _event_list(event: Any) -> list[dict]:
-    """An entry's ``event`` may be one event dict or a list of them."""
-    if isinstance(event, dict):
-        return [event]
-    if isinstance(event, list):
-        return list(event)
-    raise LedgerError(f"'event' must be an accounting event dict or a list of them, got {event!r}")
 
 
 def _parse_lines(data: bytes, path: Path) -> list[dict]:
@@ -166,33 +139,31 @@ class PrivacyLedger:
     # ------------------------------------------------------------------ writing
 
     @staticmethod
-    def _validate(entry: dict) -> None:
+    def _validate(entry: dict | BaseModel) -> dict:
+        """The entry as a validated JSON-able dict (a broken entry fails in the code that wrote it)."""
+        if isinstance(entry, BaseModel):
+            entry = dump_entry(entry)
+            entry = {k: v for k, v in entry.items() if k not in _RESERVED or v is not None}
         if not isinstance(entry, dict):
             raise LedgerError(f"a ledger entry must be a dict, got {type(entry).__name__}")
-        kind = entry.get("kind")
-        if not isinstance(kind, str) or not kind:
-            raise LedgerError(f"a ledger entry needs a non-empty string 'kind': {entry!r}")
         clash = [k for k in _RESERVED if k in entry]
         if clash:
             raise LedgerError(f"{clash} are set by the ledger itself and must not be in the entry")
-        missing = [k for k in _REQUIRED.get(kind, ()) if k not in entry]
-        if missing:
-            raise LedgerError(f"a {kind!r} entry needs {missing}: {entry!r}")
-        if "event" in entry and kind in ("dp_progress", "dp_complete", "dp_release"):
-            try:
-                for ev in _event_list(entry["event"]):
-                    accounting.validate_event(ev)
-            except ValueError as err:
-                raise LedgerError(f"invalid accounting event in {kind!r} entry: {err}") from err
+        try:
+            parse_entry(entry)
+        except ValueError as err:
+            raise LedgerError(str(err)) from None
+        return entry
 
-    def append(self, entry: dict) -> dict:
-        """Append one entry durably; return it with its ``seq`` and ``time``.
+    def append(self, entry: dict | BaseModel) -> dict:
+        """Append one entry durably (validated against its kind's schema); return it with its
+        ``seq`` and ``time``.
 
         The line is written in one ``write`` on an O_APPEND handle, flushed and
         fsynced before this returns, so once ``append`` returns the entry survives
         a crash, and a crash during ``append`` cannot damage earlier lines.
         """
-        self._validate(entry)
+        entry = self._validate(entry)
         json.dumps(entry, default=_json_default)  # fail before touching the file
         if not is_writer():  # distributed fine-tuning: only rank 0 appends (one line per fact)
             return dict(entry)
@@ -282,95 +253,182 @@ class PrivacyLedger:
                 return entry
         return None
 
-    @staticmethod
-    def _current_events(entries: Iterable[dict]) -> tuple[dict[str, dict], list[dict]]:
-        by_mechanism: dict[str, dict] = {}
-        releases: list[dict] = []
-        for entry in entries:
-            kind = entry.get("kind")
-            if kind in ("dp_progress", "dp_complete"):
-                by_mechanism[str(entry["mechanism"])] = entry
-            elif kind == "dp_release":
-                releases.append(entry)
-        return by_mechanism, releases
+    def records(self) -> list[LedgerEntry]:
+        """All entries as typed records; a line of a known kind that does not validate is an
+        error (a release must never be decided on an entry it cannot read)."""
+        out = []
+        for e in self.entries():
+            try:
+                out.append(parse_entry(e))
+            except ValueError as err:
+                raise LedgerError(f"{self.path}: entry #{e.get('seq', '?')}: {err}") from None
+        return out
 
     def events(self) -> list[dict]:
-        """The accounting events of everything spent so far (see module docstring)."""
-        by_mechanism, releases = self._current_events(self.entries())
-        events: list[dict] = []
-        for entry in [*by_mechanism.values(), *releases]:
-            events.extend(accounting.validate_event(ev) for ev in _event_list(entry["event"]))
-        return events
+        """The accounting events of everything released so far (see module docstring)."""
+        return _release_events(self.records())
 
-    def summary(self, delta: float | None = None) -> dict:
+    def summary(self, delta: float | None = None) -> "LedgerSummary":
         """Privacy spent by the run, recomputed from the ledger's events.
 
         ``delta`` defaults to the delta of the dp_plan entries (which must agree).
         """
-        entries = self.entries()
-        plans: dict[str, dict] = {}
-        for e in entries:
-            if e.get("kind") == "dp_plan":
-                plans[str(e.get("mechanism"))] = e
+        return LedgerSummary.of(self.records(), self.path, delta)
+
+
+def _latest_state(records: list[LedgerEntry]) -> dict[str, ProgressEntry]:
+    """The latest progress/complete entry of each mechanism."""
+    state: dict[str, ProgressEntry] = {}
+    for r in records:
+        if isinstance(r, ProgressEntry):  # CompleteEntry is a ProgressEntry
+            state[r.mechanism] = r
+    return state
+
+
+def _release_events(records: list[LedgerEntry]) -> list[dict]:
+    events = [s.event.model_dump() for name, s in _latest_state(records).items() if scope_of(name) == "release"]
+    events += [r.event.model_dump() for r in records if isinstance(r, ReleaseEntry) and scope_of(r.name) == "release"]
+    return events
+
+
+@dataclass(frozen=True)
+class MechanismState:
+    """One DP-SGD mechanism of a run, as the ledger shows it."""
+
+    name: str
+    scope: str
+    unit: str | None
+    n_units: int | None
+    sigma: float | None
+    sample_rate: float | None
+    max_grad_norm: float | None
+    noise_multiplicity: int | None
+    planned_steps: int | None
+    steps_done: int
+    complete: bool
+    preflight_passed: bool | None
+    target_epsilon: float | None
+    epsilon_planned_pld: float | None
+
+
+@dataclass(frozen=True)
+class LedgerSummary:
+    """What a run spent, recomputed from its ledger. `epsilon` is the PLD composition of every
+    release-scope mechanism for the relation the plans state (`neighbouring`); both relations'
+    figures are given too (`epsilon_add_remove`, `epsilon_replace_one`)."""
+
+    ledger: str
+    delta: float
+    neighbouring: str
+    epsilon: float
+    epsilon_rdp: float | None
+    epsilon_add_remove: float
+    epsilon_replace_one: float
+    target_epsilon: float | None
+    within_target: bool | None
+    budget_problem: str | None
+    unit: str | None
+    n_units: int | None
+    mechanisms: dict[str, MechanismState]
+    releases: list[ReleaseEntry]
+    internal: list[InternalRunEntry]
+    artifacts: list[ArtifactEntry]
+    bounds: list[BoundEntry]
+    events: list[dict]
+    n_entries: int
+
+    @property
+    def non_private(self) -> bool:
+        return math.isinf(self.epsilon)
+
+    @property
+    def release_mechanisms(self) -> list[str]:
+        """Every release-scope mechanism (DP-SGD and DP releases) the ledger names."""
+        return sorted({n for n, m in self.mechanisms.items() if m.scope == "release"} | {r.name for r in self.releases})
+
+    @classmethod
+    def of(cls, records: list[LedgerEntry], path: Path, delta: float | None = None) -> "LedgerSummary":
+        plans = {r.mechanism: r for r in records if isinstance(r, PlanEntry)}
+        release_plans = [p for p in plans.values() if p.scope == "release"]
+        problems = []
         if delta is None:
-            deltas = {p.get("delta") for p in plans.values() if p.get("delta") is not None}
+            deltas = {p.delta for p in release_plans}
             if len(deltas) != 1:
                 raise ValueError(
                     "summary needs delta: "
                     + ("the ledger has no dp_plan with a delta" if not deltas else f"the plans disagree on delta {sorted(deltas)}")
                 )
             delta = float(deltas.pop())
-        by_mechanism, releases = self._current_events(entries)
-        events = []
-        for entry in [*by_mechanism.values(), *releases]:
-            events.extend(accounting.validate_event(ev) for ev in _event_list(entry["event"]))
-        eps_pld = accounting.epsilon(events, delta, "pld")
-        eps_rdp = accounting.epsilon(events, delta, "rdp")
+        relations = {p.neighbouring for p in release_plans}
+        if len(relations) > 1:
+            problems.append(f"the plans disagree on the neighbouring relation ({sorted(relations)})")
+        neighbouring = "replace_one" if "replace_one" in relations else "add_remove"  # the stronger claim's relation
+        targets = {p.target_epsilon for p in release_plans}
+        if len(targets) > 1:
+            problems.append(f"the plans disagree on the run's budget (target epsilons {sorted(targets)}); a run has one")
+        target = max(targets) if len(targets) == 1 else (min(targets) if targets else None)
 
-        units = sorted({str(p["unit"]) for p in plans.values() if p.get("unit")}
-                       | {str(e["unit"]) for e in [*by_mechanism.values(), *releases] if e.get("unit")})
-        unit = units[0] if len(units) == 1 else (None if not units else "mixed: " + ", ".join(units))
+        state = _latest_state(records)
+        preflights: dict[str, bool] = {}
+        for r in records:
+            if isinstance(r, PreflightEntry):
+                preflights[r.mechanism] = preflights.get(r.mechanism, True) and r.passed
+        events = _release_events(records)
+        eps = {rel: accounting.epsilon(events, delta, "pld", rel) for rel in ("add_remove", "replace_one")}
+        eps_rdp = accounting.epsilon(events, delta, "rdp") if neighbouring == "add_remove" else None
+        epsilon = eps[neighbouring]
 
         mechanisms = {}
-        for name in sorted(set(plans) | set(by_mechanism)):
-            plan, cur = plans.get(name, {}), by_mechanism.get(name)
-            ev = _event_list(cur["event"])[0] if cur else None
-            mechanisms[name] = {
-                "unit": plan.get("unit", (cur or {}).get("unit")),
-                "sigma": plan.get("sigma", ev and ev.get("sigma")),
-                "sample_rate": plan.get("sample_rate", ev and ev.get("sample_rate")),
-                "max_grad_norm": plan.get("max_grad_norm"),
-                "planned_steps": plan.get("planned_steps"),
-                "steps_done": (cur or {}).get("steps_done", 0),
-                "complete": bool(cur and cur.get("kind") == "dp_complete"),
-                "target_epsilon": plan.get("target_epsilon"),
-                "epsilon_planned_pld": plan.get("epsilon_planned_pld"),
-            }
-        targets = {p.get("target_epsilon") for p in plans.values() if p.get("target_epsilon") is not None}
-        target = float(targets.pop()) if len(targets) == 1 and len(plans) == 1 else None
-        return {
-            "ledger": str(self.path),
-            "delta": delta,
-            "epsilon": eps_pld,
-            "epsilon_rdp": eps_rdp,
-            "accountant": "pld",
-            "non_private": math.isinf(eps_pld),
-            "unit": unit,
-            "target_epsilon": target,
-            "within_target": None if target is None else bool(eps_pld <= target * (1 + 1e-9)),
-            "mechanisms": mechanisms,
-            "releases": [
-                {"name": r.get("name"), "event": r.get("event"), "epsilon": r.get("epsilon")} for r in releases
-            ],
-            "artifacts": [
-                {"name": a.get("name"), "path": a.get("path"), "privacy_source": a.get("privacy_source")}
-                for a in entries
-                if a.get("kind") == "artifact"
-            ],
-            "bounds": [{k: v for k, v in b.items() if k != "kind"} for b in entries if b.get("kind") == "bound"],
-            "events": events,
-            "n_entries": len(entries),
-        }
+        for name in sorted(set(plans) | set(state)):
+            plan, cur = plans.get(name), state.get(name)
+            ev = cur.event if cur is not None else None
+            mechanisms[name] = MechanismState(
+                name=name, scope=scope_of(name), unit=plan.unit if plan else getattr(cur, "unit", None),
+                n_units=plan.n_units if plan else None,
+                sigma=plan.sigma if plan else (ev.sigma if ev else None),
+                sample_rate=plan.sample_rate if plan else (ev.sample_rate if ev else None),
+                max_grad_norm=plan.max_grad_norm if plan else None,
+                noise_multiplicity=plan.noise_multiplicity if plan else None,
+                planned_steps=plan.planned_steps if plan else None,
+                steps_done=cur.steps_done if cur else 0,
+                complete=isinstance(cur, CompleteEntry),
+                preflight_passed=preflights.get(name),
+                target_epsilon=plan.target_epsilon if plan else None,
+                epsilon_planned_pld=plan.epsilon_planned_pld if plan else None,
+            )
+        releases = [r for r in records if isinstance(r, ReleaseEntry)]
+        units = sorted({m.unit for m in mechanisms.values() if m.unit and m.scope == "release"}
+                       | {r.unit for r in releases if r.unit})
+        unit = units[0] if len(units) == 1 else (None if not units else "mixed: " + ", ".join(units))
+        sizes = {m.n_units for m in mechanisms.values() if m.n_units and m.scope == "release"}
+        if len(sizes) > 1:
+            problems.append(f"the mechanisms were planned for different numbers of units {sorted(sizes)}")
+        within = None if target is None else bool(epsilon <= target * (1 + 1e-9)) and not problems
+        return cls(
+            ledger=str(path), delta=float(delta), neighbouring=neighbouring, epsilon=epsilon, epsilon_rdp=eps_rdp,
+            epsilon_add_remove=eps["add_remove"], epsilon_replace_one=eps["replace_one"], target_epsilon=target,
+            within_target=within, budget_problem="; ".join(problems) or None, unit=unit,
+            n_units=sizes.pop() if len(sizes) == 1 else None, mechanisms=mechanisms, releases=releases,
+            internal=[r for r in records if isinstance(r, InternalRunEntry)],
+            artifacts=[r for r in records if isinstance(r, ArtifactEntry)],
+            bounds=[r for r in records if isinstance(r, BoundEntry)], events=events, n_entries=len(records),
+        )
+
+    def to_dict(self) -> dict:
+        def plain(v):
+            if isinstance(v, BaseModel):
+                return dump_entry(v)
+            if isinstance(v, MechanismState):
+                return asdict(v)
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [plain(x) for x in v]
+            return v
+
+        out = {f.name: plain(getattr(self, f.name)) for f in fields(self)}
+        out["non_private"] = self.non_private
+        return out
 
 
 _MISSING = object()
@@ -386,6 +444,8 @@ def _fmt(v: Any) -> str:
         return f"{v:.4g}"
     if isinstance(v, dict) and "type" in v:
         return _fmt_event(v)
+    if isinstance(v, dict) and "kind" in v:  # a privacy source
+        return f"{v['kind']}: {', '.join(v.get('mechanisms') or [])}".rstrip(": ")
     return str(v)
 
 
@@ -402,7 +462,8 @@ _ENTRY_FIELDS = {
                 "max_grad_norm", "noise_multiplicity", "epsilon_planned_pld", "epsilon_planned_rdp"),
     "dp_progress": ("mechanism", "steps_done", "epsilon_pld", "epsilon_rdp"),
     "dp_complete": ("mechanism", "steps_done", "epsilon_pld", "epsilon_rdp"),
-    "dp_release": ("name", "event", "epsilon"),
+    "dp_release": ("name", "event"),
+    "dp_internal": ("mechanism", "repeats", "event", "epsilon_each", "outputs"),
     "artifact": ("name", "path", "privacy_source"),
 }
 
@@ -412,8 +473,8 @@ def _format_entry(e: dict) -> str:
     head = f"#{e.get('seq', '?'):>4} {str(e.get('time', ''))[:19]:19} {kind:12}"
     if kind == "bound":
         b = e["bound"] if isinstance(e.get("bound"), dict) else e
-        body = (f"rero bound {_fmt(b.get('bound'))} ({b.get('method')}, kappa={_fmt(b.get('kappa'))}, "
-                f"sigma={_fmt(b.get('sigma'))}, q={_fmt(b.get('sample_rate'))}, T={b.get('steps')})")
+        body = (f"rero bound {_fmt(b.get('bound'))} ({b.get('method')}, kappa={_fmt(b.get('kappa'))}) of "
+                f"{', '.join(e.get('mechanisms') or [])}")
     else:
         fields = _ENTRY_FIELDS.get(kind)
         if fields is None:
@@ -422,41 +483,45 @@ def _format_entry(e: dict) -> str:
     return f"{head} {body}"
 
 
-def _format_summary(s: dict) -> str:
-    out = []
-    eps = _fmt(s.get("epsilon"))
-    out.append(f"privacy ledger: {s.get('ledger')}")
-    if s.get("non_private"):
+def _format_summary(s: "LedgerSummary") -> str:
+    out = [f"privacy ledger: {s.ledger}"]
+    if s.non_private:
         out.append("  NOT differentially private (a mechanism ran without noise): epsilon = inf")
     else:
-        out.append(f"  spent: epsilon = {eps} (PLD), {_fmt(s.get('epsilon_rdp'))} (RDP cross-check) at delta = {_fmt(s.get('delta'))}")
-    out.append(f"  unit of privacy: {s.get('unit') or 'unknown'}")
-    if s.get("target_epsilon") is not None:
-        ok = "within" if s.get("within_target") else "EXCEEDS"
-        out.append(f"  target epsilon: {_fmt(s['target_epsilon'])} ({ok} target)")
-    for name, m in (s.get("mechanisms") or {}).items():
-        state = "complete" if m.get("complete") else "in progress"
+        rdp = f", {_fmt(s.epsilon_rdp)} (RDP cross-check)" if s.epsilon_rdp is not None else ""
+        out.append(f"  spent: epsilon = {_fmt(s.epsilon)} (PLD){rdp} at delta = {_fmt(s.delta)}, "
+                   f"neighbouring relation {s.neighbouring.replace('_', '/')}")
+        other = "replace_one" if s.neighbouring == "add_remove" else "add_remove"
+        out.append(f"  the same events for {other.replace('_', '/')} neighbours: epsilon = "
+                   f"{_fmt(getattr(s, 'epsilon_' + other))}")
+    out.append(f"  unit of privacy: {s.unit or 'unknown'}" + (f", N = {s.n_units} units" if s.n_units else ""))
+    if s.target_epsilon is not None:
+        ok = "within" if s.within_target else "EXCEEDS"
+        out.append(f"  budget: epsilon {_fmt(s.target_epsilon)} ({ok} budget)")
+    if s.budget_problem:
+        out.append(f"  PROBLEM: {s.budget_problem}")
+    for name, m in s.mechanisms.items():
+        state = "complete" if m.complete else "in progress"
         out.append(
-            f"  mechanism {name}: {m.get('steps_done')}/{m.get('planned_steps', '?')} steps ({state}), "
-            f"sigma={_fmt(m.get('sigma'))}, q={_fmt(m.get('sample_rate'))}, C={_fmt(m.get('max_grad_norm'))}"
+            f"  mechanism {name} [{m.scope}]: {m.steps_done}/{m.planned_steps if m.planned_steps is not None else '?'} "
+            f"steps ({state}), sigma={_fmt(m.sigma)}, q={_fmt(m.sample_rate)}, C={_fmt(m.max_grad_norm)}"
         )
-    for r in s.get("releases") or []:
-        ev = ", ".join(_fmt_event(x) for x in _event_list(r["event"])) if r.get("event") else "?"
-        out.append(f"  release {r.get('name')}: {ev}" + (f", epsilon {_fmt(r['epsilon'])} alone" if r.get("epsilon") is not None else ""))
-    for a in s.get("artifacts") or []:
-        out.append(f"  artifact {a.get('name')}: {a.get('path')} [{a.get('privacy_source') or 'unknown source'}]")
-    for b in s.get("bounds") or []:
-        b = b["bound"] if isinstance(b.get("bound"), dict) else b
-        out.append(
-            f"  reconstruction bound ({b.get('method')}): P[success] <= {_fmt(b.get('bound'))} "
-            f"for prior kappa={_fmt(b.get('kappa'))}"
-        )
+    for r in s.releases:
+        out.append(f"  release {r.name}: {_fmt_event(r.event.model_dump())}")
+    for r in s.internal:
+        out.append(f"  internal {r.mechanism}: {r.repeats} run(s) of {_fmt_event(r.event.model_dump())}, epsilon "
+                   f"{_fmt(r.epsilon_each)} each, never released (results in {r.outputs})")
+    for a in s.artifacts:
+        out.append(f"  artifact {a.name}: {a.path} [{a.privacy_source.describe()}]")
+    for b in s.bounds:
+        out.append(f"  reconstruction bound of {', '.join(b.mechanisms)}: P[success] <= {_fmt(b.bound.get('bound'))} "
+                   f"for prior kappa={_fmt(b.bound.get('kappa'))}")
     return "\n".join(out)
 
 
-def format_ledger(entries_or_summary: list[dict] | dict) -> str:
-    """Human-readable text for a list of entries or a ``summary()`` dict."""
-    if isinstance(entries_or_summary, dict):
+def format_ledger(entries_or_summary: "list[dict] | LedgerSummary") -> str:
+    """Human-readable text for a list of entries or a ``summary()``."""
+    if isinstance(entries_or_summary, LedgerSummary):
         return _format_summary(entries_or_summary)
     lines = [_format_entry(e) for e in entries_or_summary]
     return "\n".join(lines) if lines else "(empty ledger)"

@@ -11,17 +11,13 @@ diffusion model, the non-DP overfit control, a discriminator attack for GANs), `
 bound), `stats` (AUC, TPR at low FPR, bootstrap intervals, DP limits), `figures`, `stage` (the
 stage function, outputs), `commands` (`dpgen audit`).
 
-Everything per-image, and every figure, goes to RUN/internal/audit/ (never released); only an
-aggregate summary goes to RUN/metrics/probes_summary.json.
+Everything goes to RUN/internal/audit/ (never released): per-image results, figures, and the
+aggregate summary the internal release review reads. The probes are computed on private data
+without DP, so not even their aggregates leave the run directory.
 """
 
-__all__ = ["AuditOptions", "audit_stage", "format_summary", "releasable_summary"]
+from dpgen.core.lazy import lazy_exports
 
-
-def __getattr__(name: str):
-    # Lazy: `dpgen --help` imports dpgen.probes.commands, which should not load torch.
-    if name in __all__:
-        from dpgen.probes import stage
-
-        return getattr(stage, name)
-    raise AttributeError(f"module 'dpgen.probes' has no attribute {name!r}")
+# Lazy: `dpgen --help` imports dpgen.probes.commands, which should not load torch.
+__all__ = ["AuditOptions", "audit_stage", "format_summary", "aggregate_summary"]
+__getattr__ = lazy_exports(__name__, dict.fromkeys(__all__, "stage"))

@@ -34,20 +34,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_audit(args) -> int:
-    from dpgen.probes.stage import AuditOptions, audit_stage, format_summary
     from dpgen.rundir import RunDir
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(max(1, args.threads))
     for name in ("attack_targets", "overfit_images", "overfit_steps", "inversion_iterations"):
         v = getattr(args, name)
         if v is not None and v < 1:
             print(f"dpgen: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
-    rd = RunDir(args.run_dir)
+    rd = RunDir.open(args.run_dir)  # before torch: a wrong path answers at once
     config = rd.load_config()
+    from dpgen.probes.stage import AuditOptions, audit_stage, format_summary
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
     opts = AuditOptions(memorization=not args.no_memorization, membership=not args.no_membership,
                         reconstruction=not args.no_reconstruction, overfit_control=args.overfit_control,
                         feature_extractor=None if args.no_features else "public-encoder")

@@ -1,4 +1,5 @@
-"""Membership inference against a diffusion model: loss (denoising-error) attacks.
+"""Membership inference: denoising-loss attacks (diffusion, in pixel or latent space) and
+discriminator-score attacks (cGAN).
 
 The idea behind SecMI (Duan et al. 2023) and PIA (Kong et al. 2024): a diffusion model denoises
 its training images better than images it never saw. The attack measures each image's
@@ -27,9 +28,19 @@ The control that shows the probe can fail: `overfit_control` fine-tunes the same
 model WITHOUT DP (plain Adam) on a tiny private subset for many steps; the same attack must
 give it a clearly higher AUC than the DP model.
 
-GANs: `discriminator_attack` scores with a discriminator's output (internal use only: the
-discriminator of a DP GAN is trained on private data and is not released). dpgen's generators
-are diffusion models so far, so the audit stage reports it as not applicable.
+Latent diffusion: the same attack on the UNet in latent space: each model's images are
+encoded by that model's own autoencoder (the run's, which may itself be DP fine-tuned; the
+reference's, public) and scaled as in training, then scored with noise of the latent shape.
+
+GANs (`discriminator_attack`): the DP-trained network is the discriminator, and its score of
+an image is the natural membership signal (a discriminator that memorized its training
+images calls them "real"). Two scores, as above: "discriminator" = D_finetuned(x, y), and
+"reference" = D_finetuned(x, y) - D_pretrained(x, y) (the public-only discriminator removes
+how real an image looks in general). The discriminator is internal only: it was fitted to the
+private data and is never released (the generator, post-processing of it, is).
+
+Every attack gives a `Scores` (per-image scores of members and non-members by score name);
+`attack_results` turns it into AUCs and TPRs at low FPR with bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -43,7 +54,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dpgen.privacy.engine import step_generator
+from dpgen.core.seeding import step_generator
 from dpgen.probes.stats import attack_metrics, auc
 
 
@@ -120,7 +131,11 @@ class ScoredModel:
 
 
 def score_model(model, reference, alphas_cumprod, members_x, members_y, non_x, non_y, options: LossAttackOptions,
-                device="cpu", progress=False, null_label: int | None = None, name: str = "") -> ScoredModel:
+                device="cpu", progress=False, null_label: int | None = None, name: str = "",
+                reference_inputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> ScoredModel:
+    """Denoising errors of `model` (and `reference`) on members and non-members. The inputs are
+    what the UNet denoises (images, or latents); `reference_inputs` = (members, non-members)
+    when the reference sees other inputs (latent diffusion: its own autoencoder's latents)."""
     num_t = len(alphas_cumprod)
     ts = attack_timesteps(num_t, options.timestep_fractions)
     noise = fixed_noise(tuple(members_x.shape[1:]), ts, options.draws, options.seed)
@@ -130,8 +145,9 @@ def score_model(model, reference, alphas_cumprod, members_x, members_y, non_x, n
         members=denoising_errors(model, members_x, members_y, desc=f"{name} members", **kw),
         non_members=denoising_errors(model, non_x, non_y, desc=f"{name} non-members", **kw), timesteps=ts)
     if reference is not None:
-        sm.ref_members = denoising_errors(reference, members_x, members_y, desc=f"{name} members (reference)", **kw)
-        sm.ref_non_members = denoising_errors(reference, non_x, non_y, desc=f"{name} non-members (reference)", **kw)
+        ref_m, ref_n = reference_inputs if reference_inputs is not None else (members_x, non_x)
+        sm.ref_members = denoising_errors(reference, ref_m, members_y, desc=f"{name} members (reference)", **kw)
+        sm.ref_non_members = denoising_errors(reference, ref_n, non_y, desc=f"{name} non-members (reference)", **kw)
     return sm
 
 
@@ -154,26 +170,51 @@ def _scores(sm: "ScoredModel", t_index: int | None = None) -> dict:
     return out
 
 
-def attack_results(sm: ScoredModel, options: LossAttackOptions) -> dict:
-    """AUC and TPR at low FPR (with bootstrap intervals) of the loss and reference scores.
+@dataclass
+class Scores:
+    """Per-image membership scores (higher = "member") of members and non-members, by score name.
 
-    Scores: "loss" = -mean_t log e(x, t); "reference" = mean_t [log e_ref(x, t) - log e(x, t)].
-    """
-    out: dict = {"timesteps": sm.timesteps, "draws": sm.members.shape[2], "scores": {}}
+    `primary` is the score the headline numbers use (declared before looking at results);
+    `per_step` holds descriptive breakdowns (diffusion: the same score at each timestep);
+    `details` goes into the results as is (e.g. the timesteps and draws)."""
+
+    members: dict[str, np.ndarray]
+    non_members: dict[str, np.ndarray]
+    primary: str
+    per_step: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+
+
+def denoising_scores(sm: ScoredModel) -> Scores:
+    """"loss" = -mean_t log e(x, t); "reference" = mean_t [log e_ref(x, t) - log e(x, t)]."""
     per_t = [_scores(sm, i) for i in range(len(sm.timesteps))]
-    for name, (m, n) in _scores(sm).items():
-        res = attack_metrics(m.numpy(), n.numpy(), n_boot=options.n_boot, seed=options.seed)
-        # Per-timestep AUCs: descriptive only (choosing the best one after the fact is optimistic).
-        res["auc_per_timestep"] = {str(t): auc(per_t[i][name][0].numpy(), per_t[i][name][1].numpy())
-                                   for i, t in enumerate(sm.timesteps)}
+    both = _scores(sm)
+    return Scores(
+        members={k: m.numpy() for k, (m, _) in both.items()}, non_members={k: n.numpy() for k, (_, n) in both.items()},
+        primary="reference" if "reference" in both else "loss",
+        per_step={k: {str(t): (per_t[i][k][0].numpy(), per_t[i][k][1].numpy()) for i, t in enumerate(sm.timesteps)}
+                  for k in both},
+        details={"timesteps": sm.timesteps, "draws": sm.members.shape[2]})
+
+
+def attack_results(scores: Scores, n_boot: int = 1000, seed: int = 0) -> dict:
+    """AUC and TPR at low FPR (with bootstrap intervals) of every score, and which one is primary.
+    Per-step AUCs (diffusion: per timestep) are descriptive only: choosing the best one after
+    the fact is optimistic."""
+    out: dict = {**scores.details, "scores": {}}
+    for name, m in scores.members.items():
+        res = attack_metrics(m, scores.non_members[name], n_boot=n_boot, seed=seed)
+        if name in scores.per_step:
+            res["auc_per_timestep"] = {k: auc(a, b) for k, (a, b) in scores.per_step[name].items()}
         out["scores"][name] = res
-    out["primary"] = "reference" if "reference" in out["scores"] else "loss"
+    out["primary"] = scores.primary
     return out
 
 
-def raw_scores(sm: ScoredModel) -> dict:
+def raw_scores(scores: Scores) -> dict:
     """Per-image scores (internal only) for the ROC figure."""
-    return {name: {"members": m.tolist(), "non_members": n.tolist()} for name, (m, n) in _scores(sm).items()}
+    return {name: {"members": m.tolist(), "non_members": scores.non_members[name].tolist()}
+            for name, m in scores.members.items()}
 
 
 # ----------------------------------------------------------------------------- the control
@@ -194,59 +235,73 @@ class OverfitOptions:
         return asdict(self)
 
 
-def overfit_model(pretrained: nn.Module, x: torch.Tensor, y: torch.Tensor, options: OverfitOptions,
-                  cond_drop_prob: float = 0.1, device="cpu", progress: bool = False) -> tuple[nn.Module, dict]:
-    """A NON-DP fine-tune of `pretrained` on (x, y) with plain Adam: the memorizing control.
-
-    Internal only: its weights are trained on private data without any privacy and are never
-    written to disk.
-    """
-    from dpgen.training.objectives import DiffusionObjective
-
+def overfit(module: nn.Module, objective, rows: dict[str, torch.Tensor], options: OverfitOptions, device="cpu",
+            progress: bool = False) -> dict:
+    """Train `module` in place WITHOUT DP (plain Adam on random minibatches of `rows`, the
+    family's own objective): the memorizing control. Internal only: never written to disk."""
     device = torch.device(device)
-    model = copy.deepcopy(pretrained).to(device).train()
-    obj = DiffusionObjective(model, cond_drop_prob)
-    opt = torch.optim.Adam(model.parameters(), lr=options.lr)
-    n = len(x)
+    module.to(device).train()
+    opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=options.lr)
+    n = len(rows["x"])
     t0 = time.time()
     loss_v = float("nan")
     bar = tqdm(total=options.steps, desc="overfit control (no DP)", disable=not progress, dynamic_ncols=True, leave=False)
     for step in range(options.steps):
         g = step_generator(options.seed, step, "overfit")
-        rows = torch.randperm(n, generator=g)[:options.batch_size]
-        batch = obj.draw(x[rows].to(device), y[rows].to(device), g)
-        loss = obj.loss(model, batch).mean()
+        idx = torch.randperm(n, generator=g)[:options.batch_size]
+        batch = objective.draw_rows({k: v[idx].to(device) for k, v in rows.items()}, g)
+        loss = objective.loss(module, batch).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         loss_v = loss.item()
         bar.update(1)
     bar.close()
-    model.eval()
-    return model, {"steps": options.steps, "n_images": n, "final_loss": loss_v, "seconds": round(time.time() - t0, 1)}
+    module.eval()
+    return {"steps": options.steps, "n_images": n, "final_loss": loss_v, "seconds": round(time.time() - t0, 1)}
+
+
+def overfit_model(pretrained: nn.Module, x: torch.Tensor, y: torch.Tensor, options: OverfitOptions,
+                  cond_drop_prob: float = 0.1, device="cpu", progress: bool = False) -> tuple[nn.Module, dict]:
+    """A NON-DP fine-tune of a copy of the diffusion UNet `pretrained` on (x, y): images for pixel
+    diffusion, latents for latent diffusion."""
+    from dpgen.training.objectives import DiffusionObjective
+
+    model = copy.deepcopy(pretrained)
+    info = overfit(model, DiffusionObjective(model, cond_drop_prob), {"x": x, "labels": y}, options, device, progress)
+    return model, info
 
 
 # ----------------------------------------------------------------------------- GANs
 
 
 @torch.no_grad()
+def discriminator_scores(discriminator: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = None,
+                         batch_size: int = 256, device="cpu") -> np.ndarray:
+    """The discriminator's "real" logit of every image (mean over any output map)."""
+    device = torch.device(device)
+    d = discriminator.to(device).eval()
+    out = []
+    for s in range(0, len(x), batch_size):
+        xb = x[s:s + batch_size].to(device)
+        args = (xb,) if labels is None else (xb, labels[s:s + batch_size].to(device))
+        out.append(d(*args).reshape(len(xb), -1).mean(1).double().cpu())
+    return torch.cat(out).numpy()
+
+
 def discriminator_attack(discriminator: nn.Module, members: torch.Tensor, non_members: torch.Tensor,
                          labels_m: torch.Tensor | None = None, labels_n: torch.Tensor | None = None,
-                         batch_size: int = 256, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Score = the discriminator's "real" logit (members look more real to a memorizing D).
-
-    Internal only: the discriminator of a private GAN is fitted to the private data.
-    """
-    discriminator.eval()
-
-    def scores(x, y):
-        out = []
-        for s in range(0, len(x), batch_size):
-            args = (x[s:s + batch_size],) if y is None else (x[s:s + batch_size], y[s:s + batch_size])
-            out.append(discriminator(*args).reshape(len(args[0]), -1).mean(1).double())
-        return torch.cat(out).numpy()
-
-    return attack_metrics(scores(members, labels_m), scores(non_members, labels_n), n_boot=n_boot, seed=seed)
+                         reference: nn.Module | None = None, batch_size: int = 256, device="cpu") -> Scores:
+    """Score = the discriminator's "real" logit (members look more real to a memorizing D), and,
+    with a `reference` discriminator (the public pretrained one), the logit minus the
+    reference's. Internal only: the discriminator of a private GAN is fitted to the private data."""
+    kw = {"batch_size": batch_size, "device": device}
+    m, n = discriminator_scores(discriminator, members, labels_m, **kw), discriminator_scores(discriminator, non_members, labels_n, **kw)
+    members_s, non_s = {"discriminator": m}, {"discriminator": n}
+    if reference is not None:
+        members_s["reference"] = m - discriminator_scores(reference, members, labels_m, **kw)
+        non_s["reference"] = n - discriminator_scores(reference, non_members, labels_n, **kw)
+    return Scores(members_s, non_s, primary="reference" if reference is not None else "discriminator")
 
 
 def equal_size(n_members: int, n_non: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -258,5 +313,6 @@ def equal_size(n_members: int, n_non: int, seed: int) -> tuple[np.ndarray, np.nd
     return m, k
 
 
-__all__ = ["LossAttackOptions", "OverfitOptions", "attack_timesteps", "fixed_noise", "denoising_errors", "score_model",
-           "attack_results", "raw_scores", "overfit_model", "discriminator_attack", "equal_size"]
+__all__ = ["LossAttackOptions", "OverfitOptions", "Scores", "attack_timesteps", "fixed_noise", "denoising_errors",
+           "score_model", "denoising_scores", "attack_results", "raw_scores", "overfit", "overfit_model",
+           "discriminator_scores", "discriminator_attack", "equal_size"]

@@ -3,13 +3,16 @@
 Threat model (the strongest honest-but-curious one, as in Hayes et al. 2023 and Geiping et al.
 2020): the attacker knows the model weights, sees ONE update whose batch holds only the target,
 knows the target's label, and for the diffusion loss also the timestep and the noise drawn for
-it. The update is what DP-SGD releases for that batch: the per-sample gradient clipped to norm
+it (for the discriminator loss, the fake paired with it). The update is what DP-SGD releases for that batch: the per-sample gradient clipped to norm
 C, plus Gaussian noise of standard deviation sigma * C on every coordinate (the division by the
 expected batch size is public and changes nothing). "Without noise" is the clipped gradient
 alone: that is where the attack has to work, or it is not an attack.
 
-Two attacks, each against (a) a small GroupNorm CNN classifier and (b) the diffusion loss of the
-run's generator:
+Two attacks, each against (a) a small GroupNorm CNN classifier and (b) the loss of the network
+the run's DP-SGD trains (the family's probe adapter, dpgen.probes.adapters, builds it): the
+diffusion loss of the UNet; for latent diffusion the same loss on the latent of the image (the
+attacker inverts through the frozen encoder, in pixel space); for a cGAN the discriminator's
+loss of the image paired with a fake of the same label:
 
 1. gradient inversion (Geiping et al. 2020, "Inverting Gradients"): optimise a dummy image with
    Adam so that its gradient has maximal cosine similarity with the observed update, plus a
@@ -42,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpgen.privacy.engine import step_generator
+from dpgen.core.seeding import step_generator
 
 
 @dataclass
@@ -235,8 +238,14 @@ def classifier_target(image_shape, num_classes: int, seed: int) -> Target:
     return Target("classifier", model, loss, lambda i: {})
 
 
-def diffusion_target(model: nn.Module, alphas_cumprod: torch.Tensor, timestep: int, image_shape, seed: int) -> Target:
-    """The diffusion loss at a known timestep and known noise (drawn per target image)."""
+def diffusion_target(model: nn.Module, alphas_cumprod: torch.Tensor, timestep: int, image_shape, seed: int,
+                     encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     name: str = "diffusion_loss") -> Target:
+    """The diffusion loss at a known timestep and known noise (drawn per target image).
+
+    `encode` maps an image to what the UNet denoises (latent diffusion: the frozen encoder and
+    the latent scale; differentiable, so the inversion runs in pixel space); `image_shape` is
+    then the latent shape the noise is drawn in."""
     from dpgen.models.diffusion import regression_target
 
     model = model.float().eval()  # eval: no dropout; the loss is the training loss of one draw
@@ -249,11 +258,31 @@ def diffusion_target(model: nn.Module, alphas_cumprod: torch.Tensor, timestep: i
 
     def loss(x, label, c):
         noise = c["noise"]
-        xt = a.sqrt() * x.float() + (1 - a).sqrt() * noise
+        x0 = x.float() if encode is None else encode(x.float())
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = model(xt, torch.tensor([timestep]), torch.tensor([label]))
-        return (pred - regression_target(prediction_type, x.float(), noise, a)).pow(2).mean()
+        return (pred - regression_target(prediction_type, x0, noise, a)).pow(2).mean()
 
-    return Target(f"diffusion_loss(t={timestep})", model, loss, ctx)
+    return Target(f"{name}(t={timestep})", model, loss, ctx)
+
+
+def discriminator_target(discriminator: nn.Module, generator: nn.Module, latent_dim: int, seed: int) -> Target:
+    """The discriminator's per-row DP-SGD loss, softplus(-D(x, y)) + softplus(D(fake, y)), with the
+    fake drawn per target image from the generator (known to the attacker, like the noise of
+    the diffusion loss; its term does not depend on x but is part of the clipped update)."""
+    d, g = discriminator.float().eval(), generator.float().eval()
+
+    def ctx(i: int) -> dict:
+        z = torch.randn((1, latent_dim), generator=step_generator(seed, i, "inversion-fake"))
+        return {"z": z}
+
+    def loss(x, label, c):
+        y = torch.tensor([label])
+        with torch.no_grad():
+            fake = g(c["z"], y)
+        return F.softplus(-d(x.float(), y)).sum() + F.softplus(d(fake, y)).sum()
+
+    return Target("discriminator_loss", d, loss, ctx)
 
 
 def run_target(target: Target, images: torch.Tensor, labels: torch.Tensor, target_rows: list[int], sigma: float,
@@ -317,4 +346,5 @@ def run_target(target: Target, images: torch.Tensor, labels: torch.Tensor, targe
 
 
 __all__ = ["InversionOptions", "InversionCNN", "flat_grad", "clip", "observe", "invert", "ncc", "ssim",
-           "gradient_identification", "attack_bound", "Target", "classifier_target", "diffusion_target", "run_target"]
+           "gradient_identification", "attack_bound", "Target", "classifier_target", "diffusion_target",
+           "discriminator_target", "run_target"]

@@ -11,15 +11,18 @@ Data it reads (never the private test split, which stays for the final evaluatio
   of membership inference;
 - the pretrained (public-only) and fine-tuned checkpoints, and the privacy ledger.
 
-Outputs:
-- RUN/internal/audit/probes.json: every result, with per-image tables (nearest-neighbour indices
-  and distances, attack scores, per-target inversion metrics). Marked internal.
-- RUN/internal/audit/*.png: closest pairs, distance histograms, ROC curves, reconstructions.
-  They show private images: internal.
-- RUN/metrics/probes_summary.json: aggregate numbers only (counts, fractions, quantiles, AUCs,
-  TPRs, intervals, bounds), no image, no per-record value; "contains_private_images": false.
-  Like the evaluation metrics these aggregates are computed from private data without DP: they
-  are the data custodian's evidence for the release review.
+What membership inference and reconstruction attack depends on the generator family: the
+network DP-SGD trained (a diffusion UNet in pixel or latent space, a cGAN discriminator); the
+family's probe adapter (dpgen.probes.adapters, named in dpgen.models.registry) supplies the
+scores, the non-DP overfit control and the inversion target. Memorization reads the cohort.
+
+Outputs, all under RUN/internal/audit/ (never released):
+- probes.json: every result, with per-image tables (nearest-neighbour indices and distances,
+  attack scores, per-target inversion metrics);
+- *.png: closest pairs, distance histograms, ROC curves, reconstructions (private images);
+- probes_summary.json: the aggregates the internal release review reads (counts, fractions,
+  quantiles, AUCs, TPRs, intervals, bounds; no image, no per-record value). They are still
+  statistics of private data computed without DP, so they stay internal too.
 """
 
 from __future__ import annotations
@@ -31,25 +34,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpgen.core.device import resolve_device
+from dpgen.core.schemas import ProbesSummary
 from dpgen.data import DataError, load_dataset, load_npz
+from dpgen.privacy import mechanisms
+from dpgen.privacy.bounds import rero_bound_events
 from dpgen.privacy.ledger import PrivacyLedger
 from dpgen.probes import membership as mia
 from dpgen.probes import memorization as mem
 from dpgen.probes import reconstruction as rec
+from dpgen.probes.adapters import ProbeAdapter
 from dpgen.probes.figures import nn_histograms, pairs_grid, reconstruction_grid, roc_figure
 from dpgen.probes.stats import dp_tpr_limits, roc_curve
 from dpgen.rundir import RunDir, to_jsonable, write_json_atomic
-from dpgen.training.common import resolve_device
 
-AUDIT_DIR = Path("internal") / "audit"
-RESULTS_FILE = AUDIT_DIR / "probes.json"
-SUMMARY_FILE = Path("metrics") / "probes_summary.json"
-MECHANISM = "dp_sgd:finetune"
+MECHANISM = mechanisms.FINETUNE
 
 PRIVACY_NOTE = (
-    "Aggregate statistics of privacy probes computed on the private data without differential privacy "
-    "(counts, fractions, quantiles, attack AUCs and TPRs, bounds). No image and no per-record value. "
-    "Per-image results and every figure showing private images are in internal/audit/ and are never released."
+    "INTERNAL: aggregate statistics of privacy probes computed on the private data without differential privacy "
+    "(counts, fractions, quantiles, attack AUCs and TPRs, bounds). For the data holder's internal release review "
+    "only; never part of a bundle or of the shareable report. Per-image results and figures are beside this file."
 )
 
 
@@ -59,7 +63,10 @@ class AuditOptions:
     membership: bool = True
     reconstruction: bool = True
     overfit_control: bool = True
-    attack_targets: int = 4  # gradient-inversion targets per model (classifier; diffusion gets min(2, this))
+    attack_targets: int = 4  # gradient-inversion targets per model (classifier; the generator's gets min(2, this))
+    # Targets (and Adam iterations) of the inversion of the generator's DP-trained network: the
+    # diffusion UNet's loss, the latent UNet's loss through the encoder, or the cGAN
+    # discriminator's loss (dpgen.probes.adapters). The names are from when only diffusion had one.
     diffusion_inversion_targets: int = 2
     feature_extractor: object = "public-encoder"  # "public-encoder" | None | FeatureExtractor | nn.Module
     encoder_epochs: int | None = None
@@ -68,7 +75,7 @@ class AuditOptions:
     loss_attack: mia.LossAttackOptions = field(default_factory=mia.LossAttackOptions)
     overfit: mia.OverfitOptions = field(default_factory=mia.OverfitOptions)
     inversion: rec.InversionOptions = field(default_factory=rec.InversionOptions)
-    diffusion_inversion_iterations: int | None = None  # default: inversion.iterations
+    diffusion_inversion_iterations: int | None = None  # default: inversion.iterations (see diffusion_inversion_targets)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -86,13 +93,16 @@ def privacy_context(config, rd: RunDir) -> dict:
     delta = config.privacy.delta
     ctx = {"delta": delta, "epsilon": None, "sigma": None, "sample_rate": None, "steps": None,
            "max_grad_norm": config.finetune.max_grad_norm, "unit": None, "n_units": None, "ledger_bound": None,
-           "fine_tuned": (rd.checkpoints / "finetune.safetensors").is_file()}
+           "fine_tuned": rd.finetune_weights.is_file()}
     if not ledger.exists():
         ctx["note"] = "no privacy ledger: the run has no DP fine-tuning record"
         return ctx
     summary = ledger.summary(delta)
-    ctx["epsilon"] = summary["epsilon"]
-    ctx["unit"] = summary["unit"]
+    ctx["epsilon"] = summary.epsilon
+    ctx["unit"] = summary.unit
+    ctx["events"] = summary.events  # every released mechanism: limits and bounds are for their composition
+    ctx["neighbouring"] = summary.neighbouring
+    ctx["mechanisms"] = summary.release_mechanisms
     plan = ledger.latest("dp_plan", mechanism=MECHANISM) or {}
     done = ledger.latest("dp_complete", mechanism=MECHANISM) or ledger.latest("dp_progress", mechanism=MECHANISM)
     ev = (done or {}).get("event") or {}
@@ -100,43 +110,37 @@ def privacy_context(config, rd: RunDir) -> dict:
                steps=ev.get("steps", (done or {}).get("steps_done")), n_units=plan.get("n_units"))
     if plan.get("max_grad_norm") is not None:
         ctx["max_grad_norm"] = plan["max_grad_norm"]
-    b = ledger.latest("bound", mechanism=MECHANISM) or ledger.latest("bound")
+    b = ledger.latest("bound")
     if b is not None:
-        bound = b["bound"] if isinstance(b.get("bound"), dict) else b
-        ctx["ledger_bound"] = {k: bound.get(k) for k in ("bound", "method", "kappa", "sigma", "sample_rate", "steps", "tolerance")}
+        ctx["ledger_bound"] = {**{k: b["bound"].get(k) for k in ("bound", "method", "kappa", "tolerance")},
+                               "mechanisms": b.get("mechanisms")}
     return ctx
 
 
 def _run_bound_at(ctx: dict, kappa: float) -> dict | None:
-    """The run's ReRo bound (all steps, subsampled) at a given prior."""
-    from dpgen.privacy.bounds import rero_bound_tight
-
-    if not ctx.get("sigma") or not ctx.get("steps"):
+    """The ReRo bound of every released mechanism composed, at a given prior."""
+    if not ctx.get("sigma") or not ctx.get("events"):
         return None
-    b = rero_bound_tight(ctx["sigma"], ctx["sample_rate"], int(ctx["steps"]), kappa)
-    return {"bound": b["bound"], "kappa": kappa, "method": "tight", "tolerance": b["tolerance"]}
+    b = rero_bound_events(ctx["events"], kappa, neighbouring=ctx.get("neighbouring", "add_remove"))
+    return {"bound": b["bound"], "kappa": kappa, "method": "tight", "tolerance": b["tolerance"],
+            "mechanisms": ctx.get("mechanisms")}
 
 
 # ----------------------------------------------------------------------------- probes
 
 
 def _memorization(config, rd, cohort, train, val, opts: AuditOptions, device, progress, out_dir: Path):
-    extractor, fx_note = None, None
+    extractor = None
     if opts.feature_extractor is not None:
-        try:
-            from dpgen.evaluation.features import build_extractor
+        from dpgen.evaluation.features import build_extractor
 
-            kw = {} if opts.encoder_epochs is None else {"encoder_epochs": opts.encoder_epochs}
-            extractor = build_extractor(opts.feature_extractor, config, rd, train.image_shape, device=device,
-                                        progress=progress, **kw)
-        except ImportError as err:  # the evaluation package is optional for the probes
-            fx_note = f"feature space skipped: {err}"
+        kw = {} if opts.encoder_epochs is None else {"encoder_epochs": opts.encoder_epochs}
+        extractor = build_extractor(opts.feature_extractor, config, rd, train.image_shape, device=device,
+                                    progress=progress, **kw)
     result, per = mem.memorization_probe(cohort.images, train.images, None if val is None else val.images,
                                          extractor=extractor, device=device, progress=progress)
     if extractor is not None:
         result["feature_extractor"] = {"name": extractor.name, "description": extractor.description}
-    if fx_note:
-        result["feature_extractor"] = {"name": None, "note": fx_note}
     figures = []
     # closest pairs (pixel space, smallest Carlini ratio first): synthetic and held-out
     for name, images in (("synthetic", cohort.images), ("held_out", None if val is None else val.images)):
@@ -158,74 +162,76 @@ def rd_rel(rd: RunDir, path: Path) -> str:
     return str(Path(path).relative_to(rd.root))
 
 
-def _load_models(rd: RunDir, device):
+def load_adapter(config, rd: RunDir, device) -> ProbeAdapter:
+    """The family's probe adapter around the run's public pretrained model and its DP fine-tuned
+    one (None when the run has none); the family is the one its checkpoint names."""
+    from dpgen.models.registry import family
     from dpgen.sampling import load
 
-    pre = load(rd.root, device=str(device), stage="pretrain").model
-    ft = load(rd.root, device=str(device), stage="finetune").model if (rd.checkpoints / "finetune.safetensors").is_file() else None
-    return pre, ft
+    pre = load(rd.root, device=str(device), stage="pretrain")
+    ft = load(rd.root, device=str(device), stage="finetune").model if rd.finetune_weights.is_file() else None
+    return family(pre.family).probe_adapter(config, pre.model, ft)
 
 
-def _membership(config, rd, train, val, pre, ft, ctx, opts: AuditOptions, device, progress):
-    from dpgen.models.diffusion import make_train_scheduler
-
+def _membership(config, rd, train, val, adapter: ProbeAdapter, ctx, opts: AuditOptions, device, progress):
     la = opts.loss_attack
-    ac = make_train_scheduler(pre.spec).alphas_cumprod
     X, Y = train.model_tensor(), torch.as_tensor(train.labels)
     XV, YV = val.model_tensor(), torch.as_tensor(val.labels)
     out: dict = {
-        "attack": "denoising-error (loss) attack at fixed timesteps and fixed noise (SecMI/PIA idea); "
-                  "'reference' calibrates each image by the public-only pretrained model's error",
+        "attack": adapter.attack,
+        "family": adapter.family,
         "members": f"private training images the run fine-tuned on ({train.name}/{train.split}, n={len(train)})",
         "non_members": f"private validation images, never trained on ({val.name}/{val.split}, n={len(val)})",
         "options": la.to_dict(),
     }
     raw: dict = {}
-    limits = dp_tpr_limits(epsilon=ctx["epsilon"], delta=ctx["delta"], sigma=ctx["sigma"],
-                           sample_rate=ctx["sample_rate"], steps=ctx["steps"])
+    limits = dp_tpr_limits(epsilon=ctx["epsilon"], delta=ctx["delta"],
+                           events=None if not ctx.get("sigma") else ctx.get("events"),
+                           neighbouring=ctx.get("neighbouring", "add_remove"))
     out["dp_limits"] = limits
-    target = ft if ft is not None else pre
+    pre, ft = adapter.pre, adapter.ft
     if ft is None:
         out["note"] = "no fine-tuned weights: the cohort comes from the public-only pretrained model; attacked as is"
     mi, ni = mia.equal_size(len(X), len(XV), la.seed)
-    sm = mia.score_model(target, pre if ft is not None else None, ac, X[mi], Y[mi], XV[ni], YV[ni], la,
-                         device=device, progress=progress, null_label=pre.spec.num_classes, name="DP model")
-    out["dp_model"] = mia.attack_results(sm, la)
-    raw["dp_model"] = mia.raw_scores(sm)
+    scores = adapter.scores(ft if ft is not None else pre, pre if ft is not None else None, X[mi], Y[mi], XV[ni], YV[ni],
+                            la, device, progress, "DP model")
+    out["dp_model"] = mia.attack_results(scores, la.n_boot, la.seed)
+    raw["dp_model"] = mia.raw_scores(scores)
     raw["dp_model"]["member_rows"] = mi.tolist()
     raw["dp_model"]["non_member_rows"] = ni.tolist()
     if opts.overfit_control:
         o = opts.overfit
         rng = np.random.default_rng(o.seed)
         sub = np.sort(rng.permutation(len(X))[:min(o.n_images, len(X))])
-        model, info = mia.overfit_model(pre, X[sub], Y[sub], o, config.model.cond_drop_prob, device=device,
-                                        progress=progress)
+        model, info = adapter.overfit_control(X[sub], Y[sub], o, device, progress)
         mi2, ni2 = mia.equal_size(len(sub), len(XV), o.seed + 1)
-        sm2 = mia.score_model(model, pre, ac, X[sub][mi2], Y[sub][mi2], XV[ni2], YV[ni2], la, device=device,
-                              progress=progress, name="overfit control")
-        res = mia.attack_results(sm2, la)
+        scores2 = adapter.scores(model, pre, X[sub][mi2], Y[sub][mi2], XV[ni2], YV[ni2], la, device, progress,
+                                 "overfit control")
+        res = mia.attack_results(scores2, la.n_boot, la.seed)
         key = out["dp_model"]["primary"]
         dp_auc = out["dp_model"]["scores"][key]
         of_auc = res["scores"][key]
         caught = of_auc["auc_ci"][0] > dp_auc["auc_ci"][1]
         out["overfit_control"] = {
-            "what": "the same pretrained model fine-tuned WITHOUT DP (plain Adam) on a small private subset for many "
-                    "steps; the same attack must find it (shows the probe can fail)",
+            "what": f"the same pretrained model's {family_network(adapter)} trained WITHOUT DP (plain Adam) on a small "
+                    f"private subset for many steps; the same attack must find it (shows the probe can fail)",
             "training": {**o.to_dict(), **info}, **res,
             "compared_on": key, "auc_dp_model": dp_auc["auc"], "auc_overfit": of_auc["auc"],
             "caught": bool(caught),
             "caught_criterion": "the overfit model's AUC interval lies entirely above the DP model's",
         }
-        raw["overfit_control"] = mia.raw_scores(sm2)
+        raw["overfit_control"] = mia.raw_scores(scores2)
         del model
-    out["gan_discriminator_attack"] = {"applicable": False,
-                                       "note": "the run's generator is a diffusion model (no discriminator)"}
     return out, raw
 
 
-def _reconstruction(config, rd, train, pre, ctx, opts: AuditOptions, progress, out_dir: Path):
-    from dpgen.models.diffusion import make_train_scheduler
+def family_network(adapter: ProbeAdapter) -> str:
+    from dpgen.models.registry import family
 
+    return family(adapter.family).dp_network
+
+
+def _reconstruction(config, rd, train, adapter: ProbeAdapter, ctx, opts: AuditOptions, progress, out_dir: Path):
     io = opts.inversion
     sigma = float(ctx["sigma"] or 0.0)
     C = float(ctx["max_grad_norm"])
@@ -237,7 +243,8 @@ def _reconstruction(config, rd, train, pre, ctx, opts: AuditOptions, progress, o
     n_t = min(opts.attack_targets, len(pool))
     out: dict = {
         "threat_model": "white-box weights; one DP-SGD update whose batch holds only the target; known label "
-                        "(and, for the diffusion loss, known timestep and noise); update = clipped per-sample gradient "
+                        "(and the row's known random draws: for the diffusion losses the timestep and noise, for the "
+                        "discriminator loss the paired fake); update = clipped per-sample gradient "
                         "(+ Gaussian noise of std sigma*C per coordinate)",
         "sigma": sigma, "max_grad_norm": C, "options": io.to_dict(),
         "ledger_bound": ctx.get("ledger_bound"),
@@ -247,21 +254,17 @@ def _reconstruction(config, rd, train, pre, ctx, opts: AuditOptions, progress, o
     internal: dict = {}
     figs = []
     t0 = time.time()
-    targets = [(rec.classifier_target(train.image_shape, config.data.num_classes, io.seed), n_t, io)]
+    targets = [(rec.classifier_target(train.image_shape, config.data.num_classes, io.seed), n_t, io,
+                f"randomly initialised InversionCNN (seed {io.seed}): the start of training")]
     if opts.diffusion_inversion_targets > 0:
-        ac = make_train_scheduler(pre.spec).alphas_cumprod
-        t_k = max(1, int(round(io.diffusion_timestep_fraction * pre.spec.num_train_timesteps)))
-        import copy
-
-        io_d = rec.InversionOptions(**{**io.to_dict(), "iterations": opts.diffusion_inversion_iterations or io.iterations})
-        targets.append((rec.diffusion_target(copy.deepcopy(pre).cpu(), ac, t_k, train.image_shape, io.seed),
-                        min(opts.diffusion_inversion_targets, n_t), io_d))
-    for target, n_rows, o in targets:
+        io_g = rec.InversionOptions(**{**io.to_dict(), "iterations": opts.diffusion_inversion_iterations or io.iterations})
+        targets.append((adapter.inversion_target(tuple(train.image_shape), io_g),
+                        min(opts.diffusion_inversion_targets, n_t), io_g,
+                        f"the pretrained (public-only) generator's {family_network(adapter)}: the weights at which "
+                        f"fine-tuning's first DP-SGD update is computed"))
+    for target, n_rows, o, weights in targets:
         res, inner = rec.run_target(target, Xp, Yp, list(range(n_rows)), sigma, C, o, progress=progress)
-        if target.name.startswith("diffusion"):
-            res["weights"] = "the pretrained (public-only) generator: the weights at which fine-tuning's first DP-SGD update is computed"
-        else:
-            res["weights"] = f"randomly initialised {type(target.model).__name__} (seed {io.seed}): the start of training"
+        res["weights"] = weights
         out["targets"][target.name] = res
         internal[target.name] = {c: {"rows": [int(pool[r]) for r in v["rows"]], "per_target": v["per_target"]}
                                  for c, v in inner.items()}
@@ -297,7 +300,7 @@ def audit_stage(config, rd: RunDir, device="auto", progress: bool = True, option
     dev = resolve_device(device)
     t_start = time.time()
     rd = RunDir(Path(rd.root))
-    out_dir = rd.root / AUDIT_DIR
+    out_dir = rd.audit_dir
     out_dir.mkdir(parents=True, exist_ok=True)
 
     spec = config.data.private
@@ -311,16 +314,16 @@ def audit_stage(config, rd: RunDir, device="auto", progress: bool = True, option
     ctx = privacy_context(config, rd)
 
     results: dict = {
-        "run_dir": str(rd.root), "internal": True, "contains_private_images": True,
+        "run_dir": str(rd.root), "internal": True, "contains_private_images": True, "privacy_note": PRIVACY_NOTE,
         "privacy": {k: ctx[k] for k in ("epsilon", "delta", "unit", "sigma", "sample_rate", "steps", "max_grad_norm")},
         "data": {"train": train.info(), "held_out": val.info(), "test_split_used": False},
         "options": options.to_dict(),
     }
     per_record: dict = {}
     if options.memorization:
-        cpath = Path(cohort_path) if cohort_path else rd.cohort / "cohort.npz"
+        cpath = Path(cohort_path) if cohort_path else rd.cohort_file
         if not cpath.is_file():
-            raise DataError(f"no cohort at {cpath} (run `dpgen sample RUN_DIR` first)")
+            raise DataError(f"no cohort at {cpath} (continue the run: `{rd.next_command()}`)")
         cohort = load_npz(cpath, "train", name="cohort")
         if tuple(cohort.image_shape) != tuple(train.image_shape):
             raise DataError(f"the cohort {cpath} holds images of shape {cohort.image_shape}, the private data "
@@ -330,25 +333,27 @@ def audit_stage(config, rd: RunDir, device="auto", progress: bool = True, option
             config, rd, cohort, train, val, options, dev, progress, out_dir)
         results["memorization"]["cohort"] = str(cpath)
         results["memorization"]["seconds"] = round(time.time() - t0, 1)
-    pre = ft = None
+    adapter = None
     if options.membership or options.reconstruction:
-        pre, ft = _load_models(rd, dev)
+        adapter = load_adapter(config, rd, dev)
     if options.membership:
         t0 = time.time()
-        results["membership"], per_record["membership"] = _membership(config, rd, train, val, pre, ft, ctx, options,
+        results["membership"], per_record["membership"] = _membership(config, rd, train, val, adapter, ctx, options,
                                                                        dev, progress)
         results["membership"]["seconds"] = round(time.time() - t0, 1)
         results["membership"]["figures"] = [rd_rel(rd, _roc_figure(results["membership"], per_record["membership"],
                                                                    ctx, out_dir / "roc.png"))]
     if options.reconstruction:
         results["reconstruction"], per_record["reconstruction"] = _reconstruction(
-            config, rd, train, pre, ctx, options, progress, out_dir)
+            config, rd, train, adapter, ctx, options, progress, out_dir)
     results["seconds"] = round(time.time() - t_start, 1)
     results = to_jsonable(results)
-    write_json_atomic(rd.root / RESULTS_FILE, {**results, "per_record": to_jsonable(per_record)})
-    summary = releasable_summary(results)
-    write_json_atomic(rd.root / SUMMARY_FILE, summary)
-    results["outputs"] = {"internal": str(RESULTS_FILE), "releasable_summary": str(SUMMARY_FILE)}
+    write_json_atomic(rd.probes_file, {**results, "per_record": to_jsonable(per_record)})
+    summary = aggregate_summary(results)
+    ProbesSummary.model_validate(summary)  # the schema the release review reads it with
+    write_json_atomic(rd.probes_summary_file, summary)
+    results["outputs"] = {"internal": rd_rel(rd, rd.probes_file), "summary": rd_rel(rd, rd.probes_summary_file),
+                          "figures": rd_rel(rd, rd.audit_dir)}
     return results
 
 
@@ -358,7 +363,7 @@ def _roc_figure(mres: dict, raw: dict, ctx: dict, path: Path) -> Path:
         if model_key not in raw:
             continue
         for score, vals in raw[model_key].items():
-            if score not in ("loss", "reference"):
+            if score not in mres[model_key]["scores"]:  # the member/non-member row indices
                 continue
             fpr, tpr = roc_curve(np.asarray(vals["members"]), np.asarray(vals["non_members"]))
             curves[f"{label}, {score}"] = (fpr, tpr, mres[model_key]["scores"][score]["auc"])
@@ -385,11 +390,11 @@ def _attack_summary(r: dict) -> dict:
             "tpr_at_fpr": {k: {"fpr": v["fpr"], "tpr": v["tpr"], "ci": v["ci"]} for k, v in r["tpr_at_fpr"].items()}}
 
 
-def releasable_summary(results: dict) -> dict:
+def aggregate_summary(results: dict) -> dict:
     """Aggregate numbers only: built field by field from an allow-list, so nothing per-record slips in."""
-    s: dict = {"kind": "privacy_probes_summary", "contains_private_images": False, "internal": False,
+    s: dict = {"kind": "privacy_probes_summary", "contains_private_images": False, "internal": True,
                "privacy_note": PRIVACY_NOTE, "privacy": results.get("privacy"),
-               "details": f"{RESULTS_FILE} (internal)"}
+               "details": "probes.json beside this file (per record)"}
     if "memorization" in results:
         m = results["memorization"]
         s["memorization"] = {"criteria": m["criteria"], "flagged": m["flagged"], "verdict": m["verdict"],
@@ -506,10 +511,10 @@ def format_summary(results: dict) -> str:
                          f"{_ci([100 * c for c in gi1['success_ci']])}% with noise; bound for this release "
                          f"{100 * t['attack_bound']['bound']:.1f}% (prior {100 * gi1['prior_kappa']:.0f}%)")
     out = results.get("outputs", {})
-    lines.append(f"results (internal): {out.get('internal', RESULTS_FILE)}; figures in {AUDIT_DIR}/; "
-                 f"releasable summary: {out.get('releasable_summary', SUMMARY_FILE)}")
+    lines.append(f"results (internal: never share): {out.get('internal')}, summary {out.get('summary')}, "
+                 f"figures in {out.get('figures')}/")
     return "\n".join(lines)
 
 
-__all__ = ["AuditOptions", "audit_stage", "format_summary", "releasable_summary", "privacy_context",
-           "RESULTS_FILE", "SUMMARY_FILE", "AUDIT_DIR"]
+__all__ = ["AuditOptions", "audit_stage", "format_summary", "aggregate_summary", "privacy_context",
+]

@@ -29,6 +29,8 @@ import math
 import numpy as np
 from scipy.stats import rankdata
 
+from dpgen.privacy.bounds import eps_delta_auc_limit, eps_delta_tpr_limit  # noqa: F401  (one home: privacy/bounds)
+
 FPRS = (0.01, 0.001)
 
 
@@ -98,49 +100,31 @@ def _fpr_key(f: float) -> str:
 # ----------------------------------------------------------------------------- DP limits
 
 
-def eps_delta_tpr_limit(fpr: float, epsilon: float, delta: float) -> float:
-    """max TPR at `fpr` for any (epsilon, delta)-DP mechanism (Kairouz et al. 2015)."""
-    if not math.isfinite(epsilon):
-        return 1.0
-    return float(min(1.0, math.exp(epsilon) * fpr + delta, 1 - math.exp(-epsilon) * (1 - delta - fpr)))
-
-
-def eps_delta_auc_limit(epsilon: float, delta: float, grid: int = 20001) -> float:
-    """max ROC-AUC for (epsilon, delta)-DP: the area under the limit curve above."""
-    if not math.isfinite(epsilon):
-        return 1.0
-    a = np.linspace(0.0, 1.0, grid)
-    t = np.minimum.reduce([np.ones_like(a), math.exp(epsilon) * a + delta, 1 - math.exp(-epsilon) * (1 - delta - a)])
-    return float(np.trapezoid(np.clip(t, 0, 1), a))
-
-
 def dp_tpr_limits(fprs=FPRS, epsilon: float | None = None, delta: float | None = None,
-                  sigma: float | None = None, sample_rate: float | None = None, steps: int | None = None) -> dict:
+                  events: list[dict] | None = None, neighbouring: str = "add_remove") -> dict:
     """The largest TPR at each FPR that the run's privacy allows, two ways side by side.
 
     `eps_delta`: from the (epsilon, delta) statement alone. `mechanism_pld`: from the trade-off
-    curve of the DP-SGD actually run (sigma, q, T), via `rero_bound_tight(kappa=FPR)`.
+    curve of the composition of every mechanism the release depends on (the ledger's events),
+    via `rero_bound_events(events, kappa=FPR)`.
     """
-    from dpgen.privacy.bounds import rero_bound_tight
+    from dpgen.privacy.bounds import rero_bound_events
 
-    out: dict = {"epsilon": epsilon, "delta": delta, "per_fpr": {}}
-    no_dp = sigma is not None and sigma <= 0
+    out: dict = {"epsilon": epsilon, "delta": delta, "per_fpr": {}, "neighbouring": neighbouring}
     for f in fprs:
         row = {"fpr": f}
         if epsilon is not None and delta is not None:
             row["eps_delta"] = eps_delta_tpr_limit(f, epsilon, delta)
-        if no_dp:
-            row["mechanism_pld"] = 1.0
-        elif sigma is not None and sample_rate is not None and steps:
-            b = rero_bound_tight(sigma, sample_rate, int(steps), f)
+        if events:
+            b = rero_bound_events(events, f, neighbouring=neighbouring)
             row["mechanism_pld"] = b["bound"]
             row["mechanism_pld_tolerance"] = b["tolerance"]
         out["per_fpr"][_fpr_key(f)] = row
     if epsilon is not None and delta is not None:
         out["auc_eps_delta"] = eps_delta_auc_limit(epsilon, delta)
     out["source"] = ("eps_delta: TPR <= min(1, e^eps FPR + delta, 1 - e^-eps (1 - delta - FPR)) (Kairouz et al. 2015); "
-                     "mechanism_pld: 1 - f(FPR) of the run's DP-SGD trade-off curve, computed by "
-                     "dpgen.privacy.bounds.rero_bound_tight(sigma, q, steps, kappa=FPR) on the pessimistic PLD")
+                     "mechanism_pld: 1 - f(FPR) of the trade-off curve of every released mechanism composed (the "
+                     "ledger's events), computed by dpgen.privacy.bounds.rero_bound_events on the pessimistic PLD")
     return out
 
 

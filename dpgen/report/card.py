@@ -1,46 +1,36 @@
 """The dataset card of a release bundle (JSON for machines, Markdown for people).
 
-It answers the three questions of every release (see DESIGN.md): what the privacy guarantee is
-(epsilon, delta, unit, reconstruction bound), whether it holds in practice (probes), and what the
-cohort buys its user (utility next to its baselines, fidelity next to real-vs-real references);
-then intended uses, known limits, the release checklist and what was left out of the bundle.
-
-Only aggregate numbers are quoted: the headline rows of RUN/metrics/evaluation.json and the
-scalar fields of RUN/metrics/probes_summary.json (only when that file declares
-"contains_private_images": false). No per-image value of the private data is ever copied.
+The card leaves the institution with the cohort, so it holds only what may: DP outputs,
+post-processing of them, public data and user choices (dpgen.report.disclosure decides the
+privacy statement). Every figure it shows names its privacy source. It answers what the
+guarantee is, exactly (which outputs, which neighbouring relation, which unit, what is not
+covered), how the cohort was made (the user's choices), intended uses and limits, the
+shareable checklist, and what was left out of the bundle. The data holder's evaluation and
+probes (computed on private data without DP) are not in it: they are the internal review.
 """
 
 from __future__ import annotations
 
-import math
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dpgen.report.checklist import membership_auc_limit, probe_rows, row_auc, utility_rows
+from dpgen.report.disclosure import shared_privacy
 from dpgen.report.release import CHECKSUMS, summarize_left_out
-from dpgen.report.runinfo import RunInfo, as_float, fmt_num
+from dpgen.report.runinfo import RunInfo, fmt_num
 
-CARD_VERSION = 1
-MAX_PROBE_FIELDS = 80
+CARD_VERSION = 2
 
-
-def _name(source: str | None) -> str | None:
-    """A data source as a name (a MedMNIST name, or a path's last component), never a full path."""
-    if not source:
-        return None
-    return Path(str(source)).name
-
-
-def _finite(v: Any) -> Any:
-    f = as_float(v)
-    if f is None:
-        return v
-    return f if math.isfinite(f) else ("inf" if f > 0 else "-inf" if f < 0 else "nan")
+# The privacy source of each kind of figure the card shows (every figure names one).
+SOURCE_USER = "user choice (config)"
+SOURCE_PUBLIC = "public data"
+SOURCE_DP = "DP output (in the ledger)"
+SOURCE_POST = "post-processing of DP outputs"
+SOURCE_SOFTWARE = "software (no data)"
 
 
 def _get(obj: Any, dotted: str, default: Any = None) -> Any:
-    """config.a.b.c, or `default` when a section or field does not exist (configs grow new generator families)."""
+    """config.a.b.c, or `default` when a section or field does not exist."""
     for part in dotted.split("."):
         obj = getattr(obj, part, None) if not isinstance(obj, dict) else obj.get(part)
         if obj is None:
@@ -48,175 +38,92 @@ def _get(obj: Any, dotted: str, default: Any = None) -> Any:
     return obj
 
 
-def how_it_was_made(info: RunInfo) -> dict:
+def _public_name(source: str | None) -> str | None:
+    """A public data source as a name (a MedMNIST name or a file name), never a path."""
+    return None if not source else Path(str(source)).name
+
+
+def public_data_caveat(info: RunInfo) -> str | None:
+    """When the "public" data is another split of the private data set (e.g. AdrenalMNIST3D's
+    val split standing in for a public set), it is not public in the sense of the guarantee."""
     c = info.config
-    plan = next(iter(info.plans.values()), {})
+    pub, priv = _get(c, "data.public.source"), _get(c, "data.private.source")
+    if not pub or not priv:
+        return None
+    try:
+        from dpgen.data import resolve_source
+
+        same = resolve_source(pub).resolve() == resolve_source(priv).resolve()
+    except Exception:  # noqa: BLE001 - not resolvable here: compare the names
+        same = Path(str(pub)).name == Path(str(priv)).name
+    if not same:
+        return None
+    return (f"the pretraining data is another split ({_get(c, 'data.public.split')}) of the same data set as the "
+            f"private data ({_get(c, 'data.private.split')} split): it stands in for a public data set but is not one. "
+            f"A patient may appear in both splits (e.g. the two glands of one patient), and nothing about that split "
+            f"is covered by the guarantee.")
+
+
+def how_it_was_made(info: RunInfo) -> dict:
+    c, shared = info.config, shared_privacy(info)
     cohort = info.latest("artifact", name="cohort") or {}
     versions = (info.manifest or {}).get("versions") or {}
     generator = str(_get(c, "model.generator", "generator"))
-    channels = _get(c, "model.channels")
-    timesteps = _get(c, "model.num_train_timesteps")
-    desc = f"class-conditional {generator}"
-    if generator == "diffusion":
-        desc += " (MONAI DiffusionModelUNet"
-        desc += f", channels {list(channels)}" if channels else ""
-        desc += f", {timesteps} diffusion timesteps)" if timesteps else ")"
-    public = _get(c, "data.public.source")
-    return {
-        "generator": desc,
-        "public_pretraining": {"data": _name(public), "steps": _get(c, "pretrain.steps"),
-                               "batch_size": _get(c, "pretrain.batch_size"),
-                               "privacy": "public data only: no privacy cost" if public else "no public data"},
+    out = {
+        "generator": {"family": generator, "channels": _get(c, "model.channels"),
+                      "prediction_type": _get(c, "model.prediction_type"), "source": SOURCE_USER},
+        "public_pretraining": {"data": _public_name(_get(c, "data.public.source")),
+                               "split": _get(c, "data.public.split"), "steps": _get(c, "pretrain.steps"),
+                               "batch_size": _get(c, "pretrain.batch_size"), "source": SOURCE_PUBLIC,
+                               "caveat": public_data_caveat(info)},
         "dp_finetuning": {
-            "data": f"the private data ({_name(_get(c, 'data.private.source'))})",
-            "algorithm": "DP-SGD (Opacus per-sample gradients, clipping, Gaussian noise; Poisson sampling)",
-            "steps": plan.get("planned_steps", _get(c, "finetune.steps")),
-            "expected_batch_size": plan.get("expected_batch_size", _get(c, "finetune.batch_size")),
-            "max_grad_norm": plan.get("max_grad_norm", _get(c, "finetune.max_grad_norm")),
-            "noise_multiplicity": plan.get("noise_multiplicity", _get(c, "finetune.noise_multiplicity")),
-            "lr": _get(c, "finetune.lr"), "grad_sample_mode": plan.get("grad_sample_mode", _get(c, "finetune.grad_sample_mode")),
-            "noise_multiplier_sigma": _finite(plan.get("sigma")), "sample_rate": _finite(plan.get("sample_rate")),
-            "accountant": plan.get("accountant", _get(c, "privacy.accountant")),
+            "data": "the data holder's private training data (not named here)",
+            "algorithm": "DP-SGD: Poisson sampling of privacy units, per-unit clipping, Gaussian noise (Opacus)",
+            "mechanisms": [m.__dict__ for m in shared.mechanisms],
+            "lr": _get(c, "finetune.lr"), "trainable": _get(c, "finetune.trainable"),
+            "accountant": f"{_get(c, 'privacy.accountant')} (dp-accounting)",
+            "source": SOURCE_USER + "; noise multiplier and sample rate only when N is public (replace-one)",
         },
         "sampling": {"sampler": _get(c, "sample.sampler"), "steps": _get(c, "sample.steps"),
                      "guidance_scale": _get(c, "sample.guidance_scale"), "seed": _get(c, "sample.seed"),
-                     "class_counts": _get(c, "sample.class_counts.mode"),
-                     "class_counts_source": cohort.get("class_counts_source")},
+                     "class_counts": cohort.get("class_counts_source") or _get(c, "sample.class_counts.mode"),
+                     "source": SOURCE_USER},
         "software": {"dpgen": versions.get("dpgen"), "torch": versions.get("torch"), "opacus": versions.get("opacus"),
-                     "monai": versions.get("monai"), "git_commit": (info.manifest or {}).get("git_commit")},
+                     "monai": versions.get("monai"), "dp-accounting": versions.get("dp-accounting"),
+                     "git_commit": (info.manifest or {}).get("git_commit"), "source": SOURCE_SOFTWARE},
         "run_name": info.name,
-        **({"config_note": info.config_note} if info.config_note else {}),
     }
-
-
-def privacy_section(info: RunInfo) -> dict:
-    s = info.privacy or {}
-    eps, delta = as_float(s.get("epsilon")), as_float(s.get("delta"))
-    b = info.bound()
-    bound = None
-    if b and isinstance(b.get("tight"), dict):
-        t, g = b["tight"], b.get("gdp") or {}
-        bound = {"bound": t.get("bound"), "method": t.get("method", "tight"), "kappa": t.get("kappa"),
-                 "gdp_bound": g.get("bound"), "unit": b.get("unit"),
-                 "meaning": (f"an attacker who knows everything except one {str(b.get('unit') or 'unit').removeprefix('per ')} "
-                             f"and would guess it with prior probability κ = {fmt_num(t.get('kappa'))} "
-                             f"succeeds at reconstructing it with probability at most {fmt_num(t.get('bound'))} "
-                             "(Hayes et al. 2023; certified numerical bound from the PLD trade-off curve)")}
-    releases = [{"name": r.get("name"), "epsilon": _finite(r.get("epsilon")), "values": e.get("values")}
-                for r in s.get("releases") or [] for e in [info.latest("dp_release", name=r.get("name")) or {}]]
-    unit = s.get("unit") or "unknown"
-    return {
-        "epsilon": _finite(eps), "epsilon_rdp": _finite(s.get("epsilon_rdp")), "delta": delta,
-        "accountant": "PLD (dp-accounting), cross-checked with RDP", "target_epsilon": _finite(s.get("target_epsilon")),
-        "within_target": s.get("within_target"), "unit": unit,
-        "unit_meaning": ("one patient: all of a subject's images together are protected" if unit == "per subject"
-                         else "one image: a patient with several images is protected less than epsilon suggests"
-                         if unit == "per image" else unit),
-        "meaning": (f"({fmt_num(eps, 4)}, {fmt_num(delta)})-differential privacy {unit}: adding or removing one "
-                    f"{unit.removeprefix('per ')} from the private training data changes the probability of any "
-                    f"outcome (this cohort included) by at most a factor e^ε = {fmt_num(math.exp(min(eps, 700)), 4)}, "
-                    f"except with probability δ" if eps is not None and math.isfinite(eps) else
-                    "NOT differentially private"),
-        "dp_releases": releases,
-        "reconstruction_bound": bound,
-        "membership_auc_limit": membership_auc_limit(eps, delta),
-    }
-
-
-def _scalars(obj: Any, prefix: str = "", out: dict | None = None) -> dict:
-    out = {} if out is None else out
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _scalars(v, f"{prefix}.{k}" if prefix else str(k), out)
-    elif isinstance(obj, list):
-        if len(obj) <= 10 and all(isinstance(x, (int, float, str, bool)) or x is None for x in obj):
-            out[prefix] = obj
-    elif isinstance(obj, (int, float, str, bool)) or obj is None:
-        if not (isinstance(obj, str) and len(obj) > 300):
-            out[prefix] = _finite(obj) if isinstance(obj, float) else obj
     return out
 
 
-def probes_section(info: RunInfo, items: list[dict]) -> dict:
-    by = {i["id"]: i for i in items}
-    sec = {"near_copies": {k: by["near_copies"][k] for k in ("status", "reason")},
-           "membership": {k: by["membership"][k] for k in ("status", "reason")},
-           "rows": probe_rows(info, items)}
-    if info.probes is None:
-        sec["status"] = info.probes_note
-        return sec
-    if info.probes.get("contains_private_images") is not False:
-        sec["status"] = ("probes_summary.json does not declare \"contains_private_images\": false; "
-                         "its fields are not copied into the card")
-        return sec
-    fields = {k: v for k, v in _scalars(info.probes).items() if not k.startswith("checks.")}
-    sec["status"] = "run"
-    sec["summary"] = dict(list(fields.items())[:MAX_PROBE_FIELDS])
-    if len(fields) > MAX_PROBE_FIELDS:
-        sec["summary_truncated"] = f"{len(fields) - MAX_PROBE_FIELDS} more fields in the review report"
-    return sec
-
-
-def utility_section(info: RunInfo) -> dict:
-    ev = info.evaluation
-    if ev is None:
-        return {"status": info.evaluation_note}
-    rows = utility_rows(ev)
-    u = ev.get("utility") or {}
-    out_rows = {}
-    for rid, row in rows.items():
-        mean, sd = row_auc(row)
-        priv = row.get("privacy") if isinstance(row.get("privacy"), dict) else {}
-        acc = row.get("balanced_accuracy") if isinstance(row.get("balanced_accuracy"), dict) else {}
-        out_rows[rid] = {"label": row.get("label", rid), "roc_auc": mean, "roc_auc_std": sd,
-                         "balanced_accuracy": as_float(acc.get("mean")), "epsilon": _finite(priv.get("epsilon")),
-                         "seeds_predicting_one_class": row.get("seeds_predicting_one_class")}
-    fid = ev.get("fidelity") if isinstance(ev.get("fidelity"), dict) else None
-    fid_out = None
-    if fid:
-        overall = fid.get("overall") or {}
-        fid_out = {"feature_extractor": (fid.get("feature_extractor") or {}).get("name"),
-                   "real_set": fid.get("real_set"), "reference": fid.get("reference_set"),
-                   "n_matched": overall.get("n_matched"),
-                   "metrics": {m: {"cohort": _finite(v.get("cohort")), "real_vs_real": _finite(v.get("real_vs_real")),
-                                   "better": v.get("better")}
-                               for m, v in (overall.get("metrics") or {}).items() if isinstance(v, dict)}}
-    return {"status": "run", "test_set": u.get("test_set"), "seeds": u.get("seeds"), "rows": out_rows,
-            "fidelity": fid_out, "note": ev.get("privacy_note")}
-
-
-def intended_uses(info: RunInfo) -> list[str]:
+def intended_uses() -> list[str]:
     return [
         "Developing, debugging and teaching image-analysis pipelines where the real images cannot be shared.",
         "Pretraining or augmenting classifiers that are then validated on real data the user is entitled to use.",
-        "Method research on privacy-preserving data sharing (the card's numbers are the baselines to beat).",
+        "Method research on privacy-preserving data sharing.",
     ]
 
 
-def known_limits(info: RunInfo, items: list[dict], cohort: dict) -> list[str]:
-    by = {i["id"]: i for i in items}
+def known_limits(info: RunInfo, cohort: dict) -> list[str]:
+    shared = shared_privacy(info)
     lim = [
         "Not for clinical decisions or for validating a clinical model: synthetic images are not patients, and "
         "results on them must be confirmed on real data.",
-        "The DP guarantee covers the private training data's units as stated; it says nothing about the public "
-        "pretraining data, which the model may reproduce.",
+        "The guarantee covers the private training data's units as stated; it says nothing about the public "
+        "pretraining data, which the generator may reproduce.",
+        "How useful and how faithful this cohort is was measured by the data holder on private data (internal "
+        "review); those figures are not DP, so they are not in this bundle. Validate on your own real data.",
     ]
-    p = info.privacy or {}
-    if p.get("unit") == "per image":
+    if shared.unit == "per image":
         lim.append("The unit of privacy is one image: a patient with several images in the private data is protected "
                    "by a weaker guarantee (group privacy).")
-    if by["utility"]["status"] == "fail":
-        lim.append("A classifier trained on this cohort did not beat DP-SGD trained directly on the real data at the "
-                   "same epsilon: the cohort adds no downstream value over that baseline.")
-    elif by["utility"]["status"] == "warn":
-        lim.append(f"Downstream utility: {by['utility']['reason']}.")
-    if by["near_copies"]["status"] != "pass" or by["membership"]["status"] != "pass":
-        lim.append("Empirical privacy probes: near-copies " + by["near_copies"]["status"] + ", membership "
-                   + by["membership"]["status"] + " (see the probe results).")
+    caveat = public_data_caveat(info)
+    if caveat:
+        lim.append("Pretraining data: " + caveat)
     if cohort.get("n", 0) < 1000:
-        lim.append(f"Small cohort ({cohort.get('n')} images): fidelity and utility estimates are noisy.")
-    lim.append("Label space and image size are public schema; the class balance comes from "
-               + str(((info.latest('artifact', name='cohort') or {}).get('class_counts_source')) or 'the sampling config')
+        lim.append(f"Small cohort ({cohort.get('n')} images).")
+    lim.append("Label space and image size are public schema (user choices); the class balance comes from "
+               + str(((info.latest("artifact", name="cohort") or {}).get("class_counts_source")) or "the sampling config")
                + ".")
     return lim
 
@@ -225,19 +132,23 @@ def build_card(info: RunInfo, items: list[dict], cohort: dict, files: dict, gone
                include_weights: bool = False) -> dict:
     from dpgen.report.checklist import overall
 
+    shared = shared_privacy(info)
     return {
         "card_version": CARD_VERSION,
         "title": f"Synthetic cohort: {info.name}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "dataset": {**cohort, "class_names": list(_get(info.config, "data.class_names") or []), "files": files,
-                    "license_note": "set by the data custodian"},
+                    "source": f"{SOURCE_POST} (the generator and the class counts)", "license_note": "set by the data custodian"},
         "how_it_was_made": how_it_was_made(info),
-        "privacy": privacy_section(info),
-        "probes": probes_section(info, items),
-        "utility": utility_section(info),
-        "checklist": {"overall": overall(items), "items": [{k: i[k] for k in ("id", "title", "status", "reason")} for i in items]},
-        "intended_uses": intended_uses(info),
-        "known_limits": known_limits(info, items, cohort),
+        "privacy": {**shared.to_dict(), "source": "the run's privacy ledger: the DP mechanisms' accounting "
+                                                  "(what N would reveal is withheld under add/remove)"},
+        "checklist": {"overall": overall(items), "items": [{k: i[k] for k in ("id", "title", "status", "reason")}
+                                                            for i in items],
+                      "note": "only the checks whose answers depend on nothing private; the data holder's internal "
+                              "review (near-copies, membership inference, utility) is computed on private data "
+                              "without DP and is not part of this bundle"},
+        "intended_uses": intended_uses(),
+        "known_limits": known_limits(info, cohort),
         "included_from_run": {rel: e.get("release_reason") for rel, e in allowed.items()
                               if rel == "cohort/cohort.npz" or (include_weights and rel.startswith("checkpoints/finetune"))},
         "left_out": gone,
@@ -252,84 +163,76 @@ def _md_escape(s: Any) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
+def privacy_markdown(p: dict) -> list[str]:
+    """The guarantee in Markdown (the card and the shareable report say the same)."""
+    L = [f"- **{p['meaning']}.**", f"- ε is the {p['epsilon_kind']}; δ = {fmt_num(p['delta'])}; neighbouring relation: "
+         f"**{p['neighbouring'].replace('_', '/')}**; unit of privacy: **{p['unit']}**."]
+    if p.get("n_units"):
+        L.append(f"- The private training data has N = {p['n_units']} units (public by the data holder's choice: "
+                 f"replace-one). The same events give ε = {fmt_num(p.get('epsilon_add_remove'), 4)} for add/remove "
+                 f"neighbours.")
+    L.append("- Covered: " + "; ".join(p["covers"]) + ".")
+    L.append("- Not covered: " + "; ".join(p["does_not_cover"]) + ".")
+    if p.get("not_stated"):
+        L.append(f"- Not stated here: {p['not_stated']}")
+    for m in p["mechanisms"]:
+        bits = []
+        if m.get("steps"):
+            bits.append(f"{m['steps']} steps, expected batch {fmt_num(m['expected_batch_size'])}, clipping norm "
+                        f"{fmt_num(m['max_grad_norm'])}, {m['noise_multiplicity']} noise draw(s) per unit")
+        if m.get("sigma") is not None:
+            bits.append(f"noise multiplier σ = {fmt_num(m['sigma'], 4)}, sample rate q = {fmt_num(m['sample_rate'], 4)}")
+        if m.get("values") is not None:
+            vals = m["values"]
+            shown = [round(float(v), 1) for v in vals] if isinstance(vals, list) and vals and \
+                not isinstance(vals[0], list) else vals
+            bits.append(f"released values {shown} (noise std {fmt_num(m.get('noise_std'))})")
+        L.append(f"- Mechanism `{m['name']}`: {m['what']}" + (f" ({'; '.join(bits)})" if bits else "") + ".")
+    lim = p.get("limits") or {}
+    if lim:
+        tpr = ", ".join(f"TPR ≤ {fmt_num(v, 3)} at {k}" for k, v in lim["membership_tpr"].items())
+        L.append(f"- What (ε, δ) alone promises against membership inference: ROC-AUC ≤ "
+                 f"{fmt_num(lim['membership_auc'], 4)}, {tpr} ({lim['source']}).")
+    ml = p.get("mechanism_limits")
+    if ml:
+        L.append(f"- Reconstruction: {ml['reconstruction']['meaning']} (composition of "
+                 f"{', '.join(ml['mechanisms'])}).")
+    return L
+
+
 def card_markdown(card: dict) -> str:
     d, p, h = card["dataset"], card["privacy"], card["how_it_was_made"]
     L = [f"# {card['title']}", ""]
     L.append(f"{d['n']} synthetic {d['dims']} images ({'x'.join(map(str, d['image_shape']))}), classes "
-             + ", ".join(f"{k}: {v}" for k, v in d["class_counts"].items())
-             + f". Differentially private: ε = {fmt_num(p['epsilon'], 4)}, δ = {fmt_num(p['delta'])}, {p['unit']}.")
+             + ", ".join(f"{k}: {v}" for k, v in d["class_counts"].items()) + ".")
     L += ["", "## Contents", "", "| file | what |", "|---|---|",
           f"| `images/` | {d['n']} {d['image_format']} images |",
           "| `labels.csv` | `image`, `label`, `class_name` per image (a dpgen folder source) |",
           "| `cohort.npz` | the same cohort in MedMNIST layout (`train_images`, `train_labels`) |",
           "| `dataset_card.md`, `dataset_card.json` | this card |"]
     if "weights" in d["files"]:
-        L.append("| `weights/finetune.safetensors` | the DP fine-tuned generator (post-processing of DP-SGD) |")
+        L.append("| `weights/finetune.safetensors` | the DP fine-tuned generator |")
     L += [f"| `{CHECKSUMS}` | SHA-256 of every file; check with `sha256sum -c {CHECKSUMS}` |", ""]
 
-    L += ["## How it was made", ""]
-    pt, ft, sp = h["public_pretraining"], h["dp_finetuning"], h["sampling"]
-    L.append(f"- Generator: {h['generator']}.")
-    L.append(f"- Pretrained on public data ({pt['data']}), {pt['steps']} steps, batch {pt['batch_size']}: no privacy cost.")
-    L.append(f"- Fine-tuned with DP-SGD on {ft['data']}: {ft['steps']} steps, expected batch {ft['expected_batch_size']} "
-             f"(sample rate {fmt_num(ft['sample_rate'])}), clipping norm {fmt_num(ft['max_grad_norm'])}, noise multiplier "
-             f"σ = {fmt_num(ft['noise_multiplier_sigma'], 4)}, {ft['noise_multiplicity']} noise draw(s) per unit, "
-             f"accountant {ft['accountant']}.")
-    L.append(f"- Sampled with {sp['sampler']} ({sp['steps']} steps, guidance {fmt_num(sp['guidance_scale'])}, seed {sp['seed']}); "
-             f"class counts: {sp['class_counts_source'] or sp['class_counts']}.")
+    L += ["## Privacy guarantee", ""] + privacy_markdown(p)
+    L += ["", "## How it was made", ""]
+    g, pt, ft, sp = h["generator"], h["public_pretraining"], h["dp_finetuning"], h["sampling"]
+    L.append(f"- Generator: {g['family']} (channels {g['channels']}, prediction {g['prediction_type']}) [{g['source']}].")
+    L.append(f"- Pretrained on public data ({pt['data']}, {pt['split']} split), {pt['steps']} steps, batch "
+             f"{pt['batch_size']}: no privacy cost [{pt['source']}]." + (f" Caveat: {pt['caveat']}" if pt.get("caveat") else ""))
+    L.append(f"- Fine-tuned on {ft['data']} with {ft['algorithm']}; learning rate {fmt_num(ft['lr'])}, trainable "
+             f"{ft['trainable']}, accountant {ft['accountant']} [{ft['source']}].")
+    L.append(f"- Sampled with {sp['sampler']} ({sp['steps']} steps, guidance {fmt_num(sp['guidance_scale'])}, seed "
+             f"{sp['seed']}); class counts: {sp['class_counts']} [{sp['source']}].")
     sw = h["software"]
-    L.append(f"- Software: dpgen {sw.get('dpgen')}, torch {sw.get('torch')}, opacus {sw.get('opacus')}, monai {sw.get('monai')}"
+    L.append(f"- Software: dpgen {sw.get('dpgen')}, torch {sw.get('torch')}, opacus {sw.get('opacus')}, monai "
+             f"{sw.get('monai')}, dp-accounting {sw.get('dp-accounting')}"
              + (f", commit {sw['git_commit'][:12]}" if sw.get("git_commit") else "") + ".")
-
-    L += ["", "## Privacy guarantee", ""]
-    L.append(f"- **ε = {fmt_num(p['epsilon'], 4)}** (PLD accountant; RDP cross-check {fmt_num(p['epsilon_rdp'], 4)}) at "
-             f"**δ = {fmt_num(p['delta'])}**; target ε {fmt_num(p['target_epsilon'], 4)}.")
-    L.append(f"- Unit of privacy: **{p['unit']}** — {p['unit_meaning']}.")
-    L.append(f"- What it means: {p['meaning']}.")
-    for r in p["dp_releases"]:
-        vals = r.get("values")
-        shown = [round(float(v), 1) for v in vals] if isinstance(vals, list) and all(as_float(v) is not None for v in vals) else vals
-        L.append(f"- Also released under this budget: {r['name']} (DP, Gaussian mechanism), values {shown}.")
-    b = p.get("reconstruction_bound")
-    if b:
-        L.append(f"- Reconstruction bound: P[reconstruction] ≤ **{fmt_num(b['bound'])}** at prior κ = {fmt_num(b['kappa'])} "
-                 f"(tight; Gaussian-DP approximation {fmt_num(b.get('gdp_bound'))}): {b['meaning']}.")
-    L.append(f"- Membership inference: no attack can exceed ROC-AUC {fmt_num(p['membership_auc_limit'], 4)} at this (ε, δ).")
-
-    pr = card["probes"]
-    L += ["", "## Probe results (aggregate)", ""]
-    L += ["| probe | status | result | theoretical limit / reference |", "|---|---|---|---|"]
-    L += [f"| {_md_escape(r['probe'])} | **{r['status']}** | {_md_escape(r['result'])} | {_md_escape(r['limit'])} |"
-          for r in pr.get("rows") or []]
-    if pr.get("summary"):
-        L += ["", f"The probes summary's {len(pr['summary'])} aggregate fields are in `dataset_card.json` (`probes.summary`)."]
-    elif pr.get("status") != "run":
-        L += ["", f"Probes: {pr.get('status')}"]
-
-    u = card["utility"]
-    L += ["", "## Utility next to its baselines", ""]
-    if u.get("rows"):
-        L.append(f"Classifiers tested on {u.get('test_set')}, {u.get('seeds')} seed(s); ROC-AUC mean ± std.")
-        L += ["", "| classifier trained on | ε | ROC-AUC | balanced accuracy |", "|---|---|---|---|"]
-        for rid, r in u["rows"].items():
-            sd = f" ± {fmt_num(r['roc_auc_std'], 2)}" if r.get("roc_auc_std") else ""
-            L.append(f"| {_md_escape(r['label'])} | {fmt_num(r['epsilon'], 4)} | {fmt_num(r['roc_auc'])}{sd} | "
-                     f"{fmt_num(r['balanced_accuracy'])} |")
-        if u.get("fidelity"):
-            f = u["fidelity"]
-            L += ["", f"Fidelity ({f['feature_extractor']} features; cohort vs {f['real_set']}, next to the real-vs-real "
-                  f"reference {f['reference']}, n = {f['n_matched']}):", "",
-                  "| metric | cohort | real vs real | better |", "|---|---|---|---|"]
-            L += [f"| {_md_escape(m)} | {fmt_num(v['cohort'])} | {fmt_num(v['real_vs_real'])} | {v['better']} |"
-                  for m, v in f["metrics"].items()]
-        if u.get("note"):
-            L += ["", f"_{u['note']}_"]
-    else:
-        L.append(f"- Not evaluated: {u.get('status')}")
 
     c = card["checklist"]
     L += ["", f"## Release checklist: {c['overall'].upper()}", "", "| check | status | why |", "|---|---|---|"]
     L += [f"| {i['title']} | **{i['status']}** | {_md_escape(i['reason'])} |" for i in c["items"]]
+    L += ["", f"_{c['note']}_"]
     L += ["", "## Intended uses", ""] + [f"- {x}" for x in card["intended_uses"]]
     L += ["", "## Known limits", ""] + [f"- {x}" for x in card["known_limits"]]
     L += ["", "## Left out of this bundle", "",
@@ -340,4 +243,4 @@ def card_markdown(card: dict) -> str:
     return "\n".join(L)
 
 
-__all__ = ["build_card", "card_markdown", "how_it_was_made", "privacy_section", "probes_section", "utility_section"]
+__all__ = ["build_card", "card_markdown", "how_it_was_made", "privacy_markdown", "public_data_caveat"]

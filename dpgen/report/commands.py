@@ -12,9 +12,9 @@ def _err(msg: str) -> int:
 
 
 def cmd_release(args) -> int:
-    from dpgen.report.release import ReleaseError, format_release, release, verify_bundle
-
     if args.verify:
+        from dpgen.report.release import verify_bundle
+
         problems = verify_bundle(args.verify)
         if problems:
             print("\n".join(f"FAILED: {p}" for p in problems))
@@ -23,6 +23,11 @@ def cmd_release(args) -> int:
         return 0
     if not args.run_dir or not args.out:
         return _err("usage: dpgen release RUN_DIR OUT  (or: dpgen release --verify OUT)")
+    from dpgen.rundir import RunDir
+
+    RunDir.open(args.run_dir)  # before torch: a wrong path answers at once
+    from dpgen.report.release import ReleaseError, format_release, release
+
     try:
         result = release(args.run_dir, args.out, overwrite=args.overwrite, include_weights=args.include_weights)
     except ReleaseError as err:
@@ -35,9 +40,12 @@ def cmd_release(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from dpgen.rundir import RunDir
+
+    RunDir.open(args.run_dir)  # before torch: a wrong path answers at once
     from dpgen.report.html import format_report, write_report
 
-    result = write_report(args.run_dir, pdf=not args.no_pdf, internal=args.internal)
+    result = write_report(args.run_dir, pdf=not args.no_pdf, private_examples=args.private_examples)
     print(json.dumps(result, indent=2, default=str) if args.json else format_report(result))
     return 0
 
@@ -45,10 +53,8 @@ def cmd_report(args) -> int:
 def _eval_options(args):
     if args.no_evaluate or (args.eval_seeds is None and args.eval_epochs is None and args.encoder_epochs is None):
         return None
-    try:
-        from dpgen.evaluation.stage import EvalOptions
-    except ImportError:
-        return None
+    from dpgen.evaluation.stage import EvalOptions
+
     opts = EvalOptions()
     if args.encoder_epochs is not None:
         opts.encoder_epochs = max(1, args.encoder_epochs)
@@ -74,6 +80,7 @@ def cmd_sweep(args) -> int:
     eps = parse_epsilons(args.epsilons)
     result = sweep(args.config, eps, args.run_dir, overrides=args.overrides, device=args.device,
                    progress=not args.no_progress, evaluate=not args.no_evaluate, eval_options=_eval_options(args),
+                   repeats=args.repeats,
                    resume=args.resume, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
     print(format_sweep(result))
     return 0
@@ -89,11 +96,12 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_release)
 
-    p = subparsers.add_parser("report", help="write the release review (RUN/report/report.html, + PDF with chromium)")
+    p = subparsers.add_parser("report", help="write the release review: RUN/report/report.html (shareable, + PDF with "
+                                             "chromium) and RUN/internal/review/review.html (internal)")
     p.add_argument("run_dir")
     p.add_argument("--no-pdf", action="store_true", help="skip the PDF even if chromium is installed")
-    p.add_argument("--internal", action="store_true",
-                   help="also write RUN/internal/report_internal.html with real PRIVATE examples (never share it)")
+    p.add_argument("--private-examples", action="store_true",
+                   help="show real PRIVATE images per class in the internal review (never share it)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_report)
 
@@ -101,6 +109,9 @@ def register(subparsers) -> None:
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.add_argument("--epsilons", required=True, help="comma-separated, e.g. 1,3,10,inf (inf = non-private)")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="DP fine-tunes per epsilon, each with its own secret seed; figures are mean ± std over them "
+                        "(default 1)")
     p.add_argument("--run-dir", help="sweep directory (default: runs/<config name>-sweep-<time>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --run-dir")
     p.add_argument("--overwrite", action="store_true", help="replace --run-dir")

@@ -123,18 +123,19 @@ def epsilon_over_steps(progress: list[tuple[int, float]], target: float | None) 
     return _png(fig)
 
 
-def bound_vs_prior(sigma: float, q: float, steps: int, kappa: float, tight: float | None) -> bytes:
-    """Reconstruction-success bound vs the attacker's prior kappa (Gaussian-DP closed form), tight point marked."""
-    from dpgen.privacy.bounds import rero_bound_gdp
+def bound_vs_prior(events: list[dict], kappa: float, tight: float | None, neighbouring: str = "add_remove") -> bytes:
+    """Reconstruction-success bound of the composed mechanisms vs the attacker's prior kappa
+    (certified PLD bound at a grid of priors, coarse tolerance), the ledger's point marked."""
+    from dpgen.privacy.bounds import rero_bound_events
 
     plt = _plt()
-    ks = np.logspace(-5, -0.05, 60)
-    bs = [rero_bound_gdp(sigma, q, steps, float(k)) for k in ks]
+    ks = np.logspace(-5, -0.05, 14)
+    bs = [rero_bound_events(events, float(k), rtol=0.05, neighbouring=neighbouring)["bound"] for k in ks]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(ks, bs, label="bound (Gaussian-DP approx.)")
+    ax.plot(ks, bs, label="bound (all released mechanisms, PLD)")
     ax.plot(ks, ks, color="grey", ls=":", label="prior (no information)")
     if tight is not None:
-        ax.plot([kappa], [tight], "o", color="C3", label=f"tight bound at κ=1/N: {tight:.3g}")
+        ax.plot([kappa], [tight], "o", color="C3", label=f"at κ=1/N: {tight:.3g}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("attacker's prior success κ")

@@ -1,21 +1,26 @@
-"""`dpgen report RUN_DIR`: the release review as one self-contained HTML page (+ PDF via chromium).
+"""`dpgen report RUN_DIR`: the release review as self-contained HTML pages (+ PDF via chromium).
 
-    RUN/report/report.html   releasable: synthetic samples next to real PUBLIC examples, the
-                             privacy-utility plots, fidelity and utility tables with their references,
-                             probe results next to their theoretical limits, the checklist
-    RUN/report/report.pdf    the same page printed by headless chromium, when chromium is installed
-    RUN/internal/report_internal.html   only with --internal: adds real PRIVATE examples per class and
-                             the internal figures (never released; lives under internal/)
+    RUN/report/report.html          SHAREABLE: what may leave the institution with the cohort and
+                                    nothing more: synthetic samples next to real PUBLIC examples, the
+                                    privacy guarantee (dpgen.report.disclosure: no private quantity,
+                                    and under add/remove neighbours not even N), how the cohort was
+                                    made, the checks that depend on nothing private
+    RUN/report/report.pdf           the same page printed by headless chromium, when installed
+    RUN/internal/review/review.html INTERNAL (the data holder's reviewers; never shared): everything,
+                                    including what is computed on private data without DP: the
+                                    ledger (N, sigma, q, epsilon for both neighbouring relations,
+                                    bounds of the composed mechanisms), fidelity and utility, the
+                                    privacy probes, the full checklist; with --private-examples also
+                                    real private images per class
 
 Self-contained: images and plots are base64 data URIs, styles are inline, there are no scripts and
-no external resources, so the file can be mailed to a reviewer and opened offline.
+no external resources, so a file can be mailed to a reviewer and opened offline.
 
-The releasable page reads: the cohort (post-processing of DP), the public data set (public), the
-ledger, and the aggregate metrics files. It never loads the private data; only the internal page
-does (`_private_examples`). Figures under internal/ are refused by `_embed_file` unless internal.
-
-Checklist rows are `<tr data-check="ID" data-status="pass|warn|fail">` so that tests (and anyone
-scripting a review) can read them from the rendered DOM.
+The shareable page reads the cohort (post-processing of DP), the public data set (public), the
+config (user choices) and the ledger through dpgen.report.disclosure. It never loads the private
+data, the evaluation or the probes, and it writes no local path. Checklist rows are
+`<tr data-check="ID" data-status="pass|warn|fail">` so that tests (and anyone scripting a review)
+can read them from the rendered DOM.
 """
 
 from __future__ import annotations
@@ -33,14 +38,12 @@ from typing import Any
 
 import numpy as np
 
+from dpgen.core.naming import class_name
+from dpgen.core.schemas import ConditionSummary, DPLimitRow, FidelityValue, Identification, ProbesSummary
 from dpgen.report import figures
-from dpgen.report.checklist import checklist, membership_auc_limit, overall, probe_rows, row_auc, utility_rows
-from dpgen.report.runinfo import COHORT_FILE, RunInfo, as_float, fmt_num, load_run
-
-REPORT_DIR = Path("report")
-REPORT_HTML = REPORT_DIR / "report.html"
-REPORT_PDF = REPORT_DIR / "report.pdf"
-INTERNAL_HTML = Path("internal") / "report_internal.html"
+from dpgen.report.checklist import checklist, overall, shareable_checklist
+from dpgen.report.disclosure import shared_privacy
+from dpgen.report.runinfo import RunInfo, as_float, fmt_num, load_run
 PER_CLASS = 16
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -75,14 +78,13 @@ def img_tag(png: bytes, alt: str, cls: str = "") -> str:
     return f'<img class="{cls}" alt="{e(alt)}" src="{data_uri(png)}">'
 
 
-def _embed_file(info: RunInfo, rel: str, internal: bool) -> str | None:
+def _embed_file(info: RunInfo, rel: str) -> str | None:
+    """A PNG of the run directory, for the internal review only."""
     p = (info.root / rel)
     try:
-        parts = p.resolve().relative_to(info.root.resolve()).parts
+        p.resolve().relative_to(info.root.resolve())
     except ValueError:
         return None
-    if parts and parts[0] == "internal" and not internal:
-        return None  # an internal figure never goes into the releasable report
     if not p.is_file() or p.suffix.lower() != ".png":
         return None
     return img_tag(p.read_bytes(), rel)
@@ -100,10 +102,6 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
     lo = a.reshape(len(a), -1).min(1).reshape((-1,) + (1,) * (a.ndim - 1))
     hi = a.reshape(len(a), -1).max(1).reshape((-1,) + (1,) * (a.ndim - 1))
     return ((a - lo) / np.maximum(hi - lo, 1e-12) * 255).round().astype(np.uint8)
-
-
-def _class_name(k: int, names) -> str:
-    return names[k] if names and 0 <= k < len(names) else str(k)
 
 
 def _table(headers: list[str], rows: list[list[Any]], num_cols: set[int] = frozenset()) -> str:
@@ -128,7 +126,7 @@ class _Raw(str):
 def _cohort_arrays(info: RunInfo) -> tuple[np.ndarray, np.ndarray] | None:
     from dpgen.data.medmnist import medmnist_to_channel_first
 
-    path = info.root / COHORT_FILE
+    path = info.rd.cohort_file
     if not path.is_file():
         return None
     with np.load(path, allow_pickle=False) as z:
@@ -136,19 +134,22 @@ def _cohort_arrays(info: RunInfo) -> tuple[np.ndarray, np.ndarray] | None:
     return medmnist_to_channel_first(images, path), np.asarray(labels).reshape(len(labels), -1)[:, 0].astype(int)
 
 
-def _public_examples(info: RunInfo, n: int) -> tuple[dict[int, np.ndarray], str]:
-    """Real PUBLIC examples per public label (never downloads; a note instead when unavailable)."""
+def _public_examples(info: RunInfo, n: int) -> tuple[dict[int, np.ndarray], str, str | None]:
+    """Real PUBLIC examples per public label (never downloads). Returns (examples, a note fit for
+    the shareable page, the detailed problem for the person running the command, or None)."""
     cfg = info.config
     if cfg is None or getattr(cfg.data, "public", None) is None:
-        return {}, "no public data set in the config"
+        return {}, "no public data set in the config", None
+    name = Path(str(cfg.data.public.source)).name
     try:
         from dpgen.data import load_dataset
 
         ds = load_dataset(cfg.data.public, download=False)
-    except Exception as err:  # noqa: BLE001 - the report still renders
-        return {}, f"public examples unavailable: {type(err).__name__}: {err}"
+    except Exception as err:  # noqa: BLE001 - the report still renders; the detail goes to the console only
+        return ({}, f"real public examples ({name}) were not available on the machine that wrote this report",
+                f"public examples left out: {type(err).__name__}: {err} (set DPGEN_DATA_DIR)")
     out = {int(k): _to_uint8(ds.images[ds.labels == k][:n]) for k in np.unique(ds.labels)}
-    return out, f"{Path(str(cfg.data.public.source)).name} ({ds.split} split), the public pretraining data"
+    return out, f"{name} ({ds.split} split), the public pretraining data", None
 
 
 def _private_examples(info: RunInfo, n: int) -> tuple[dict[int, np.ndarray], str]:
@@ -164,18 +165,20 @@ def _private_examples(info: RunInfo, n: int) -> tuple[dict[int, np.ndarray], str
             f"{Path(str(cfg.data.private.source)).name} ({ds.split} split): PRIVATE")
 
 
-def samples_section(info: RunInfo, internal: bool) -> str:
+def samples_section(info: RunInfo, internal: bool, notes: list[str]) -> str:
     co = _cohort_arrays(info)
     if co is None:
         return "<p>No cohort (cohort/cohort.npz): the sample stage has not run.</p>"
     images, labels = co
     names = getattr(info.config.data, "class_names", None) if info.config else None
-    public, pub_note = _public_examples(info, PER_CLASS)
+    public, pub_note, problem = _public_examples(info, PER_CLASS)
+    if problem:
+        notes.append(problem)
     private, priv_note = _private_examples(info, PER_CLASS) if internal else ({}, "")
     rows = []
     for k in sorted(np.unique(labels)):
         syn = images[labels == k][:PER_CLASS]
-        cells = [f"<td><b>{e(_class_name(int(k), names))}</b><br><span class='small'>{int((labels == k).sum())} synthetic</span></td>",
+        cells = [f"<td><b>{e(class_name(int(k), names))}</b><br><span class='small'>{int((labels == k).sum())} synthetic</span></td>",
                  f"<td class='grid'>{img_tag(figures.grid_png(syn, ncol=8), f'synthetic class {k}', 'grid')}</td>"]
         if internal:
             pv = private.get(int(k))
@@ -196,40 +199,51 @@ def samples_section(info: RunInfo, internal: bool) -> str:
     return "\n".join(out)
 
 
-def privacy_section(info: RunInfo) -> str:
+def shared_privacy_section(info: RunInfo) -> str:
+    """The guarantee as the dataset card states it (dpgen.report.disclosure)."""
+    from dpgen.report.card import privacy_markdown
+
+    items = privacy_markdown(shared_privacy(info).to_dict())
+    return "<ul>" + "".join(f"<li>{e(x.removeprefix('- ').replace('**', '').replace('`', ''))}</li>" for x in items) + "</ul>"
+
+
+def internal_privacy_section(info: RunInfo) -> str:
+    """Everything the ledger says, including what depends on N (internal review only)."""
     s = info.privacy
     if s is None:
         return f"<p>No privacy accounting: {e(str(info.privacy_note))}</p>"
-    eps, delta = as_float(s.get("epsilon")), as_float(s.get("delta"))
-    rows = [["ε (PLD accountant)", fmt_num(eps, 4)], ["ε (RDP cross-check)", fmt_num(s.get("epsilon_rdp"), 4)],
-            ["δ", fmt_num(delta)], ["target ε", fmt_num(s.get("target_epsilon"), 4)],
-            ["unit of privacy", s.get("unit") or "unknown"]]
-    for name, m in (s.get("mechanisms") or {}).items():
-        rows.append([f"mechanism {name}", f"{m.get('steps_done')}/{m.get('planned_steps')} steps "
-                     f"({'complete' if m.get('complete') else 'IN PROGRESS'}), σ = {fmt_num(m.get('sigma'), 4)}, "
-                     f"q = {fmt_num(m.get('sample_rate'))}, clipping C = {fmt_num(m.get('max_grad_norm'))}"])
-    for r in s.get("releases") or []:
-        rows.append([f"DP release {r.get('name')}", "composed into ε above"])
+    rows = [[f"ε ({s.neighbouring.replace('_', '/')}, the run's relation; PLD)", fmt_num(s.epsilon, 4)],
+            ["ε add/remove (same events)", fmt_num(s.epsilon_add_remove, 4)],
+            ["ε replace-one (same events)", fmt_num(s.epsilon_replace_one, 4)],
+            ["ε (RDP cross-check)", fmt_num(s.epsilon_rdp, 4)],
+            ["δ", fmt_num(s.delta)], ["budget ε", fmt_num(s.target_epsilon, 4)],
+            ["unit of privacy", f"{s.unit or 'unknown'}, N = {s.n_units if s.n_units else '?'}"]]
+    if s.budget_problem:
+        rows.append(["PROBLEM", s.budget_problem])
+    for name, m in s.mechanisms.items():
+        rows.append([f"mechanism {name} [{m.scope}]",
+                     f"{m.steps_done}/{m.planned_steps} steps ({'complete' if m.complete else 'IN PROGRESS'}), "
+                     f"σ = {fmt_num(m.sigma, 4)}, q = {fmt_num(m.sample_rate)}, clipping C = {fmt_num(m.max_grad_norm)}, "
+                     f"preflight {'passed' if m.preflight_passed else 'NOT passed'}"])
+    for r in s.releases:
+        rows.append([f"DP release {r.name}", f"Gaussian, noise std {fmt_num(r.event.sigma)}: composed into ε above"])
+    for r in s.internal:
+        rows.append([f"internal mechanism {r.mechanism}", f"{r.repeats} run(s), ε = {fmt_num(r.epsilon_each, 4)} each; "
+                     f"results only in {r.outputs}, composed into nothing released"])
     b = info.bound()
-    if b and isinstance(b.get("tight"), dict):
-        t, g = b["tight"], b.get("gdp") or {}
-        rows.append(["reconstruction bound", f"P[success] ≤ {fmt_num(t.get('bound'))} at prior κ = {fmt_num(t.get('kappa'))} "
-                     f"(tight PLD); Gaussian-DP approximation {fmt_num(g.get('bound'))}"])
-    rows.append(["membership AUC limit", f"{fmt_num(membership_auc_limit(eps, delta), 4)}: no membership test can do better at this (ε, δ)"])
+    if b is not None:
+        rows.append(["reconstruction bound", f"P[success] ≤ {fmt_num(b.bound.get('bound'))} at prior κ = "
+                     f"{fmt_num(b.bound.get('kappa'))} (composition of {', '.join(b.mechanisms)}; tight PLD)"])
     out = [_table(["quantity", "value"], rows)]
     figs = []
-    prog = sorted({(int(x["steps_done"]), as_float(x.get("epsilon_pld"))) for x in info.all("dp_progress")
-                   if x.get("steps_done") is not None and as_float(x.get("epsilon_pld")) is not None
-                   and math.isfinite(as_float(x.get("epsilon_pld")))})
+    prog = sorted({(int(x["steps_done"]), as_float(x.get("epsilon_pld"))) for x in info.entries
+                   if x.get("kind") == "dp_progress" and x.get("mechanism") == "dp_sgd:finetune"
+                   and as_float(x.get("epsilon_pld")) is not None and math.isfinite(as_float(x.get("epsilon_pld")))})
     if prog:
-        figs.append(img_tag(figures.epsilon_over_steps(prog, as_float(s.get("target_epsilon"))), "epsilon over steps"))
-    if b and isinstance(b.get("tight"), dict):
-        t = b["tight"]
-        try:
-            figs.append(img_tag(figures.bound_vs_prior(float(t["sigma"]), float(t["sample_rate"]), int(t["steps"]),
-                                                       float(t["kappa"]), as_float(t.get("bound"))), "bound vs prior"))
-        except (KeyError, TypeError, ValueError):
-            pass
+        figs.append(img_tag(figures.epsilon_over_steps(prog, s.target_epsilon), "epsilon over steps"))
+    if b is not None and s.events and not s.non_private:
+        figs.append(img_tag(figures.bound_vs_prior(s.events, float(b.bound["kappa"]), as_float(b.bound.get("bound")),
+                                                   s.neighbouring), "bound vs prior"))
     if figs:
         out.append("<table><tr>" + "".join(f"<td>{f}</td>" for f in figs) + "</tr></table>")
     return "\n".join(out)
@@ -247,11 +261,17 @@ def _sweep_points(info: RunInfo) -> tuple[list[dict], float | None, str] | None:
     """Curve points from a sweep this run belongs to (RUN/../sweep.json), if any."""
     from dpgen.report.runinfo import read_json
 
-    sweep, _ = read_json(info.root.parent / "sweep.json", "sweep")
+    from dpgen.sweep import SWEEP_JSON
+
+    sweep, _ = read_json(info.root.parent / SWEEP_JSON, "sweep")
     if not sweep or not isinstance(sweep.get("points"), list):
         return None
     pts = [{**p, "epsilon": as_float(p.get("epsilon"))} for p in sweep["points"] if isinstance(p, dict)]
-    return pts, as_float(sweep.get("ceiling_auc")), f"{info.root.parent.name}/sweep.json"
+    return pts, as_float(sweep.get("ceiling_auc")), f"{info.root.parent.name}/{SWEEP_JSON}"
+
+
+def _pm(mean, sd, digits: int = 2) -> str:
+    return fmt_num(mean) + (f" ± {fmt_num(sd, digits)}" if sd else "")
 
 
 def utility_section(info: RunInfo) -> str:
@@ -259,41 +279,37 @@ def utility_section(info: RunInfo) -> str:
     if ev is None:
         return f"<p>Not evaluated: {e(str(info.evaluation_note))} (run <code>dpgen evaluate RUN_DIR</code>).</p>"
     out = []
-    rows = utility_rows(ev)
-    if rows:
-        u = ev.get("utility") or {}
+    if ev.rows:
+        u = ev.utility
         trs = []
-        for rid, r in rows.items():
-            mean, sd = row_auc(r)
-            priv = r.get("privacy") if isinstance(r.get("privacy"), dict) else {}
-            bacc = (r.get("balanced_accuracy") or {}) if isinstance(r.get("balanced_accuracy"), dict) else {}
-            one = r.get("seeds_predicting_one_class")
-            trs.append([r.get("label", rid), fmt_num(priv.get("epsilon"), 4),
-                        f"{fmt_num(mean)}" + (f" ± {fmt_num(sd, 2)}" if sd else ""), fmt_num(bacc.get("mean")),
+        for rid, r in ev.rows.items():
+            mean, sd = ev.auc(rid)
+            one = r.seeds_predicting_one_class
+            trs.append([r.label or rid, fmt_num(r.privacy.epsilon if r.privacy else None, 4), _pm(mean, sd),
+                        fmt_num(r.balanced_accuracy.mean if r.balanced_accuracy else None),
                         (f"{one} seed(s) predict one class only" if one else "")])
-        out.append(f"<p>Classifiers tested on {e(str(u.get('test_set')))}, {e(str(u.get('seeds')))} seed(s). "
+        out.append(f"<p>Classifiers tested on {e(str(u.test_set))}, {e(str(u.seeds))} seed(s). "
                    "The reference rows: the non-private ceiling (what real data gives without privacy) and the DP-SGD "
                    "baseline (what the same privacy budget gives without a generator).</p>")
         out.append(_table(["classifier trained on", "ε", "ROC-AUC", "balanced acc.", "note"], trs, {1, 2, 3}))
-    fid = ev.get("fidelity") if isinstance(ev.get("fidelity"), dict) else None
-    if fid:
-        o = fid.get("overall") or {}
-        fx = fid.get("feature_extractor") or {}
-        out.append(f"<h3>Fidelity</h3><p>Features: {e(str(fx.get('name')))} — {e(str(fx.get('description', '')).rstrip('.'))}. "
-                   f"Cohort vs {e(str(fid.get('real_set')))}; reference: {e(str(fid.get('reference_set')))}; "
-                   f"n matched = {e(str(o.get('n_matched')))}.</p>")
-        groups = {"all": o, **{f"class {c}": v for c, v in (fid.get("per_class") or {}).items()}}
+    fid = ev.fidelity
+    if fid is not None and fid.overall is not None:
+        o = fid.overall
+        fx = fid.feature_extractor
+        out.append(f"<h3>Fidelity</h3><p>Features: {e(str(fx.name if fx else None))} — "
+                   f"{e(str((fx.description if fx else None) or '').rstrip('.'))}. "
+                   f"Cohort vs {e(str(fid.real_set))}; reference: {e(str(fid.reference_set))}; "
+                   f"n matched = {e(str(o.n_matched))}.</p>")
+        groups = {"all": o, **{f"class {c}": v for c, v in fid.per_class.items()}}
         trs = []
-        for m in (o.get("metrics") or {}):
+        for m in o.metrics:
             for g, gv in groups.items():
-                v = ((gv or {}).get("metrics") or {}).get(m) or {}
-                trs.append([m, g, fmt_num(v.get("cohort")) + (f" ± {fmt_num(v.get('cohort_std'), 2)}" if as_float(v.get("cohort_std")) else ""),
-                            fmt_num(v.get("real_vs_real")) + (f" ± {fmt_num(v.get('real_vs_real_std'), 2)}" if as_float(v.get("real_vs_real_std")) else ""),
-                            v.get("better", "")])
+                v = gv.metrics.get(m) or FidelityValue()
+                trs.append([m, g, _pm(v.cohort, v.cohort_std), _pm(v.real_vs_real, v.real_vs_real_std), v.better or ""])
         out.append(_table(["metric", "group", "cohort", "real vs real (reference)", "better"], trs, {2, 3}))
-    if ev.get("privacy_note"):
-        out.append(f"<p class='note'>{e(str(ev['privacy_note']))}</p>")
-    figs = [f for rel in (ev.get("figures") or []) if isinstance(rel, str) for f in [_embed_file(info, rel, False)] if f]
+    if ev.privacy_note:
+        out.append(f"<p class='note'>{e(ev.privacy_note)}</p>")
+    figs = [f for rel in ev.figures for f in [_embed_file(info, rel)] if f]
     out.extend(f"<p>{f}</p>" for f in figs)
     return "\n".join(out)
 
@@ -304,43 +320,61 @@ def curve_section(info: RunInfo) -> str:
         pts, ceiling, where = sweep
         return (f"<p>From the privacy-utility sweep this run belongs to ({e(where)}).</p>"
                 + img_tag(figures.privacy_utility_curve(pts, ceiling), "privacy-utility curve"))
-    if info.evaluation is None:
+    ev = info.evaluation
+    if ev is None:
         return "<p>No evaluation yet: no privacy-utility plot.</p>"
-    rows = utility_rows(info.evaluation)
     pts = []
     for rid, key in (("synthetic", "tstr_auc"), ("dp_real", "dp_sgd_auc"), ("synthetic_then_dp_real", "ft_auc")):
-        r = rows.get(rid)
-        mean, sd = row_auc(r)
-        eps = as_float(((r or {}).get("privacy") or {}).get("epsilon"))
+        mean, sd = ev.auc(rid)
+        r = ev.rows.get(rid)
+        eps = r.privacy.epsilon if r is not None and r.privacy is not None else None
         if mean is not None and eps is not None:
             pts.append({"epsilon": eps, key: mean, key.replace("_auc", "_std"): sd})
-    ceiling, _ = row_auc(rows.get("real"))
+    ceiling, _ = ev.auc("real")
     if not pts:
         return "<p>The evaluation has no utility rows: no privacy-utility plot.</p>"
     return ("<p>This run's utility rows at their own epsilons (run <code>dpgen sweep</code> for the full curve).</p>"
             + img_tag(figures.privacy_utility_curve(pts, ceiling), "privacy-utility points"))
 
 
-def probes_section(info: RunInfo, items: list[dict], internal: bool) -> str:
-    rows = [[r["probe"], _Raw(_status(r["status"])) if r["status"] in ("pass", "warn", "fail") else r["status"],
-             r["result"], r["limit"]] for r in probe_rows(info, items)]
-    out = [_table(["probe", "status", "result", "theoretical limit / reference"], rows)]
-    if info.probes is None:
-        out.append(f"<p class='note'>Probes: {e(str(info.probes_note))} (run <code>dpgen audit RUN_DIR</code>).</p>")
-    elif info.probes.get("contains_private_images") is not False:
-        out.append("<p class='note'>probes_summary.json does not declare \"contains_private_images\": false; its fields are not shown.</p>")
-    else:
-        from dpgen.report.card import _scalars
+def probe_rows(info: RunInfo) -> list[list]:
+    """The probe results next to their limits (dpgen.core.schemas.ProbesSummary), one row each."""
+    pr = info.probes or ProbesSummary()
+    rows = []
+    mm = pr.membership
+    name, r = mm.primary() if mm is not None else (None, None)
+    if mm is not None and r is not None:
+        lim = mm.dp_limits
+        for k, t in r.tpr_at_fpr.items():
+            row = lim.per_fpr.get(k) or DPLimitRow()
+            ci_s = f" [{fmt_num(t.ci[0])}, {fmt_num(t.ci[1])}]" if t.ci and len(t.ci) == 2 else ""
+            rows.append([f"membership inference: TPR at {k} FPR ({name} attack)", f"{fmt_num(t.tpr)}{ci_s}",
+                         f"≤ {fmt_num(row.mechanism_pld)} (composed mechanisms' trade-off curve); ≤ "
+                         f"{fmt_num(row.eps_delta)} from (ε, δ) alone"])
+        rows.append([f"membership inference: ROC-AUC ({name} attack)", fmt_num(r.auc),
+                     f"≤ {fmt_num(lim.auc_eps_delta, 4)} from (ε, δ) alone"])
+    oc = mm.overfit_control if mm is not None else None
+    if oc is not None:
+        o = oc.scores.get(name)
+        rows.append(["attack power: non-DP overfit control", f"AUC {fmt_num(o.auc if o else None)} on a model overfit "
+                     f"without DP to {oc.n_images} images: {'caught' if oc.caught else 'NOT caught'}",
+                     str(oc.caught_criterion or "")])
+    for tname, t in (pr.reconstruction.targets if pr.reconstruction else {}).items():
+        noisy = (t.conditions.get("run_noise") or ConditionSummary()).identification_by_gradient or Identification()
+        clean = (t.conditions.get("no_noise") or ConditionSummary()).identification_by_gradient or Identification()
+        ab = t.attack_bound.bound if t.attack_bound else None
+        rows.append([f"reconstruction attack: {tname}", f"identified {fmt_num(noisy.success_rate)} with the run's "
+                     f"noise (without noise {fmt_num(clean.success_rate)}; prior "
+                     f"{fmt_num(noisy.prior_kappa)})", f"≤ {fmt_num(ab)} for one noisy step at that prior"])
+    return rows
 
-        if info.probes.get("privacy_note"):
-            out.append(f"<p class='note'>{e(str(info.probes['privacy_note']))}</p>")
-        fields = [[k, fmt_num(v, 4) if isinstance(v, float) else v] for k, v in _scalars(info.probes).items()
-                  if k != "privacy_note"]
-        out.append(f"<details><summary>all {len(fields)} aggregate fields of metrics/probes_summary.json</summary>"
-                   + _table(["field", "value"], fields) + "</details>")
-        figs = [f for rel in (info.probes.get("figures") or []) if isinstance(rel, str)
-                and (internal or not rel.startswith("internal/")) for f in [_embed_file(info, rel, internal)] if f]
-        out.extend(f"<p>{f}</p>" for f in figs)
+
+def probes_section(info: RunInfo) -> str:
+    if info.probes is None:
+        return f"<p>Probes: {e(str(info.probes_note))} (run <code>dpgen audit RUN_DIR</code>).</p>"
+    out = [_table(["probe", "result", "limit / reference"], probe_rows(info))]
+    if info.probes.privacy_note:
+        out.append(f"<p class='note'>{e(info.probes.privacy_note)}</p>")
     return "\n".join(out)
 
 
@@ -358,44 +392,74 @@ def ledger_section(info: RunInfo) -> str:
     return f"<pre>{e(text)}</pre>"
 
 
-def render(info: RunInfo, internal: bool = False) -> str:
-    items = checklist(info)
-    verdict = overall(items)
-    cfg = info.config
+def _page(title: str, body: list[str]) -> str:
+    return "\n".join([
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>",
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">",
+        f"<style>{CSS}</style></head><body>", f"<h1>{e(title)}</h1>", *body, "</body></html>"])
+
+
+def _made_by(info: RunInfo) -> str:
     versions = (info.manifest or {}).get("versions") or {}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    title = f"dpgen release review: {info.name}" + (" (INTERNAL)" if internal else "")
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>",
-             "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">",
-             f"<style>{CSS}</style></head><body>",
-             f"<h1>{e(title)}</h1>",
-             f"<p class='note'>Generated {e(now)} by dpgen {e(str(versions.get('dpgen', '?')))}"
-             f" from run <code>{e(info.root.name)}</code>.</p>"]
-    if internal:
-        parts.append("<div class='internal'><b>INTERNAL: this page shows real private images. Never share it.</b> "
-                     "The releasable version is report/report.html.</div>")
-    s = info.privacy or {}
-    parts.append(
-        f"<div class='box'><p class='badge'>Release checklist: {_status(verdict)}</p>"
-        f"<p>Privacy: <b>ε = {e(fmt_num(s.get('epsilon'), 4))}</b>, δ = {e(fmt_num(s.get('delta')))}, "
-        f"{e(str(s.get('unit') or 'unit unknown'))}"
-        + (f"; cohort of {e(str(len(_cohort_arrays(info)[1])))} synthetic images" if (info.root / COHORT_FILE).is_file() else "")
-        + (f"; {e(str(getattr(cfg.data, 'num_classes', '?')))} classes" if cfg else "") + ".</p></div>")
-    parts += ["<h2 id='checklist-heading'>Checklist</h2>", checklist_section(items),
-              "<p class='note'>pass: the check holds; warn: not run, or inconclusive; fail: the check does not hold. "
-              "See the README, \"Release review: how to read it\".</p>"]
-    parts += ["<h2>Privacy guarantee</h2>", privacy_section(info)]
-    parts += ["<h2>Samples</h2>", samples_section(info, internal)]
-    parts += ["<h2>Privacy-utility</h2>", curve_section(info)]
-    parts += ["<h2>Utility and fidelity</h2>", utility_section(info)]
-    parts += ["<h2>Probes and theoretical limits</h2>", probes_section(info, items, internal)]
-    if internal:
-        parts += ["<h2>Internal figures</h2>", internal_figures_section(info)]
-    parts += ["<h2>Privacy ledger</h2>", ledger_section(info)]
-    parts.append("<p class='note'>" + ("This internal page contains private images." if internal else
-                 "This releasable page shows no private image: samples are synthetic, comparisons use public data, "
-                 "and metrics are aggregates.") + "</p></body></html>")
-    return "\n".join(parts)
+    return f"<p class='note'>Generated {e(now)} by dpgen {e(str(versions.get('dpgen', '?')))}.</p>"
+
+
+def render_shareable(info: RunInfo, notes: list[str] | None = None) -> str:
+    """The shareable release review: nothing computed on private data without DP, no local path.
+    Problems worth telling the person running the command (not the reader) go into `notes`."""
+    from dpgen.report.card import how_it_was_made, known_limits
+
+    notes = [] if notes is None else notes
+    items = shareable_checklist(info)
+    shared = shared_privacy(info)
+    co = _cohort_arrays(info)
+    body = [_made_by(info),
+            f"<div class='box'><p class='badge'>Checklist: {_status(overall(items))}</p>"
+            f"<p>Privacy: <b>{e(shared.meaning)}</b>.</p>"
+            + (f"<p>Cohort: {len(co[1])} synthetic images.</p>" if co is not None else "") + "</div>",
+            "<h2 id='checklist-heading'>Checklist</h2>", checklist_section(items),
+            "<p class='note'>Only the checks whose answers depend on nothing private. The data holder's internal "
+            "review (near-copies, membership inference, fidelity, utility) is computed on private data without DP "
+            "and is not shared.</p>",
+            "<h2>Privacy guarantee</h2>", shared_privacy_section(info),
+            "<h2>Samples</h2>", samples_section(info, False, notes)]
+    h = how_it_was_made(info)
+    pt = h["public_pretraining"]
+    made = [["generator", f"{h['generator']['family']} (channels {h['generator']['channels']})"],
+            ["public pretraining", f"{pt['data']} ({pt['split']} split), {pt['steps']} steps"
+             + (f"; caveat: {pt['caveat']}" if pt.get("caveat") else "")],
+            ["DP fine-tuning", f"{h['dp_finetuning']['data']}: {h['dp_finetuning']['algorithm']}"],
+            ["sampling", f"{h['sampling']['sampler']}, {h['sampling']['steps']} steps; class counts: "
+                         f"{h['sampling']['class_counts']}"]]
+    body += ["<h2>How it was made</h2>", _table(["", ""], made)]
+    cohort = {"n": len(co[1]) if co is not None else 0}
+    body += ["<h2>Known limits</h2>", "<ul>" + "".join(f"<li>{e(x)}</li>" for x in known_limits(info, cohort)) + "</ul>",
+             "<p class='note'>This page shows no private image and no statistic of the private data: samples are "
+             "synthetic, comparisons use public data, and the privacy statement follows dpgen.report.disclosure.</p>"]
+    return _page(f"dpgen release review: {info.name}", body)
+
+
+def render_internal(info: RunInfo, private_examples: bool = False) -> str:
+    """The data holder's internal review: everything, including statistics of private data."""
+    items = checklist(info)
+    body = [_made_by(info),
+            "<div class='internal'><b>INTERNAL: computed on private data without DP"
+            + (", and showing real private images" if private_examples else "")
+            + ". Never share this page.</b> The shareable version is report/report.html.</div>",
+            f"<div class='box'><p class='badge'>Checklist: {_status(overall(items))}</p></div>",
+            "<h2 id='checklist-heading'>Checklist</h2>", checklist_section(items),
+            "<p class='note'>pass: the check holds; warn: not run, or inconclusive; fail: the check does not hold. "
+            "See the README, \"Release review: how to read it\".</p>",
+            "<h2>Privacy accounting (ledger)</h2>", internal_privacy_section(info),
+            "<h2>What the shareable outputs state</h2>", shared_privacy_section(info),
+            "<h2>Samples</h2>", samples_section(info, private_examples, []),
+            "<h2>Privacy-utility</h2>", curve_section(info),
+            "<h2>Utility and fidelity</h2>", utility_section(info),
+            "<h2>Probes and their limits</h2>", probes_section(info),
+            "<h2>Internal figures</h2>", internal_figures_section(info),
+            "<h2>Privacy ledger</h2>", ledger_section(info)]
+    return _page(f"dpgen INTERNAL release review: {info.name}", body)
 
 
 # ----------------------------------------------------------------------------- chromium
@@ -437,35 +501,37 @@ def print_pdf(html_path: Path, pdf_path: Path, timeout: float = 120) -> tuple[bo
     return True, f"PDF: {pdf_path}"
 
 
-def write_report(run_dir: str | Path, *, pdf: bool = True, internal: bool = False) -> dict:
-    """Write RUN/report/report.html (+ .pdf); with `internal`, also RUN/internal/report_internal.html."""
+def write_report(run_dir: str | Path, *, pdf: bool = True, private_examples: bool = False) -> dict:
+    """Write RUN/report/report.html (+ .pdf) and RUN/internal/review/review.html."""
     from dpgen.rundir import write_text_atomic
 
     info = load_run(run_dir)
-    out = {"html": str(info.root / REPORT_HTML), "checklist": checklist(info)}
+    rd = info.rd
+    notes: list[str] = []
+    out = {"html": str(rd.report_html), "internal_html": str(rd.review_html),
+           "shareable_checklist": shareable_checklist(info), "checklist": checklist(info)}
     out["overall"] = overall(out["checklist"])
-    write_text_atomic(info.root / REPORT_HTML, render(info, internal=False))
+    write_text_atomic(rd.report_html, render_shareable(info, notes))
+    write_text_atomic(rd.review_html, render_internal(info, private_examples=private_examples))
     if pdf:
-        ok, note = print_pdf(info.root / REPORT_HTML, info.root / REPORT_PDF)
-        out["pdf"] = str(info.root / REPORT_PDF) if ok else None
+        pdf_path = rd.report_html.with_suffix(".pdf")
+        ok, note = print_pdf(rd.report_html, pdf_path)
+        out["pdf"] = str(pdf_path) if ok else None
         out["pdf_note"] = note
     else:
         out["pdf"], out["pdf_note"] = None, "PDF not requested (--no-pdf)"
-    if internal:
-        write_text_atomic(info.root / INTERNAL_HTML, render(info, internal=True))
-        out["internal_html"] = str(info.root / INTERNAL_HTML)
+    out["notes"] = notes
     return out
 
 
 def format_report(result: dict) -> str:
-    lines = [f"release review: {result['html']}", result.get("pdf_note") or ""]
-    if result.get("internal_html"):
-        lines.append(f"internal version (private images; never share): {result['internal_html']}")
-    lines.append(f"checklist: {result['overall'].upper()}")
+    lines = [f"shareable release review: {result['html']}", result.get("pdf_note") or "",
+             f"internal review (never share): {result['internal_html']}", *result.get("notes", []),
+             f"internal checklist: {result['overall'].upper()}"]
     for i in result["checklist"]:
         lines.append(f"  [{i['status'].upper():4}] {i['title']}: {i['reason']}")
     return "\n".join(x for x in lines if x)
 
 
-__all__ = ["render", "write_report", "format_report", "find_chromium", "chromium", "print_pdf", "REPORT_HTML", "REPORT_PDF",
-           "INTERNAL_HTML", "CHROMIUM_FLAGS"]
+__all__ = ["render_shareable", "render_internal", "write_report", "format_report", "find_chromium", "chromium",
+           "print_pdf", "CHROMIUM_FLAGS"]

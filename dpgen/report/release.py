@@ -7,25 +7,34 @@ except through the allow-list):
       images/00000.png ...     the synthetic images (PNG for 2D, NIfTI .nii.gz for 3D)
       labels.csv               image, label, class_name (+ attribute columns); a dpgen folder source
       cohort.npz               the same cohort in MedMNIST layout (train_images, train_labels)
-      dataset_card.md / .json  how it was made, epsilon/delta, unit, bound, probes, utility, uses, limits,
-                               the release checklist, and what was left out (with the reason)
+      dataset_card.md / .json  how it was made, the privacy guarantee (what it covers, for which
+                               neighbouring relation and unit), uses, limits, the shareable checklist,
+                               and what was left out (with the reason)
       weights/finetune.safetensors   only with --include-weights (DP weights; post-processing is free)
       SHA256SUMS               sha256sum-compatible, covering every other file in OUT
 
-The allow-list is built from the ledger's "artifact" entries: an artifact is releasable when its
-privacy source is a DP mechanism, post-processing of one, or public data, and its path is not under
-internal/. The only source of the synthetic images is the allow-listed cohort/cohort.npz. Every
-other file of the run directory is listed in the card's "left out" section with its reason.
+The bundle holds only DP outputs, post-processing of them, public data and user choices: no
+evaluation or probe figure (they are computed on private data without DP and stay in the data
+holder's internal review), and, under add/remove neighbours, nothing that states the number of
+private units (dpgen.report.disclosure).
+
+The allow-list is built from the ledger's typed "artifact" entries (dpgen.privacy.schema): an
+artifact is releasable when its path is not under internal/ and its PrivacySource is public data
+or a user choice, or names DP mechanisms that are all release-scope and finished with noise
+(a completed DP-SGD run with sigma > 0 and a passed preflight, or a DP release with sigma > 0),
+with the run's composed epsilon within its budget. No string is interpreted. The only source of
+the synthetic images is the allow-listed cohort/cohort.npz. Every other file of the run directory
+is listed in the card's "left out" section with its reason.
 
 The release is refused (ReleaseError, nothing written) when the run is not finished, the preflight
-failed or is missing, the spent epsilon exceeds the target or is infinite, or the ledger does not
-allow-list the cohort. OUT must not exist or be empty, unless `overwrite`.
+failed or is missing, the composed epsilon exceeds the run's budget or is infinite, the plans
+disagree on the budget, delta >= 1/N, the ledger cannot be read, or the ledger does not allow-list
+the cohort. OUT must not exist or be empty, unless `overwrite`.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -35,8 +44,13 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from dpgen.report.checklist import checklist, overall
-from dpgen.report.runinfo import COHORT_FILE, RunInfo, fmt_num, load_run
+from dpgen.core.files import sha256_file
+from dpgen.core.naming import class_name
+from dpgen.privacy.ledger import LedgerSummary
+from dpgen.privacy.mechanisms import scope_of
+from dpgen.privacy.schema import ArtifactEntry, PrivacySource
+from dpgen.report.checklist import delta_check, epsilon_check, overall, preflight_check, shareable_checklist
+from dpgen.report.runinfo import RunInfo, fmt_num, load_run
 
 CHECKSUMS = "SHA256SUMS"
 CARD_MD = "dataset_card.md"
@@ -51,24 +65,33 @@ class ReleaseError(RuntimeError):
 # ----------------------------------------------------------------------------- the allow-list
 
 
-def classify_source(source: str | None) -> tuple[bool, str]:
-    """Is an artifact with this ledger privacy_source releasable? (ok, reason)."""
-    if not source:
-        return False, "the ledger records no privacy source for it"
-    s = str(source).strip()
-    low = s.lower()
-    if any(w in low for w in ("non-dp", "non dp", "without dp", "not dp", "internal", "raw private", "private data (")):
-        return False, f"privacy source {s!r} is not DP"
-    if low.startswith("post-processing of "):
-        ok, why = classify_source(s[len("post-processing of "):])
-        return ok, (f"post-processing of {why}" if ok else f"post-processing of a non-releasable source ({why})")
-    if low.startswith("dp_") or low.startswith("dp-") or low in ("gaussian_histogram", "dp label histogram"):
-        return True, f"DP ({s})"
-    if "public" in low and "private" not in low:
-        return True, f"public ({s})"
-    if low in ("user-fixed", "user choice", "user-chosen"):
-        return True, "user choice (no data)"
-    return False, f"privacy source {s!r} is neither DP, post-processing of DP, nor public"
+def source_problems(source: PrivacySource, summary: LedgerSummary) -> list[str]:
+    """Why an artifact with this privacy source may not be released (empty: it may)."""
+    if source.kind in ("public", "user"):
+        return []
+    problems = []
+    releases = {r.name: r for r in summary.releases}
+    for m in source.mechanisms:
+        if scope_of(m) != "release":
+            problems.append(f"{m} is an internal mechanism: its outputs never leave internal/")
+            continue
+        state = summary.mechanisms.get(m)
+        if state is not None:
+            if not state.complete:
+                problems.append(f"{m} has not completed ({state.steps_done}/{state.planned_steps} steps)")
+            if not state.sigma or state.sigma <= 0:
+                problems.append(f"{m} ran without noise (sigma {state.sigma})")
+            if state.preflight_passed is not True:
+                problems.append(f"{m} has no passed per-sample-gradient preflight")
+        elif m in releases:
+            if releases[m].event.sigma <= 0:
+                problems.append(f"{m} was released without noise")
+        else:
+            problems.append(f"{m} has no completed entry in the ledger")
+    if summary.within_target is not True:
+        problems.append("the run's composed epsilon is not within its budget"
+                        + (f" ({summary.budget_problem})" if summary.budget_problem else ""))
+    return problems
 
 
 def _safe_relpath(path: str | None) -> str | None:
@@ -81,36 +104,38 @@ def _safe_relpath(path: str | None) -> str | None:
 
 
 def allow_list(info: RunInfo) -> tuple[dict[str, dict], list[dict]]:
-    """({relpath: artifact entry} releasable, [{"path", "reason"}] refused), from the ledger."""
-    latest: dict[str, dict] = {}
-    for e in info.all("artifact"):
-        latest[str(e.get("name"))] = e
+    """({relpath: artifact} releasable, [{"path", "reason"}] refused), from the ledger's typed entries."""
+    if info.privacy is None:
+        return {}, [{"path": "privacy/ledger.jsonl", "reason": f"the ledger cannot be read: {info.privacy_note}"}]
+    latest: dict[str, ArtifactEntry] = {a.name: a for a in info.privacy.artifacts}
     allowed, refused = {}, []
-    for name, e in latest.items():
-        rel = _safe_relpath(e.get("path"))
+    for name, a in latest.items():
+        rel = _safe_relpath(a.path)
         if rel is None:
-            refused.append({"path": str(e.get("path")), "reason": f"artifact {name!r}: path is absolute or leaves the run directory"})
+            refused.append({"path": str(a.path), "reason": f"artifact {name!r}: path is absolute or leaves the run directory"})
             continue
         if PurePosixPath(rel).parts[0] == "internal":
             refused.append({"path": rel, "reason": f"artifact {name!r} is under internal/ (never released)"})
             continue
-        ok, why = classify_source(e.get("privacy_source"))
-        if not ok:
-            refused.append({"path": rel, "reason": f"artifact {name!r}: {why}"})
+        why_not = source_problems(a.privacy_source, info.privacy)
+        if why_not:
+            refused.append({"path": rel, "reason": f"artifact {name!r} ({a.privacy_source.describe()}): "
+                                                   + "; ".join(why_not)})
             continue
         if not (info.root / rel).exists():
             refused.append({"path": rel, "reason": f"artifact {name!r} is in the ledger but missing on disk"})
             continue
-        allowed[rel] = {**e, "release_reason": why}
+        allowed[rel] = {**a.model_dump(mode="json"), "release_reason": a.privacy_source.describe()}
     return allowed, refused
 
 
 _LEFT_OUT_RULES = (
-    ("internal/", "internal: derived from private data without DP, or secrets (never released)"),
-    ("logs/", "training logs: losses and statistics of private batches are not DP"),
-    ("metrics/", "evaluation/probe outputs: non-DP statistics of the private data; the card quotes the headline aggregates"),
-    ("report/", "the release review report is reviewed on its own (dpgen report), not part of the dataset"),
-    ("privacy/", "the full privacy ledger (run bookkeeping); the card states its summary"),
+    ("internal/", "internal: derived from private data without DP (evaluation, probes, fine-tuning curves, the "
+                  "internal review), or secrets; never released"),
+    ("logs/", "public pretraining logs: not part of the dataset"),
+    ("report/", "the shareable release review is shared on its own (dpgen report), not part of the dataset"),
+    ("privacy/", "the full privacy ledger states the number of private units and the noise (data holder only); the "
+                 "card states what may be shared"),
     ("checkpoints/", "model checkpoints are not part of the cohort bundle"),
     ("cohort/grid_", "preview grids are not allow-listed; the bundle's images are re-derived from cohort/cohort.npz"),
     ("manifest.json", "holds fingerprints (sha256) of the private data files"),
@@ -177,30 +202,20 @@ def summarize_left_out(items: list[dict], max_per_folder: int = 5) -> list[dict]
 # ----------------------------------------------------------------------------- refusals
 
 
-def release_problems(info: RunInfo, items: list[dict] | None = None) -> list[str]:
-    """Why this run cannot be released (empty: it can)."""
+def release_problems(info: RunInfo) -> list[str]:
+    """Why this run cannot be released (empty: it can). Decided on the ledger alone: never on
+    the evaluation or the probes (a release gated on private, non-DP statistics would leak them)."""
     problems = []
     if info.config is None:
         problems.append(f"the run's config cannot be read ({info.config_note})")
     problems.extend(f"the run is not finished: {p}" for p in info.unfinished())
-    items = items if items is not None else checklist(info)
-    by_id = {i["id"]: i for i in items}
-    if by_id["preflight"]["status"] == "fail":
-        problems.append(f"the per-sample-gradient preflight did not pass: {by_id['preflight']['reason']}")
-    if by_id["epsilon"]["status"] == "fail":
-        problems.append(f"privacy: {by_id['epsilon']['reason']}")
+    for check in (preflight_check(info), epsilon_check(info), delta_check(info)):
+        if check["status"] == "fail":
+            problems.append(f"{check['id']} check failed: {check['reason']}")
     return problems
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_checksums(out: Path) -> Path:
@@ -246,6 +261,25 @@ def verify_bundle(out: str | Path) -> list[str]:
     return problems
 
 
+def write_shareable_weights(src: Path, dst: Path, disclose_n: bool) -> None:
+    """The DP weights with the metadata that may be shared: the family and the spec that rebuild
+    the network (user choices) and which mechanisms trained it. The run's checkpoint also records
+    the completion entry (sigma, sample rate, exact epsilon: functions of N) and the preflight;
+    under add/remove neighbours those stay in the run directory."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    info = json.loads(meta.get("info", "{}"))
+    keep = ("stage", "privacy_mechanisms", "trainable", "autoencoder", "generator_privacy")
+    shared = {k: info[k] for k in keep if k in info}
+    if disclose_n:
+        shared["privacy"] = info.get("privacy")
+    save_file(load_file(str(src)), str(dst), metadata={"family": meta.get("family", "diffusion"),
+                                                       "spec": meta.get("spec", "{}"), "info": json.dumps(shared)})
+
+
 def read_cohort(path: Path) -> dict[str, np.ndarray]:
     """The cohort's arrays (known keys only; never unpickles)."""
     try:
@@ -268,22 +302,18 @@ def is_volume(images: np.ndarray) -> bool:
 def _write_images(folder: Path, images: np.ndarray, names: list[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if is_volume(images):
-        import nibabel as nib
+        from dpgen.data.medmnist import medmnist_to_channel_first
+        from dpgen.data.nifti import write_nifti
 
+        # dpgen.data.nifti's convention: the cohort's axes are the NIfTI voxel axes, in order, so the
+        # bundle read back as a folder source gives the cohort's volumes unchanged
         for img, name in zip(images, names):
-            vol = img[..., 0] if img.ndim == 4 and img.shape[-1] == 1 else img
-            # MedMNIST 3D is (D, H, W); NIfTI is (x, y, z): store (W, H, D), identity affine (1 mm voxels)
-            data = np.ascontiguousarray(np.transpose(vol, (2, 1, 0)) if vol.ndim == 3 else vol)
-            nib.save(nib.Nifti1Image(data, np.eye(4)), str(folder / name))
+            write_nifti(folder / name, medmnist_to_channel_first(img[None], name)[0])
     else:
         from PIL import Image
 
         for img, name in zip(images, names):
             Image.fromarray(img if img.ndim == 2 or img.shape[-1] != 1 else img[..., 0]).save(folder / name, format="PNG")
-
-
-def _class_name(k: int, names: list[str] | None) -> str:
-    return names[k] if names and 0 <= k < len(names) else str(k)
 
 
 def write_cohort_files(out: Path, arrays: dict[str, np.ndarray], class_names: list[str] | None) -> dict:
@@ -301,12 +331,12 @@ def write_cohort_files(out: Path, arrays: dict[str, np.ndarray], class_names: li
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image", "label", "class_name", *attr_names])
     for i, (name, lab) in enumerate(zip(names, labels)):
-        w.writerow([f"images/{name}", int(lab), _class_name(int(lab), class_names),
+        w.writerow([f"images/{name}", int(lab), class_name(int(lab), class_names),
                     *([f"{float(x):.6g}" for x in attrs[i]] if attrs is not None else [])])
     (out / "labels.csv").write_text(buf.getvalue())
     with open(out / "cohort.npz", "wb") as f:
         np.savez_compressed(f, **arrays)
-    counts = {_class_name(int(k), class_names): int((labels == k).sum()) for k in np.unique(labels)}
+    counts = {class_name(int(k), class_names): int((labels == k).sum()) for k in np.unique(labels)}
     return {"n": int(len(images)), "image_shape": list(images.shape[1:]), "dims": "3D" if volume else "2D",
             "image_format": "NIfTI (.nii.gz)" if volume else "PNG", "class_counts": counts,
             "attributes": attr_names}
@@ -316,12 +346,16 @@ def _check_out(out: Path, run_root: Path, overwrite: bool) -> None:
     out_r, run_r = out.resolve(), run_root.resolve()
     if out_r == run_r or out_r in run_r.parents:
         raise ReleaseError(f"OUT {out} is the run directory or contains it; choose another folder")
-    if (run_r / "internal") == out_r or (run_r / "internal") in out_r.parents:
-        raise ReleaseError(f"OUT {out} is inside the run's internal/ folder; choose another folder")
+    if run_r in out_r.parents:
+        raise ReleaseError(f"OUT {out} is inside the run directory; choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise ReleaseError(f"OUT {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ReleaseError(f"OUT {out} exists and is not empty; choose a new folder or pass --overwrite")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ReleaseError(f"OUT {out} exists and is not empty; choose a new folder or pass --overwrite")
+        if not (out / CHECKSUMS).is_file() or not (out / CARD_JSON).is_file():
+            raise ReleaseError(f"--overwrite: {out} is not a bundle dpgen wrote (no {CHECKSUMS} and {CARD_JSON}); "
+                               f"remove it yourself if you mean it")
 
 
 def release(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, include_weights: bool = False) -> dict:
@@ -331,10 +365,10 @@ def release(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, in
     info = load_run(run_dir)
     out = Path(out)
     _check_out(out, info.root, overwrite)
-    items = checklist(info)
-    problems = release_problems(info, items)
+    items = shareable_checklist(info)
+    problems = release_problems(info)
     allowed, refused = allow_list(info)
-    cohort_rel = COHORT_FILE.as_posix()
+    cohort_rel = info.rd.cohort_file.relative_to(info.root).as_posix()
     if cohort_rel not in allowed and not problems:
         why = next((r["reason"] for r in refused if r["path"] == cohort_rel), "no 'artifact' entry for it")
         problems.append(f"the ledger does not allow-list {cohort_rel}: {why}")
@@ -356,7 +390,8 @@ def release(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, in
                  "npz": "cohort.npz", "card": [CARD_MD, CARD_JSON], "checksums": CHECKSUMS}
         if include_weights:
             (stage / "weights").mkdir()
-            shutil.copyfile(info.root / weights_rel, stage / "weights" / "finetune.safetensors")
+            write_shareable_weights(info.root / weights_rel, stage / "weights" / "finetune.safetensors",
+                                    disclose_n=info.neighbouring == "replace_one")
             files["weights"] = "weights/finetune.safetensors"
         gone = left_out(info, used, allowed, refused, skip=(out, stage))
         card = build_card(info, items, cohort, files, gone, allowed, include_weights=include_weights)
@@ -382,9 +417,7 @@ def format_release(result: dict) -> str:
     lines = [f"release bundle: {result['out']} ({len(result['files'])} files, checksums in {CHECKSUMS})"]
     card = result["card"]
     p = card["privacy"]
-    lines.append(f"privacy: ε = {fmt_num(p['epsilon'], 4)} at δ = {fmt_num(p['delta'])}, {p['unit']}"
-                 + (f"; reconstruction bound {fmt_num(p['reconstruction_bound']['bound'])} at κ = "
-                    f"{fmt_num(p['reconstruction_bound']['kappa'])}" if p.get("reconstruction_bound") else ""))
+    lines.append(f"privacy: {p['meaning']}")
     for it in result["checklist"]:
         lines.append(f"  [{it['status'].upper():4}] {it['title']}: {it['reason']}")
     lines.append(f"left out ({len(result['left_out'])} files of the run directory; reasons in {CARD_MD}):")
@@ -393,5 +426,5 @@ def format_release(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ReleaseError", "release", "verify_bundle", "write_checksums", "allow_list", "classify_source",
+__all__ = ["ReleaseError", "release", "verify_bundle", "write_checksums", "allow_list", "source_problems",
            "release_problems", "format_release", "CHECKSUMS", "CARD_MD", "CARD_JSON"]

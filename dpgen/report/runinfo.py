@@ -1,10 +1,11 @@
 """Everything the release review reads from a run directory, read defensively.
 
-The release bundle, the report and the sweep all start from `load_run(RUN_DIR)`. Other stages
-write their outputs as files (the ledger, RUN/metrics/evaluation.json, RUN/metrics/probes_summary.json);
-this module reads those files and never imports the code that wrote them, so a stage that has
-not run (or a file another version of dpgen wrote) shows as "not run" / "unreadable" with a
-one-line note, never as a crash.
+The release bundle, the shareable report, the internal review and the sweep all start from
+`load_run(RUN_DIR)`. Other stages write their outputs as files (the ledger, the evaluation and
+the probes under internal/); this module reads those files into the typed schemas the writers
+validate against (dpgen.privacy.schema for the ledger, dpgen.core.schemas for the evaluation and
+the probes) and never imports the code that wrote them, so a stage that has not run (or a file
+that does not parse) shows as "not run" / "unreadable" with a one-line note, never as a crash.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpgen.privacy.ledger import PrivacyLedger
-from dpgen.rundir import RunDir
+from pydantic import BaseModel, ValidationError
 
-EVALUATION_FILE = Path("metrics") / "evaluation.json"
-PROBES_FILE = Path("metrics") / "probes_summary.json"
-COHORT_FILE = Path("cohort") / "cohort.npz"
-DP_MECHANISM_PREFIX = "dp_"
+from dpgen.core.schemas import EvaluationResults, ProbesSummary
+from dpgen.privacy.ledger import LedgerSummary, PrivacyLedger
+from dpgen.privacy.schema import BoundEntry, LedgerEntry, PlanEntry, PreflightEntry
+from dpgen.rundir import RunDir
 
 
 def read_json(path: Path, what: str) -> tuple[Any, str | None]:
@@ -36,6 +36,19 @@ def read_json(path: Path, what: str) -> tuple[Any, str | None]:
     if not isinstance(obj, dict):
         return None, f"unreadable ({path.name}: not a JSON object)"
     return obj, None
+
+
+def read_typed(path: Path, what: str, schema: type[BaseModel]) -> tuple[Any, str | None]:
+    """A file dpgen wrote, parsed into its schema (dpgen.core.schemas), or (None, a note)."""
+    obj, note = read_json(path, what)
+    if obj is None:
+        return None, note
+    try:
+        return schema.model_validate(obj), None
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return None, f"unreadable ({Path(path).name}: {where}: {first['msg']}; not the layout dpgen writes)"
 
 
 def as_float(v: Any) -> float | None:
@@ -87,60 +100,61 @@ class RunInfo:
     config: Any = None  # RunConfig or None
     config_note: str | None = None
     state: dict = field(default_factory=dict)
-    entries: list[dict] = field(default_factory=list)
-    privacy: dict | None = None  # PrivacyLedger.summary()
+    entries: list[dict] = field(default_factory=list)  # the raw ledger lines
+    records: list[LedgerEntry] = field(default_factory=list)  # the same, typed
+    privacy: LedgerSummary | None = None
     privacy_note: str | None = None
-    evaluation: dict | None = None
+    evaluation: EvaluationResults | None = None  # internal: computed on private data without DP
     evaluation_note: str | None = None
-    probes: dict | None = None
+    probes: ProbesSummary | None = None  # internal: computed on private data without DP
     probes_note: str | None = None
     manifest: dict = field(default_factory=dict)
 
-    # ------------------------------------------------------------ ledger views
     @property
     def rd(self) -> RunDir:
         return RunDir(self.root)
 
+    # ------------------------------------------------------------ ledger views
     def latest(self, kind: str, **match) -> dict | None:
         for e in reversed(self.entries):
             if e.get("kind") == kind and all(e.get(k) == v for k, v in match.items()):
                 return e
         return None
 
-    def all(self, kind: str) -> list[dict]:
-        return [e for e in self.entries if e.get("kind") == kind]
-
     @property
-    def plans(self) -> dict[str, dict]:
-        return {str(e.get("mechanism")): e for e in self.all("dp_plan")}
+    def plans(self) -> dict[str, PlanEntry]:
+        return {r.mechanism: r for r in self.records if isinstance(r, PlanEntry)}
 
-    def preflights(self) -> dict[str, dict]:
-        return {str(e.get("mechanism")): e for e in self.all("preflight")}
+    def preflights(self) -> dict[str, PreflightEntry]:
+        return {r.mechanism: r for r in self.records if isinstance(r, PreflightEntry)}
 
-    def bound(self) -> dict | None:
-        """The latest reconstruction bound entry: {"tight": {...}, "gdp": {...}, "unit", "mechanism"}."""
-        b = self.latest("bound")
-        if b is None:
-            return None
-        tight = b.get("bound") if isinstance(b.get("bound"), dict) else {k: v for k, v in b.items() if k not in ("kind", "seq", "time")}
-        gdp = b.get("bound_gdp") if isinstance(b.get("bound_gdp"), dict) else None
-        return {"mechanism": b.get("mechanism"), "unit": b.get("unit"), "tight": tight, "gdp": gdp}
+    def bound(self) -> BoundEntry | None:
+        """The latest reconstruction bound: the composition of every release mechanism so far."""
+        bounds = [r for r in self.records if isinstance(r, BoundEntry)]
+        return bounds[-1] if bounds else None
 
     @property
     def epsilon(self) -> float | None:
-        return None if self.privacy is None else as_float(self.privacy.get("epsilon"))
+        return None if self.privacy is None else self.privacy.epsilon
 
     @property
     def delta(self) -> float | None:
         if self.privacy is not None:
-            return as_float(self.privacy.get("delta"))
+            return self.privacy.delta
         return as_float(getattr(getattr(self.config, "privacy", None), "delta", None))
 
     @property
-    def target_epsilon(self) -> float | None:
-        if self.privacy is not None and self.privacy.get("target_epsilon") is not None:
-            return as_float(self.privacy["target_epsilon"])
+    def budget(self) -> float | None:
+        """The run's one privacy budget (privacy.epsilon)."""
+        if self.privacy is not None and self.privacy.target_epsilon is not None:
+            return self.privacy.target_epsilon
         return as_float(getattr(getattr(self.config, "privacy", None), "epsilon", None))
+
+    @property
+    def neighbouring(self) -> str:
+        if self.privacy is not None:
+            return self.privacy.neighbouring
+        return str(getattr(getattr(self.config, "privacy", None), "neighbouring", "add_remove"))
 
     @property
     def name(self) -> str:
@@ -155,15 +169,15 @@ class RunInfo:
         for stage in ("pretrain", "finetune", "sample"):
             if not self.is_done(stage):
                 problems.append(f"stage {stage!r} has not finished (state.json)")
-        if not (self.root / COHORT_FILE).is_file():
-            problems.append(f"no cohort at {COHORT_FILE}")
+        if not self.rd.cohort_file.is_file():
+            problems.append(f"no cohort at {self.rd.cohort_file.relative_to(self.root)}")
         if self.privacy is not None:
-            for name, m in (self.privacy.get("mechanisms") or {}).items():
-                if not m.get("complete"):
+            for name, m in self.privacy.mechanisms.items():
+                if m.scope == "release" and not m.complete:
                     problems.append(f"DP mechanism {name!r} is not complete in the ledger "
-                                    f"({m.get('steps_done')}/{m.get('planned_steps')} steps)")
-        elif self.plans:
-            problems.append(f"the privacy ledger cannot be summarised ({self.privacy_note})")
+                                    f"({m.steps_done}/{m.planned_steps} steps)")
+        elif self.entries:
+            problems.append(f"the privacy ledger cannot be read ({self.privacy_note})")
         return problems
 
 
@@ -200,16 +214,17 @@ def load_run(run_dir: str | Path) -> RunInfo:
     if not info.entries:
         info.privacy_note = "no privacy ledger entries"
     else:
-        delta = None
-        if not info.plans and info.config is not None:
-            delta = as_float(getattr(info.config.privacy, "delta", None))
         try:
+            info.records = ledger.records()
+            delta = None
+            if not info.plans and info.config is not None:
+                delta = as_float(getattr(info.config.privacy, "delta", None))
             info.privacy = ledger.summary(delta)
-        except Exception as err:  # noqa: BLE001
-            info.privacy_note = f"ledger summary failed: {err}"
-    info.evaluation, info.evaluation_note = read_json(root / EVALUATION_FILE, "dpgen evaluate")
-    info.probes, info.probes_note = read_json(root / PROBES_FILE, "dpgen audit")
+        except Exception as err:  # noqa: BLE001 - a ledger the review cannot read is a finding, not a crash
+            info.privacy_note = f"the ledger cannot be read: {err}"
+    info.evaluation, info.evaluation_note = read_typed(rd.evaluation_file, "dpgen evaluate", EvaluationResults)
+    info.probes, info.probes_note = read_typed(rd.probes_summary_file, "dpgen audit", ProbesSummary)
     return info
 
 
-__all__ = ["AttrDict", "RunInfo", "load_run", "read_json", "as_float", "fmt_num", "EVALUATION_FILE", "PROBES_FILE", "COHORT_FILE"]
+__all__ = ["AttrDict", "RunInfo", "load_run", "read_json", "read_typed", "as_float", "fmt_num"]

@@ -1,4 +1,7 @@
-"""Pieces shared by the training loops: EMA, checkpoints (safetensors), logging, devices."""
+"""Pieces shared by the training loops: EMA, resumable training state (safetensors), logging.
+
+Weights files (what sampling reads) are `dpgen.core.checkpoints`; devices `dpgen.core.device`.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dpgen.core.checkpoints import read_metadata
 from dpgen.distributed import is_writer
 from dpgen.rundir import load_tensors, save_tensors_atomic
-
-
-def resolve_device(name: str | None = "auto") -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from dpgen.config import ConfigError
-
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use cpu)")
-    return dev
 
 
 class EMA:
@@ -91,68 +84,14 @@ def save_state(path: Path, parts: dict[str, Part], step: int, extra: dict | None
 
 
 def load_state(path: Path, parts: dict[str, Part]) -> tuple[int, dict]:
-    from safetensors import safe_open
-
     tensors = load_tensors(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
+    meta = read_metadata(path)
     for prefix, (model, ema, optimizer) in parts.items():
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)} if prefix else tensors
         model.load_state_dict({k[6:]: v for k, v in own.items() if k.startswith("model.")})
         ema.load_state_dict({k[4:]: v for k, v in own.items() if k.startswith("ema.")})
         _unflatten_optimizer(optimizer, own, meta[f"{prefix}optimizer"])
     return int(meta["step"]), json.loads(meta["extra"])
-
-
-def save_training_state(
-    path: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None
-) -> None:
-    save_state(path, {"": (model, ema, optimizer)}, step, extra)
-
-
-def load_training_state(path: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
-    return load_state(path, {"": (model, ema, optimizer)})
-
-
-def save_weights(path: Path, state: dict[str, torch.Tensor], spec: dict, info: dict | None = None,
-                 family: str = "diffusion") -> None:
-    """Release-style weights: safetensors + the generator family and the spec that rebuilds
-    the network (JSON in the file's metadata, so one file is self-describing and loading
-    never unpickles)."""
-    save_tensors_atomic(path, state, metadata={"family": family, "spec": json.dumps(spec),
-                                               "info": json.dumps(info or {})})
-
-
-def load_checkpoint(path: Path) -> tuple[str, dict[str, torch.Tensor], dict, dict]:
-    """(family, tensors, spec, info) of a weights file written by `save_weights`."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as err:  # not a safetensors file at all
-        raise ValueError(f"{path}: not a safetensors checkpoint ({err})") from None
-    if "spec" not in meta:
-        raise ValueError(f"{path}: not a dpgen checkpoint (no model spec in its metadata)")
-    return meta.get("family", "diffusion"), load_tensors(path), json.loads(meta["spec"]), json.loads(meta.get("info", "{}"))
-
-
-def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    _, tensors, spec, info = load_checkpoint(path)
-    return tensors, spec, info
-
-
-def build_from_checkpoint(path: Path, family: str | None = None):
-    """Rebuild the model a weights file describes and load its tensors (never unpickles)."""
-    from dpgen.models import build_model, spec_from_dict
-
-    fam, tensors, spec_dict, info = load_checkpoint(path)
-    if family is not None and fam != family:
-        raise ValueError(f"{path} holds a {fam!r} model, expected {family!r}")
-    spec = spec_from_dict(fam, spec_dict)
-    model = build_model(fam, spec)
-    model.load_state_dict(tensors)
-    return fam, model, spec, info
 
 
 class TBLogger:

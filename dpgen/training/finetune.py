@@ -12,36 +12,18 @@ Order of events (each one leaves the run directory consistent if the process die
    against the target before the weights are written where sampling reads them.
 
 The family trainers (dpgen.training.families) assemble these pieces (dpgen.training.dp) for
-their networks; this module dispatches on `model.generator`.
+their networks; this module dispatches to the trainer the registry (dpgen.models.registry)
+names for `model.generator`.
 """
 
 from __future__ import annotations
 
-import json
-
 from dpgen.data import ImageDataset
 from dpgen.rundir import RunDir
-from dpgen.training.dp import (  # noqa: F401  (re-exported: the stable names of the DP path)
-    AE_MECHANISM, MECHANISM, PREFLIGHT_BATCH, DPSettings, dp_event, histogram_events, plan_mechanism,
-    secret_noise_seed, spent_epsilon,
-)
-from dpgen.training.families import trainer
-from dpgen.training.families.shared import FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS  # noqa: F401
+from dpgen.models.registry import family
 
-__all__ = ["finetune", "privacy_plan", "describe", "MECHANISM", "AE_MECHANISM", "PREFLIGHT_BATCH", "FINETUNE_WEIGHTS",
-           "PRETRAIN_WEIGHTS", "dp_event", "plan_mechanism", "secret_noise_seed", "spent_epsilon", "DPSettings"]
-
-
-def privacy_plan(config, n_units: int, unit_kind: str) -> dict:
-    """The main mechanism's plan with the DP label histogram as the only other event."""
-    return plan_mechanism(config, DPSettings.from_finetune(config.finetune), n_units, unit_kind,
-                          mechanism=MECHANISM, budget=config.privacy.epsilon, other_events=histogram_events(config),
-                          trains=config.model.generator)
+__all__ = ["finetune"]
 
 
 def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool = True) -> dict:
-    return trainer(config.model.generator).finetune(config, rd, private, device, progress)
-
-
-def describe(result: dict) -> str:
-    return json.dumps(result, indent=2, default=str)
+    return family(config.model.generator).trainer_module.finetune(config, rd, private, device, progress)

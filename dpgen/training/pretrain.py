@@ -1,18 +1,17 @@
 """Non-private pretraining on public data (no privacy cost: no private data is read).
 
-Dispatches to the family trainer named by `model.generator` (dpgen.training.families).
+Dispatches to the trainer of the family named by `model.generator` (dpgen.models.registry).
 """
 
 from __future__ import annotations
 
 from dpgen.data import ImageDataset
+from dpgen.models.registry import family
 from dpgen.rundir import RunDir
-from dpgen.training.families import trainer
-from dpgen.training.families.shared import PRETRAIN_WEIGHTS
 
-__all__ = ["pretrain", "PRETRAIN_WEIGHTS"]
+__all__ = ["pretrain"]
 
 
 def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, device, progress: bool = True) -> dict:
     """Train the configured generator on public data; writes checkpoints/pretrain.safetensors."""
-    return trainer(config.model.generator).pretrain(config, rd, public, image_shape, device, progress)
+    return family(config.model.generator).trainer_module.pretrain(config, rd, public, image_shape, device, progress)

@@ -5,18 +5,20 @@ from __future__ import annotations
 import torch
 
 from dpgen.data import ImageDataset
-from dpgen.models import ConditionalDiffusion, diffusion_spec_from_config
+from dpgen.core.checkpoints import save_weights
+from dpgen.models.diffusion import ConditionalDiffusion, diffusion_spec_from_config
 from dpgen.models.lora import merge_lora
+from dpgen.models.registry import build_from_checkpoint
 from dpgen.privacy.engine import PrivacyUnits
 from dpgen.privacy.ledger import PrivacyLedger
+from dpgen.privacy.schema import PrivacySource
 from dpgen.rundir import RunDir
-from dpgen.training.common import build_from_checkpoint, save_weights
 from dpgen.training.dp import (
     MECHANISM, DPJob, histogram_events, register_finetune_plan, release_histogram_once, run_dp_job,
 )
 from dpgen.training.families.shared import (
-    FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, check_trainable, classes_start_unconditional,
-    config_errors, private_rows, public_rows, train_public, uses_public_labels,
+    check_private, check_public, check_trainable, classes_start_unconditional, config_errors, private_rows, public_rows,
+    record_weights, summary, train_public, uses_public_labels,
 )
 from dpgen.training.objectives import DiffusionObjective
 from dpgen.training.trainable import select_trainable
@@ -40,14 +42,14 @@ def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, devic
         rows=public_rows(public, spec.num_classes, spec.attributes, uses_public_labels(config)) if steps else {},
         steps=steps,
         batch_size=cfg.batch_size, lr=cfg.lr, ema_decay=cfg.ema_decay, checkpoint_every=cfg.checkpoint_every,
-        state_name="pretrain_state.safetensors", stream="pretrain", desc="pretrain", device=device, progress=progress,
+        state_path=rd.pretrain_state, stream="pretrain", desc="pretrain", device=device, progress=progress,
     )
     weights = {**model.state_dict(), **ema.state_dict()}
     info = {"stage": "pretrain", "steps": steps, "data": public.info() if public is not None and steps else None,
             "privacy": "public data only" if steps else "random initialisation"}
     if not uses_public_labels(config):
         info["classes_start_unconditional"] = classes_start_unconditional(model, weights, spec.num_classes)
-    save_weights(rd.checkpoints / PRETRAIN_WEIGHTS, weights, spec.to_dict(), info, family=NAME)
+    save_weights(rd.pretrain_weights, weights, spec.to_dict(), info, family=NAME)
     return {"steps": steps, "final_loss": last_loss, "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -62,7 +64,7 @@ def unet_job(config, rd: RunDir, ledger: PrivacyLedger, model: ConditionalDiffus
     settings, plan = register_finetune_plan(config, ledger, units, other_events=other_events, trains=trains,
                                             trainable=trainable)
     job = DPJob(MECHANISM, model, DiffusionObjective(model, config.model.cond_drop_prob), rows, settings, plan,
-                rd.checkpoints / "finetune_state.safetensors")
+                rd.finetune_state)
     return job, trainable
 
 
@@ -74,7 +76,7 @@ def released_state(model, ema) -> dict:
 
 
 def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool = True) -> dict:
-    _, model, spec, _ = build_from_checkpoint(rd.checkpoints / PRETRAIN_WEIGHTS, NAME)
+    _, model, spec, _ = build_from_checkpoint(rd.pretrain_weights, NAME)
     check_private(private, spec.image_shape, spec.num_classes)
     units = PrivacyUnits.from_subjects(private.subjects, len(private))
     ledger = PrivacyLedger(rd.ledger_path)
@@ -85,20 +87,8 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
                                                                         spec.num_classes, rows.get("attributes")))
     complete, report = job_result["complete"], job_result["report"]
     info = {"stage": "finetune", "privacy": complete, "preflight": report.to_dict(), "trainable": trainable,
-            "cohort_privacy_source": f"post-processing of {MECHANISM}"}
-    save_weights(rd.checkpoints / FINETUNE_WEIGHTS, released_state(model, job_result["ema"]), spec.to_dict(), info,
+            "privacy_mechanisms": [MECHANISM]}
+    save_weights(rd.finetune_weights, released_state(model, job_result["ema"]), spec.to_dict(), info,
                  family=NAME)
-    if ledger.latest("artifact", name="finetune_weights") is None:
-        ledger.append({"kind": "artifact", "name": "finetune_weights", "path": f"checkpoints/{FINETUNE_WEIGHTS}",
-                       "privacy_source": MECHANISM})
+    record_weights(rd, ledger, PrivacySource(kind="dp", mechanisms=(MECHANISM,)))
     return summary(config, job_result, units, trainable)
-
-
-def summary(config, job_result: dict, units: PrivacyUnits, trainable: dict) -> dict:
-    c = job_result["complete"]
-    return {"steps": c["steps_done"], "sigma": c["sigma"], "sample_rate": c["sample_rate"], "unit": units.kind,
-            "epsilon": job_result["epsilon"], "epsilon_rdp": job_result["epsilon_rdp"], "delta": config.privacy.delta,
-            "final_loss": job_result["final_loss"], "preflight_max_error": job_result["report"].max_relative_error,
-            "resumed_from": job_result["resumed_from"], "trainable": trainable["mode"],
-            "trainable_parameters": trainable["trainable_parameters"], "world_size": job_result["world_size"],
-            **({"rank_digests": job_result["rank_digests"]} if job_result["rank_digests"] else {})}

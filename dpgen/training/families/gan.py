@@ -16,19 +16,22 @@ from __future__ import annotations
 import torch
 
 from dpgen.data import ImageDataset
-from dpgen.models import ConditionalGAN, gan_spec_from_config
+from dpgen.core.checkpoints import save_weights
+from dpgen.core.seeding import step_generator
+from dpgen.models.gan import ConditionalGAN, gan_spec_from_config
 from dpgen.models.lora import merge_lora
-from dpgen.privacy.engine import PrivacyUnits, step_generator
+from dpgen.models.registry import build_from_checkpoint
+from dpgen.privacy.engine import PrivacyUnits
 from dpgen.privacy.ledger import PrivacyLedger
+from dpgen.privacy.schema import PrivacySource
 from dpgen.rundir import RunDir
-from dpgen.training.common import EMA, TBLogger, build_from_checkpoint, load_state, save_state, save_weights
+from dpgen.training.common import EMA, TBLogger, load_state, save_state
 from dpgen.training.dp import (
     MECHANISM, DPJob, histogram_events, register_finetune_plan, release_histogram_once, run_dp_job,
 )
-from dpgen.training.families.diffusion import summary
 from dpgen.training.families.shared import (
-    FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, check_trainable, classes_start_unconditional,
-    config_errors, private_rows, public_rows, uses_public_labels,
+    check_private, check_public, check_trainable, classes_start_unconditional, config_errors, private_rows, public_rows,
+    record_weights, summary, uses_public_labels,
 )
 from dpgen.training.loop import run_steps
 from dpgen.training.objectives import DiscriminatorObjective
@@ -81,7 +84,7 @@ def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, devic
         g_opt = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=ADAM_BETAS)
         d_opt = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=ADAM_BETAS)
         parts = {"g.": (G, g_ema, g_opt), "d.": (D, d_ema, d_opt)}
-        state_path = rd.checkpoints / "pretrain_state.safetensors"
+        state_path = rd.pretrain_state
         start = load_state(state_path, parts)[0] if state_path.is_file() else 0
         logger = TBLogger(rd.logs / "pretrain")
         n = len(rows["x"])
@@ -110,13 +113,13 @@ def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, devic
     weights = gan.state_dict()
     if not uses_public_labels(config):
         info["classes_start_unconditional"] = classes_start_unconditional(gan, weights, spec.num_classes)
-    save_weights(rd.checkpoints / PRETRAIN_WEIGHTS, weights, spec.to_dict(), info, family=NAME)
+    save_weights(rd.pretrain_weights, weights, spec.to_dict(), info, family=NAME)
     return {"steps": steps, "final_loss": last, "parameters": sum(p.numel() for p in G.parameters()),
             "discriminator_parameters": sum(p.numel() for p in D.parameters())}
 
 
 def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool = True) -> dict:
-    _, gan, spec, _ = build_from_checkpoint(rd.checkpoints / PRETRAIN_WEIGHTS, NAME)
+    _, gan, spec, _ = build_from_checkpoint(rd.pretrain_weights, NAME)
     check_private(private, spec.image_shape, spec.num_classes)
     gan.to(device)
     G, D = gan.generator, gan.discriminator
@@ -147,7 +150,7 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
         logger.scalar("finetune/generator_loss", loss, step + 1)
 
     job = DPJob(MECHANISM, D, objective, private_rows(private, spec.attributes), settings, plan,
-                rd.checkpoints / "finetune_state.safetensors", extra_parts={"g.": (G, g_ema, g_opt)},
+                rd.finetune_state, extra_parts={"g.": (G, g_ema, g_opt)},
                 after_step=after_step)
     result = run_dp_job(config, rd, ledger, job, units, device, progress,
                         before_steps=lambda: release_histogram_once(config, rd, ledger, private.labels, units,
@@ -157,11 +160,11 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
     merge_lora(D)
     g_ema.copy_to(G)
     info = {"stage": "finetune", "privacy": result["complete"], "preflight": result["report"].to_dict(),
-            "trainable": trainable, "generator_privacy": GENERATOR_SOURCE, "cohort_privacy_source": GENERATOR_SOURCE}
-    save_weights(rd.checkpoints / FINETUNE_WEIGHTS, gan.state_dict(), spec.to_dict(), info, family=NAME)
-    if ledger.latest("artifact", name="finetune_weights") is None:
-        ledger.append({"kind": "artifact", "name": "finetune_weights", "path": f"checkpoints/{FINETUNE_WEIGHTS}",
-                       "privacy_source": f"{MECHANISM} (discriminator weights); generator weights: {GENERATOR_SOURCE}"})
-        ledger.append({"kind": "artifact", "name": "generator_weights", "path": f"checkpoints/{FINETUNE_WEIGHTS}",
-                       "tensors": "generator.*", "privacy_source": GENERATOR_SOURCE})
+            "trainable": trainable, "generator_privacy": GENERATOR_SOURCE, "privacy_mechanisms": [MECHANISM]}
+    save_weights(rd.finetune_weights, gan.state_dict(), spec.to_dict(), info, family=NAME)
+    record_weights(rd, ledger, PrivacySource(kind="dp", mechanisms=(MECHANISM,),
+                                         note="discriminator by DP-SGD; generator by post-processing of it"))
+    record_weights(rd, ledger, PrivacySource(kind="post_processing", mechanisms=(MECHANISM,),
+                                         note="generator updates read only the DP discriminator"),
+                   name="generator_weights", tensors="generator.*")
     return summary(config, result, units, trainable)

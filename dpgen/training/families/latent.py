@@ -15,20 +15,22 @@ from __future__ import annotations
 import torch
 
 from dpgen.data import ImageDataset
-from dpgen.models import LatentDiffusion, LatentDiffusionSpec, autoencoder_spec_from_config, diffusion_spec_from_config
+from dpgen.core.checkpoints import load_checkpoint, save_weights
+from dpgen.models.latent import LatentDiffusion, LatentDiffusionSpec, latent_spec_from_config
+from dpgen.models.registry import build_from_checkpoint
 from dpgen.models.autoencoder import LatentAutoencoder, encode_dataset
 from dpgen.privacy.engine import PrivacyUnits
 from dpgen.privacy.ledger import PrivacyLedger
+from dpgen.privacy.schema import PrivacySource
 from dpgen.rundir import RunDir
-from dpgen.training.common import build_from_checkpoint, load_checkpoint, save_weights
 from dpgen.training.dp import (
-    AE_MECHANISM, MECHANISM, DPJob, DPSettings, dp_event, histogram_events, plan_mechanism, register_plan,
+    AE_MECHANISM, MECHANISM, DPJob, DPSettings, histogram_events, plan_mechanism, register_plan,
     release_histogram_once, run_dp_job,
 )
-from dpgen.training.families.diffusion import released_state, summary, unet_job
+from dpgen.training.families.diffusion import released_state, unet_job
 from dpgen.training.families.shared import (
-    FINETUNE_WEIGHTS, PRETRAIN_WEIGHTS, check_private, check_public, check_trainable, classes_start_unconditional,
-    config_errors, private_rows, public_rows, train_public, uses_public_labels,
+    check_private, check_public, check_trainable, classes_start_unconditional, config_errors, private_rows, public_rows,
+    record_weights, summary, train_public, uses_public_labels,
 )
 from dpgen.training.objectives import AutoencoderObjective, DiffusionObjective
 
@@ -36,14 +38,6 @@ NAME = "latent_diffusion"
 AE_WEIGHTS = "autoencoder.safetensors"  # public autoencoder + scale factor
 AE_DP_WEIGHTS = "autoencoder_dp.safetensors"  # after DP fine-tuning (optional)
 SCALE_SAMPLE = 512  # public images used to estimate the latent scale
-
-
-def build_spec(config, image_shape) -> LatentDiffusionSpec:
-    """The two networks' specs; raises (with the shapes) when the autoencoder cannot produce
-    a latent grid the UNet accepts."""
-    ae = autoencoder_spec_from_config(config, tuple(image_shape))
-    unet = diffusion_spec_from_config(config, tuple(ae.latent_shape))
-    return LatentDiffusionSpec(unet=unet, autoencoder=ae, scale_factor=1.0)
 
 
 def _pretrain_autoencoder(config, rd, spec: LatentDiffusionSpec, public, device, progress) -> tuple[LatentAutoencoder, float, dict]:
@@ -59,7 +53,7 @@ def _pretrain_autoencoder(config, rd, spec: LatentDiffusionSpec, public, device,
     ema, last = train_public(
         config, rd, model=ae, objective=objective, rows={"x": public.model_tensor()} if steps else {}, steps=steps,
         batch_size=a.pretrain.batch_size, lr=a.pretrain.lr, ema_decay=0.0, checkpoint_every=a.pretrain.checkpoint_every,
-        state_name="autoencoder_state.safetensors", stream="autoencoder-pretrain", desc="autoencoder_pretrain",
+        state_path=rd.checkpoints / "autoencoder_state.safetensors", stream="autoencoder-pretrain", desc="autoencoder_pretrain",
         device=device, progress=progress,
     )
     if public is not None:
@@ -79,7 +73,7 @@ def _pretrain_autoencoder(config, rd, spec: LatentDiffusionSpec, public, device,
 def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, device, progress: bool = True) -> dict:
     torch.manual_seed(config.seed)
     with config_errors():
-        spec = build_spec(config, image_shape)
+        spec = latent_spec_from_config(config, image_shape)
         model = LatentDiffusion(spec)
     if public is not None:
         check_public(public, image_shape)
@@ -97,7 +91,7 @@ def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, devic
     ema, last = train_public(
         config, rd, model=unet, objective=DiffusionObjective(unet, config.model.cond_drop_prob), rows=rows,
         steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, ema_decay=cfg.ema_decay,
-        checkpoint_every=cfg.checkpoint_every, state_name="pretrain_state.safetensors", stream="pretrain",
+        checkpoint_every=cfg.checkpoint_every, state_path=rd.pretrain_state, stream="pretrain",
         desc="pretrain", device=device, progress=progress,
     )
     ema.copy_to(unet)
@@ -106,7 +100,7 @@ def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, devic
     weights = model.state_dict()
     if not uses_public_labels(config):
         info["classes_start_unconditional"] = classes_start_unconditional(model, weights, spec.num_classes)
-    save_weights(rd.checkpoints / PRETRAIN_WEIGHTS, weights, spec.to_dict(), info, family=NAME)
+    save_weights(rd.pretrain_weights, weights, spec.to_dict(), info, family=NAME)
     return {"steps": steps, "final_loss": last, "autoencoder_steps": ae_info["steps"],
             "autoencoder_final_loss": ae_info.get("final_loss"), "scale_factor": scale,
             "latent_shape": list(spec.unet.image_shape),
@@ -115,7 +109,7 @@ def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, devic
 
 
 def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool = True) -> dict:
-    _, model, spec, _ = build_from_checkpoint(rd.checkpoints / PRETRAIN_WEIGHTS, NAME)
+    _, model, spec, _ = build_from_checkpoint(rd.pretrain_weights, NAME)
     check_private(private, spec.image_shape, spec.num_classes)
     units = PrivacyUnits.from_subjects(private.subjects, len(private))
     ledger = PrivacyLedger(rd.ledger_path)
@@ -130,11 +124,11 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
         # any histogram) as other events, so the composition stays within privacy.epsilon.
         ae_settings = DPSettings.from_autoencoder(ae_cfg, config.finetune.grad_sample_mode)
         ae_plan = register_plan(ledger, plan_mechanism(
-            config, ae_settings, len(units), units.kind, mechanism=AE_MECHANISM,
+            config, ae_settings, units, mechanism=AE_MECHANISM,
             budget=config.privacy.epsilon * ae_cfg.epsilon_fraction, other_events=[], trains="autoencoder",
             epsilon_fraction=ae_cfg.epsilon_fraction,
         ))
-        other = [dp_event(ae_plan["sigma"], ae_plan["sample_rate"], ae_plan["planned_steps"]), *other]
+        other = [ae_plan.event.model_dump(), *other]
     rows_img = private_rows(private, spec.attributes)
     job, trainable = unet_job(config, rd, ledger, model.unet, {}, units, other, "latent diffusion UNet")
 
@@ -155,9 +149,8 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
             save_weights(ae_path, ae.state_dict(), spec.autoencoder.to_dict(),
                          {"stage": "autoencoder_finetune", "privacy": result_ae["complete"],
                           "preflight": result_ae["report"].to_dict()}, family="autoencoder")
-            if ledger.latest("artifact", name="autoencoder_dp_weights") is None:
-                ledger.append({"kind": "artifact", "name": "autoencoder_dp_weights",
-                               "path": f"checkpoints/{AE_DP_WEIGHTS}", "privacy_source": AE_MECHANISM})
+            record_weights(rd, ledger, PrivacySource(kind="dp", mechanisms=(AE_MECHANISM,)),
+                           name="autoencoder_dp_weights", path=ae_path)
     for p in model.autoencoder.parameters():
         p.requires_grad_(False)
 
@@ -168,17 +161,16 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
                         before_steps=lambda: release_histogram_once(config, rd, ledger, private.labels, units,
                                                                     spec.num_classes, rows_img.get("attributes")))
     released_state(model.unet, result["ema"])
-    source = MECHANISM + (f" and {AE_MECHANISM}" if ae_dp else "")
+    used = (MECHANISM, AE_MECHANISM) if ae_dp else (MECHANISM,)
     info = {"stage": "finetune", "privacy": result["complete"], "preflight": result["report"].to_dict(),
             "trainable": trainable, "autoencoder": "DP fine-tuned" if ae_dp else "public, frozen",
-            "cohort_privacy_source": f"post-processing of {source}"}
-    save_weights(rd.checkpoints / FINETUNE_WEIGHTS, model.state_dict(), spec.to_dict(), info, family=NAME)
-    if ledger.latest("artifact", name="finetune_weights") is None:
-        ledger.append({"kind": "artifact", "name": "finetune_weights", "path": f"checkpoints/{FINETUNE_WEIGHTS}",
-                       "privacy_source": source if ae_dp else f"{MECHANISM} (UNet); autoencoder: public data only"})
+            "privacy_mechanisms": list(used)}
+    save_weights(rd.finetune_weights, model.state_dict(), spec.to_dict(), info, family=NAME)
+    record_weights(rd, ledger, PrivacySource(kind="dp", mechanisms=used,
+                                         note="" if ae_dp else "the autoencoder saw public data only"))
     out = summary(config, result, units, trainable)
     out["latent_shape"] = list(spec.unet.image_shape)
     if ae_dp:
-        out["autoencoder_sigma"] = ae_plan["sigma"]
-        out["autoencoder_steps"] = ae_plan["planned_steps"]
+        out["autoencoder_sigma"] = ae_plan.sigma
+        out["autoencoder_steps"] = ae_plan.planned_steps
     return out

@@ -11,14 +11,13 @@ from torch import nn
 
 from dpgen.data import DataError, ImageDataset
 from dpgen.models.conditioning import AttributeSpace
-from dpgen.privacy.engine import step_generator
+from dpgen.core.seeding import step_generator
+from dpgen.privacy.engine import PrivacyUnits
+from dpgen.privacy.ledger import PrivacyLedger
+from dpgen.privacy.schema import ArtifactEntry, PrivacySource
 from dpgen.rundir import RunDir
 from dpgen.training.common import EMA, TBLogger, load_state, save_state
 from dpgen.training.loop import run_steps
-
-PRETRAIN_WEIGHTS = "pretrain.safetensors"
-FINETUNE_WEIGHTS = "finetune.safetensors"
-
 
 @contextmanager
 def config_errors():
@@ -115,19 +114,19 @@ def check_public(public: ImageDataset, image_shape) -> None:
     if tuple(public.image_shape) != tuple(image_shape):
         raise DataError(
             f"public data {public.path} has images of shape {public.image_shape} but the private data has "
-            f"{tuple(image_shape)}; pretraining needs the same channels and size"
+            f"{tuple(image_shape)}; pretraining needs the same channels and size: set data.public.transform "
+            f"(resize: true, channels: true) to fit the public images to the private shape"
         )
 
 
 def train_public(config, rd: RunDir, *, model: nn.Module, objective, rows: dict, steps: int, batch_size: int,
-                 lr: float, ema_decay: float, checkpoint_every: int, state_name: str, stream: str, desc: str,
+                 lr: float, ema_decay: float, checkpoint_every: int, state_path, stream: str, desc: str,
                  device, progress: bool) -> tuple[EMA, float]:
     """Non-private training on public rows (random minibatches, per-step seeded, resumable)."""
     ema = EMA(model, ema_decay)
     if steps <= 0:
         return ema, float("nan")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    state_path = rd.checkpoints / state_name
     parts = {"": (model, ema, optimizer)}
     start = load_state(state_path, parts)[0] if state_path.is_file() else 0
     logger = TBLogger(rd.logs / desc)
@@ -150,3 +149,20 @@ def train_public(config, rd: RunDir, *, model: nn.Module, objective, rows: dict,
                      progress=progress)
     logger.close()
     return ema, last
+
+
+def record_weights(rd: RunDir, ledger: PrivacyLedger, source: PrivacySource, name: str = "finetune_weights",
+                   path=None, **more) -> None:
+    """Weights as a ledger artifact (once); default: the fine-tuned generator's."""
+    if ledger.latest("artifact", name=name) is None:
+        ledger.append(ArtifactEntry(name=name, path=rd.rel(path or rd.finetune_weights), privacy_source=source, **more))
+
+
+def summary(config, job_result: dict, units: PrivacyUnits, trainable: dict) -> dict:
+    c = job_result["complete"]
+    return {"steps": c["steps_done"], "sigma": c["sigma"], "sample_rate": c["sample_rate"], "unit": units.kind,
+            "epsilon": job_result["epsilon"], "epsilon_rdp": job_result["epsilon_rdp"], "delta": config.privacy.delta,
+            "final_loss": job_result["final_loss"], "preflight_max_error": job_result["report"].max_relative_error,
+            "resumed_from": job_result["resumed_from"], "trainable": trainable["mode"],
+            "trainable_parameters": trainable["trainable_parameters"], "world_size": job_result["world_size"],
+            **({"rank_digests": job_result["rank_digests"]} if job_result["rank_digests"] else {})}
