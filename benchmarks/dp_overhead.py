@@ -1,24 +1,34 @@
-"""What does DP-SGD cost per step on the quickstart model, on this machine?
+"""What does a DP-SGD step cost next to a non-private one, on this machine?
 
-    python benchmarks/dp_overhead.py [--batch 32] [--reps 10] [--warmup 3] [--threads 2] [--mode hooks]
+    python benchmarks/dp_overhead.py [--models quickstart,latent,cgan] [--batch 32] [--reps 10] [--warmup 3]
+                                     [--threads 2] [--mode hooks] [--no-memory]
 
-Builds the quickstart diffusion UNet (configs/quickstart.yaml, 28x28x1, untrained weights: speed
-does not depend on them) and times three kinds of training step on the same batch size:
-  nonprivate  objective.loss(...).mean().backward() + AdamW step (what pretraining does);
-  dp_k1       DPSGD.step with one physical chunk of `batch` rows, one unit per row,
-              noise multiplicity K = 1, noise on (what fine-tuning does);
-  dp_k4       the same with K = 4 (four forward/backward passes over the chunk, folded into
-              one per-unit gradient; 4x the rows of the other two).
-Timing: one process, the variants round-robin (warmup rounds, then `reps` measured rounds), so
-load from other jobs on a shared machine hits all of them alike; medians and ratios to the
-non-private median are printed.
+Three models, untrained weights (speed does not depend on them), each with what its config's
+fine-tuning trains:
+  quickstart  the pixel-diffusion UNet of configs/quickstart.yaml (28x28x1, all parameters);
+  latent      the latent-diffusion UNet of configs/breast_latent.yaml (3x14x14 latents,
+              finetune.trainable: attention blocks + label embedding);
+  cgan        the discriminator of configs/breast_cgan.yaml (28x28x1, all parameters; every row
+              is a real image and a fake one drawn by the generator).
+Variants, on the same batch size:
+  nonprivate  objective.loss(...).mean().backward() + AdamW step over the same trainable
+              parameters (non-private fine-tuning);
+  dp_k1       DPSGD.step with one physical chunk of `batch` units (one row each), noise
+              multiplicity K = 1, noise on (what DP fine-tuning does);
+  dp_k4/k16   the same with K = 4 / 16 noise draws per unit (K x the rows of the others).
+Targets (issue 14): dp_k1 <= 1.3x nonprivate; dp_kK <= K x nonprivate (the extra forward and
+backward passes and nothing more), with a step peak memory <= 1.3x that of dp_k1.
+
+Timing: one process per model, the variants round-robin (warmup rounds, then `reps` measured
+rounds), so load from other jobs on a shared machine hits all of them alike. Printed per
+variant: median wall time, the median of its per-round ratio to the non-private step of the
+same round, and the same ratio in process CPU time (less sensitive to other jobs taking the
+cores; with more than one torch thread it also counts threads spinning while they wait).
 Memory: each variant again in its own fresh subprocess, with glibc's malloc told to give every
 allocation over 64 KiB back to the OS on free (MALLOC_MMAP_THRESHOLD_), so the resident set
 follows live tensors. After warmup the kernel's peak-RSS counter is reset
-(/proc/self/clear_refs), then `reps` steps run; "step peak" = VmHWM after - VmRSS before, i.e.
-the most memory a step needs beyond the model, optimizer state and data that are already
-resident. Also printed: the size of the per-sample gradient buffers (rows x parameters x 4
-bytes), the dominant term of DP-SGD's extra memory.
+(/proc/self/clear_refs), then `mem-reps` steps run; "step peak" = VmHWM after - VmRSS before, the
+most memory a step needs beyond the model, optimizer state and data that are already resident.
 """
 
 from __future__ import annotations
@@ -37,63 +47,95 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("nonprivate", "dp_k1", "dp_k4")
+MODELS = ("quickstart", "latent", "cgan")
+VARIANTS = ("nonprivate", "dp_k1", "dp_k4", "dp_k16")
+TARGET_K1 = 1.3
+TARGET_MEMORY = 1.3
 
 
-def build(variant: str, batch: int, mode: str):
-    """Model + a `step(rep)` closure for one variant; each variant owns its model copy."""
+def draws_of(variant: str) -> int:
+    return 1 if variant == "nonprivate" else int(variant.split("_k")[1])
+
+
+def build_model(name: str, batch: int):
+    """(trainable module, objective, private-like rows, description)."""
     from dpgen.config import load_config
-    from dpgen.models import ConditionalDiffusion, diffusion_spec_from_config
-    from dpgen.privacy.engine import DPSGD, make_conv_inputs_contiguous, step_generator
-    from dpgen.training.objectives import DiffusionObjective
+    from dpgen.models import ConditionalDiffusion, ConditionalGAN, diffusion_spec_from_config, gan_spec_from_config
+    from dpgen.training.families.latent import build_spec
+    from dpgen.training.objectives import DiffusionObjective, DiscriminatorObjective
+    from dpgen.training.trainable import select_trainable
 
-    cfg = load_config(REPO / "configs/quickstart.yaml")
-    shape = (1, 28, 28)
     torch.manual_seed(0)
-    model = ConditionalDiffusion(diffusion_spec_from_config(cfg, shape)).train()
-    objective = DiffusionObjective(model, cfg.model.cond_drop_prob)
     g = torch.Generator().manual_seed(1)
-    x0 = torch.rand((batch, *shape), generator=g) * 2 - 1
-    labels = torch.randint(0, cfg.data.num_classes, (batch,), generator=g)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.finetune.lr, weight_decay=0.0)
-    n_params = sum(p.numel() for p in model.parameters())
+    image = (1, 28, 28)
+    if name == "quickstart":
+        cfg = load_config(REPO / "configs/quickstart.yaml")
+        model = ConditionalDiffusion(diffusion_spec_from_config(cfg, image))
+        objective, shape, what = DiffusionObjective(model, cfg.model.cond_drop_prob), image, "pixel UNet"
+    elif name == "latent":
+        cfg = load_config(REPO / "configs/breast_latent.yaml")
+        spec = build_spec(cfg, image)
+        model = ConditionalDiffusion(spec.unet)
+        objective, shape, what = DiffusionObjective(model, cfg.model.cond_drop_prob), tuple(spec.unet.image_shape), "latent UNet"
+    elif name == "cgan":
+        cfg = load_config(REPO / "configs/breast_cgan.yaml")
+        gan = ConditionalGAN(gan_spec_from_config(cfg, image))
+        model = gan.discriminator
+        objective, shape, what = DiscriminatorObjective(gan.generator, gan.spec), image, "cGAN discriminator"
+    else:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    trainable = select_trainable(model, cfg.finetune.trainable)
+    rows = {"x": torch.rand((batch, *shape), generator=g) * 2 - 1,
+            "labels": torch.randint(0, cfg.data.num_classes, (batch,), generator=g)}
+    desc = (f"{what} ({cfg.name}), input {list(shape)}, finetune.trainable {cfg.finetune.trainable}: "
+            f"{trainable['trainable_parameters'] / 1e6:.3f}M of {trainable['total_parameters'] / 1e6:.3f}M parameters")
+    return model.train(), objective, rows, desc, trainable["trainable_parameters"], cfg
+
+
+def build(name: str, variant: str, batch: int, mode: str):
+    """A `step(rep)` closure for one variant; each variant owns its model."""
+    from dpgen.privacy.engine import DPSGD, step_generator
+
+    model, objective, rows, desc, n_params, cfg = build_model(name, batch)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
 
     if variant == "nonprivate":
         def step(rep: int) -> None:
-            b = objective.draw(x0, labels, step_generator(0, rep, "draw"))
+            b = objective.draw_rows(rows, step_generator(0, rep, "draw"))
             opt.zero_grad(set_to_none=True)
             objective.loss(model, b).mean().backward()
             opt.step()
 
-        return step, n_params
+        return step, n_params, desc
 
-    K = 1 if variant == "dp_k1" else 4
-    make_conv_inputs_contiguous(model)
+    K = draws_of(variant)
     dp = DPSGD(model, opt, noise_multiplier=1.0, max_grad_norm=cfg.finetune.max_grad_norm,
                expected_batch_size=batch, grad_sample_mode=mode)
-    rows = np.arange(batch)
-    chunks = [(rows, np.arange(batch), batch)]  # one unit per row, one physical chunk
+    chunks = [(np.arange(batch), np.arange(batch), batch)]  # one unit per row, one physical chunk
 
     def step(rep: int) -> None:
         def make_batch(chunk: int, r: np.ndarray, k: int) -> dict:
-            return objective.draw(x0[r], labels[r], step_generator(0, rep, f"draw:{chunk}:{k}"))
+            return objective.draw_rows({key: v[r] for key, v in rows.items()},
+                                       step_generator(0, rep, f"draw:{chunk}:{k}"))
 
         dp.step(chunks, make_batch, objective.loss, K, step_generator(0, rep, "noise"))
 
-    return step, n_params
+    return step, n_params, desc
 
 
-def time_all(batch: int, reps: int, warmup: int, mode: str) -> dict[str, list[float]]:
-    steps = {v: build(v, batch, mode)[0] for v in VARIANTS}
-    times = {v: [] for v in VARIANTS}
+def time_model(name: str, variants, batch: int, reps: int, warmup: int, mode: str):
+    built = {v: build(name, v, batch, mode) for v in variants}
+    wall = {v: [] for v in variants}
+    cpu = {v: [] for v in variants}
     for rnd in range(warmup + reps):
-        for v in VARIANTS:
-            t = time.perf_counter()
-            steps[v](rnd)
-            dt = time.perf_counter() - t
+        for v in variants:
+            t, c = time.perf_counter(), time.process_time()
+            built[v][0](rnd)
+            dt, dc = time.perf_counter() - t, time.process_time() - c
             if rnd >= warmup:
-                times[v].append(dt)
-    return times
+                wall[v].append(dt)
+                cpu[v].append(dc)
+    return wall, cpu, built[variants[0]][2]
 
 
 def _status(key: str) -> int:
@@ -103,8 +145,8 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def memory_child(variant: str, batch: int, reps: int, warmup: int, mode: str) -> dict:
-    step, n_params = build(variant, batch, mode)
+def memory_child(name: str, variant: str, batch: int, reps: int, warmup: int, mode: str) -> dict:
+    step, n_params, _ = build(name, variant, batch, mode)
     for r in range(warmup):
         step(r)
     before = _status("VmRSS")
@@ -114,13 +156,13 @@ def memory_child(variant: str, batch: int, reps: int, warmup: int, mode: str) ->
     return {"variant": variant, "rss_before": before, "hwm": _status("VmHWM"), "n_params": n_params}
 
 
-def measure_memory(variant: str, args) -> dict:
+def measure_memory(name: str, variant: str, args) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-    cmd = [sys.executable, __file__, "--child", variant, "--batch", str(args.batch), "--reps", str(args.mem_reps),
-           "--warmup", "2", "--threads", str(args.threads), "--mode", args.mode]
+    cmd = [sys.executable, __file__, "--child", f"{name}:{variant}", "--batch", str(args.batch),
+           "--reps", str(args.mem_reps), "--warmup", "2", "--threads", str(args.threads), "--mode", args.mode]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"memory subprocess for {variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"memory subprocess for {name}:{variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -134,56 +176,65 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def report_model(name: str, args) -> list[str]:
+    variants = [v for v in VARIANTS if v in args.variants]
+    wall, cpu, desc = time_model(name, variants, args.batch, args.reps, args.warmup, args.mode)
+    print(f"\n[{name}] {desc}; batch {args.batch}, grad_sample_mode {args.mode}; load average {os.getloadavg()[0]:.2f}")
+    mem = {}
+    if not args.no_memory:
+        mem = {v: measure_memory(name, v, args) for v in variants}
+    mb = {v: (m["hwm"] - m["rss_before"]) / 2**20 for v, m in mem.items()}
+    print(f"{'variant':<11} {'median s':>9} {'ratio':>7} {'cpu ratio':>9} {'target':>8}  {'step peak MiB':>13} "
+          f"{'vs dp_k1':>8}")
+    misses = []
+    for v in variants:
+        r = statistics.median(a / b for a, b in zip(wall[v], wall["nonprivate"]))
+        rc = statistics.median(a / b for a, b in zip(cpu[v], cpu["nonprivate"]))
+        K = draws_of(v)
+        target = "" if v == "nonprivate" else f"<= {TARGET_K1 if K == 1 else float(K):.1f}x"
+        m = f"{mb[v]:13.1f}" if v in mb else f"{'-':>13}"
+        mr = f"{mb[v] / max(mb['dp_k1'], 1e-9):7.2f}x" if v in mb and "dp_k1" in mb and K > 1 else f"{'':>8}"
+        print(f"{v:<11} {statistics.median(wall[v]):9.3f} {r:6.2f}x {rc:8.2f}x {target:>8}  {m} {mr}")
+        if v != "nonprivate" and r > (TARGET_K1 if K == 1 else K):
+            misses.append(f"{name} {v}: {r:.2f}x")
+        if v in mb and "dp_k1" in mb and K > 1 and mb[v] > TARGET_MEMORY * mb["dp_k1"]:
+            misses.append(f"{name} {v} memory: {mb[v] / mb['dp_k1']:.2f}x dp_k1")
+    return misses
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated (nonprivate is always run)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--reps", type=int, default=10, help="measured rounds (default 10)")
     ap.add_argument("--warmup", type=int, default=3, help="warmup rounds (default 3)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    ap.add_argument("--mode", choices=("hooks", "functorch"), default="hooks", help="Opacus grad-sample mode")
+    ap.add_argument("--mode", choices=("hooks", "functorch", "opacus"), default="hooks", help="grad_sample_mode")
     ap.add_argument("--mem-reps", type=int, default=3, help="steps per memory subprocess (default 3)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import warnings
     warnings.filterwarnings("ignore")
 
     if args.child:
-        print(json.dumps(memory_child(args.child, args.batch, args.reps, args.warmup, args.mode)))
+        name, variant = args.child.split(":")
+        print(json.dumps(memory_child(name, variant, args.batch, args.reps, args.warmup, args.mode)))
         return 0
+    args.variants = {"nonprivate", *args.variants.split(",")}
 
     import opacus
 
-    load = os.getloadavg()[0]
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, opacus {opacus.__version__}, "
-          f"torch threads {args.threads}, load average at start {load:.2f}")
-    times = time_all(args.batch, args.reps, args.warmup, args.mode)
-    med = {v: statistics.median(ts) for v, ts in times.items()}
-    base = med["nonprivate"]
-    print(f"quickstart UNet, batch {args.batch}, Opacus {args.mode} mode, {args.reps} measured rounds "
-          f"(+{args.warmup} warmup), variants interleaved; load average at end {os.getloadavg()[0]:.2f}")
-    print(f"{'variant':<12} {'median s':>9} {'min s':>7} {'max s':>7} {'ratio':>6}")
-    for v in VARIANTS:
-        ts = times[v]
-        print(f"{v:<12} {med[v]:9.3f} {min(ts):7.3f} {max(ts):7.3f} {med[v] / base:6.2f}x")
-    # per-round ratios: robust to load that changes between rounds
-    r1 = [a / b for a, b in zip(times["dp_k1"], times["nonprivate"])]
-    r4 = [a / b for a, b in zip(times["dp_k4"], times["nonprivate"])]
-    print(f"median of per-round ratios: dp_k1 {statistics.median(r1):.2f}x, dp_k4 {statistics.median(r4):.2f}x "
-          f"(target: dp_k1 <= 1.5x)")
-
-    if not args.no_memory:
-        mem = {v: measure_memory(v, args) for v in VARIANTS}
-        n_params = mem["nonprivate"]["n_params"]
-        print(f"memory (separate subprocess per variant; step peak = VmHWM during {args.mem_reps} steps - VmRSS "
-              f"before them; model has {n_params / 1e6:.2f}M parameters = {n_params * 4 / 2**20:.1f} MiB):")
-        mb = {v: (m["hwm"] - m["rss_before"]) / 2**20 for v, m in mem.items()}
-        for v in VARIANTS:
-            print(f"{v:<12} resident before {mem[v]['rss_before'] / 2**20:7.1f} MiB, step peak +{mb[v]:7.1f} MiB "
-                  f"({mb[v] / max(mb['nonprivate'], 1e-9):.2f}x)")
-        gs = args.batch * n_params * 4 / 2**20
-        print(f"per-sample gradient buffer: {args.batch} rows x {n_params / 1e6:.2f}M params x 4 B = {gs:.1f} MiB")
+          f"torch threads {args.threads}, load average at start {os.getloadavg()[0]:.2f}")
+    print(f"{args.reps} measured rounds (+{args.warmup} warmup), variants interleaved; ratio = median over rounds of "
+          f"(variant / nonprivate of the same round)")
+    misses = []
+    for name in args.models.split(","):
+        misses += report_model(name, args)
+    print("\ntargets: " + ("all met" if not misses else "NOT met: " + "; ".join(misses)))
     return 0
 
 

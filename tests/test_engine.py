@@ -39,16 +39,39 @@ def _batch(n=4, seed=0):
 
 
 def test_preflight_catches_channels_last_conv_and_the_fix_passes():
+    # Opacus' own hooks ("opacus" mode) are silently wrong on a channels-last conv input
     model = ChannelsLastNet()
-    bad = preflight(model, _mse, _batch())
+    bad = preflight(model, _mse, _batch(), mode="opacus")
     assert not bad.passed
     assert "c2.weight" in bad.failed and bad.max_relative_error > 0.1
     with pytest.raises(PrivacyError, match=r"preflight failed .* c2\b.*refusing to train"):
         require_preflight(bad)
+    # dpgen's engine reshapes (copies) whatever layout it is given: exact without the fix
+    assert preflight(model, _mse, _batch(), mode="hooks").max_relative_error < 1e-10
     make_conv_inputs_contiguous(model)
-    good = preflight(model, _mse, _batch())
-    assert good.passed, good.errors
-    assert good.max_relative_error < 1e-10
+    for mode in ("opacus", "hooks", "functorch"):
+        good = preflight(model, _mse, _batch(), mode=mode)
+        assert good.passed, (mode, good.errors)
+        assert good.max_relative_error < 1e-10
+
+
+def test_preflight_catches_a_wrong_per_unit_gradient(monkeypatch):
+    """A sampler that is right per row but wrong per unit (it ignores all but the first slot)
+    is caught by the preflight's 2-slot check."""
+    import dpgen.privacy.engine as engine
+
+    right = engine._conv_unit_weight_grad
+
+    def first_slot_only(layer, x, g, padding, lay):
+        if lay.slots == 1:
+            return right(layer, x, g, padding, lay)
+        m = lay.units
+        return right(layer, x[:m], g[:m], padding, engine._Layout(1, m))
+
+    monkeypatch.setattr(engine, "_conv_unit_weight_grad", first_slot_only)
+    report = preflight(ChannelsLastNet(), _mse, _batch())
+    assert not report.passed and {"c1.weight", "c2.weight"} <= set(report.failed)
+    assert "c1.bias" not in report.failed
 
 
 def test_preflight_passes_the_shipped_diffusion_model():
@@ -74,29 +97,60 @@ class Small(nn.Module):
         self.norm = nn.GroupNorm(2, 4)
         self.head = nn.Linear(4 * 8 * 8, 64)
 
-    def forward(self, x):
+    def forward(self, x, label=None):
         return self.head(torch.relu(self.norm(self.conv(x))).flatten(1)).view(-1, 1, 8, 8)
 
 
-def _draw(data, rows, g):
+class Rich(nn.Module):
+    """Every path of the engine: a conv called twice per row (like a GAN discriminator on real
+    and fake rows), a conv with one output channel, a strided conv, a 1x1 conv, a frozen conv, GroupNorm, a Linear on a token
+    sequence, an Embedding (Opacus' sampler through a tensor hook) and a LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.gate = nn.Conv2d(4, 1, 3, padding=1)  # one output channel
+        self.down = nn.Conv2d(4, 4, 4, stride=2, padding=1)
+        self.frozen = nn.Conv2d(4, 4, 3, padding=1).requires_grad_(False)
+        self.mix = nn.Conv2d(4, 6, 1)
+        self.norm = nn.GroupNorm(2, 6)
+        self.tokens = nn.Linear(6, 6)
+        self.embed = nn.Embedding(3, 6)
+        self.ln = nn.LayerNorm(6)
+        self.head = nn.Linear(6 * 16, 64)
+
+    def forward(self, x, label):
+        h = torch.tanh(self.conv(x)) + 0.5 * torch.tanh(self.conv(x.flip(-1)))
+        h = h * torch.sigmoid(self.gate(h))
+        h = self.mix(self.frozen(torch.relu(self.down(h))))  # (B, 6, 4, 4)
+        t = self.norm(h).flatten(2).transpose(1, 2)  # (B, 16, 6): tokens
+        t = self.ln(torch.tanh(self.tokens(t)) + self.embed(label)[:, None])
+        return self.head(t.flatten(1)).view(-1, 1, 8, 8)
+
+
+def _mse_labelled(model, batch):
+    return (model(batch["x"], batch["label"]) - batch["y"]).pow(2).flatten(1).mean(1)
+
+
+def _draw(data, labels, rows, g):
     """A diffusion-like random draw: the loss depends on noise drawn per row."""
     x = data[rows]
     noise = torch.randn(x.shape, generator=g)
-    return {"x": x + 0.5 * noise, "y": noise}
+    return {"x": x + 0.5 * noise, "y": noise, "label": labels[rows]}
 
 
-def _brute_force_update(model, data, units, chosen, K, C, expected, seed, step, max_rows):
+def _brute_force_update(model, data, labels, units, chosen, K, C, expected, seed, step, max_rows):
     """Per unit: mean over its rows and K draws of autograd gradients, clipped to C; summed; / expected."""
     ref = copy.deepcopy(model)
-    params = list(ref.parameters())
+    params = [p for p in ref.parameters() if p.requires_grad]
     total = [torch.zeros_like(p) for p in params]
     chunks = units.physical_chunks(chosen, max_rows)
     for ci, (rows, group, n_groups) in enumerate(chunks):
-        draws = [_draw(data, rows, step_generator(seed, step, f"{ci}:{k}")) for k in range(K)]
+        draws = [_draw(data, labels, rows, step_generator(seed, step, f"{ci}:{k}")) for k in range(K)]
         for gi in range(n_groups):
             sel = np.flatnonzero(group == gi)
             ref.zero_grad()
-            loss = sum(_mse(ref, {k: v[sel] for k, v in d.items()}).mean() for d in draws) / K
+            loss = sum(_mse_labelled(ref, {k: v[sel] for k, v in d.items()}).mean() for d in draws) / K
             loss.backward()
             grads = [p.grad.clone() for p in params]
             norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
@@ -106,38 +160,85 @@ def _brute_force_update(model, data, units, chosen, K, C, expected, seed, step, 
     return [-t / expected for t in total]
 
 
-@pytest.mark.parametrize("K,subjects", [(1, False), (3, False), (1, True), (2, True)])
-def test_dp_step_equals_brute_force_per_unit_clipping(K, subjects):
+SUBJECTS = {
+    "images": None,
+    "equal": np.repeat(np.arange(4), 3),  # 4 subjects x 3 images
+    "mixed": np.repeat(np.arange(6), [1, 2, 3, 1, 2, 3]),  # units of 1, 2 and 3 rows in one chunk
+}
+CHOSEN = {"images": [0, 1, 4, 6, 7, 10], "equal": [0, 2, 3], "mixed": [0, 1, 2, 4, 5]}
+
+
+@pytest.mark.parametrize("K,subjects,max_rows,mode,net", [
+    (1, "images", 5, "hooks", Small),
+    (3, "images", 5, "hooks", Small),  # 1 unit x 3 draws per pass
+    (1, "equal", 5, "hooks", Small),
+    (2, "equal", 5, "hooks", Small),  # a unit's 3 rows x 2 draws do not fit: draws over 2 passes
+    (2, "images", 8, "hooks", Rich),  # 4 units x 2 draws per pass
+    (4, "images", 8, "hooks", Rich),  # 2 units x 4 draws per pass
+    (16, "images", 8, "hooks", Rich),  # 8 draws per pass, 2 passes per unit
+    (2, "mixed", 12, "hooks", Rich),  # units of 1, 2, 3 rows in separate passes
+    (3, "mixed", 4, "hooks", Rich),  # rows x draws over several passes
+    (1, "images", 5, "functorch", Rich),
+    (4, "images", 8, "functorch", Rich),
+    (2, "mixed", 4, "functorch", Small),
+    (4, "images", 8, "opacus", Small),
+    (2, "mixed", 4, "opacus", Small),
+])
+def test_dp_step_equals_brute_force_per_unit_clipping(K, subjects, max_rows, mode, net):
     torch.manual_seed(0)
     n = 12
-    data = torch.randn(n, 1, 8, 8)
-    subj = np.repeat(np.arange(4), 3) if subjects else None  # 4 subjects x 3 images
-    units = PrivacyUnits.from_subjects(subj, n)
-    assert units.kind == ("per subject" if subjects else "per image")
-    model = Small()
-    C, expected, seed, step, max_rows = 0.05, 5.0, 1, 7, 5  # small C: clipping is active
-    chosen = np.array([0, 2, 3]) if subjects else np.array([0, 1, 4, 6, 7, 10])
-    update = _brute_force_update(model, data, units, chosen, K, C, expected, seed, step, max_rows)
+    data, labels = torch.randn(n, 1, 8, 8), torch.randint(0, 3, (n,))
+    units = PrivacyUnits.from_subjects(SUBJECTS[subjects], n)
+    assert units.kind == ("per image" if subjects == "images" else "per subject")
+    model = net()
+    C, expected, seed, step = 0.05, 5.0, 1, 7  # small C: clipping is active
+    chosen = np.array(CHOSEN[subjects])
+    update = _brute_force_update(model, data, labels, units, chosen, K, C, expected, seed, step, max_rows)
 
     dp_model = copy.deepcopy(model)
-    before = [p.detach().clone() for p in dp_model.parameters()]
-    opt = torch.optim.SGD(dp_model.parameters(), lr=1.0)
-    dp = DPSGD(dp_model, opt, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=expected)
-    seen_rows = []
+    trainable = [p for p in dp_model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    dp = DPSGD(dp_model, torch.optim.SGD(trainable, lr=1.0), noise_multiplier=0.0, max_grad_norm=C,
+               expected_batch_size=expected, grad_sample_mode=mode)
+    seen_units, seen_rows = [], []
 
     def loss_fn(m, batch):
-        seen_rows.extend(
+        seen_rows.append(len(batch["x"]))
+        seen_units.extend(
             p.grad_sample.shape[0] for p in dp.params if isinstance(getattr(p, "grad_sample", None), torch.Tensor)
         )
-        return _mse(m, batch)
+        return _mse_labelled(m, batch)
 
     chunks = units.physical_chunks(chosen, max_rows)
-    dp.step(chunks, lambda ci, rows, k: _draw(data, rows, step_generator(seed, step, f"{ci}:{k}")), loss_fn, K,
-            torch.Generator().manual_seed(0))
-    for b, p, u in zip(before, dp.close().parameters(), update):
+    dp.step(chunks, lambda ci, rows, k: _draw(data, labels, rows, step_generator(seed, step, f"{ci}:{k}")), loss_fn,
+            K, torch.Generator().manual_seed(0))
+    for b, p, u in zip(before, trainable, update):
         torch.testing.assert_close(p.detach() - b, u, rtol=1e-4, atol=1e-7)
-    # per-sample gradients are folded after every pass: never more rows than units in a chunk
-    assert max(seen_rows, default=0) <= max(ng for _, _, ng in chunks)
+    # Per-unit gradients only: never more than the units of a chunk, whatever K.
+    assert max(seen_units, default=0) <= max(ng for _, _, ng in chunks)
+    # A pass never holds more rows than the biggest physical chunk (unless one unit's rows do).
+    biggest_unit = max(len(units.rows_of_unit[u]) for u in chosen)
+    assert max(seen_rows) <= max(max(len(c[0]) for c in chunks), biggest_unit)
+    assert sum(seen_rows) == K * sum(len(c[0]) for c in chunks)  # every row, every draw, once
+    assert dp.close() is dp_model
+
+
+def test_pass_plan_batches_whole_units_with_all_their_draws():
+    from dpgen.privacy.engine import _pass_plan
+
+    # 32 one-row units, K = 4, 32 rows per pass: 4 passes of 8 units x 4 draws
+    plan = _pass_plan(np.ones(32, dtype=int), 4, 32)
+    assert [len(u) for u, _ in plan] == [8] * 4 and all(d == [range(4)] for _, d in plan)
+    # K = 1: one pass over the chunk
+    assert [len(u) for u, _ in _pass_plan(np.ones(32, dtype=int), 1, 32)] == [32]
+    # units bigger than the pass with their draws: one unit, draws split
+    plan = _pass_plan(np.array([3, 3]), 4, 7)
+    assert [list(u) for u, _ in plan] == [[0], [1]] and plan[0][1] == [range(0, 2), range(2, 4)]
+    # 33 units: passes as even as possible (no pass of one unit at the end); mixed sizes never share a pass
+    sizes = [len(u) for u, _ in _pass_plan(np.ones(33, dtype=int), 4, 32)]
+    assert max(sizes) * 4 <= 32 and sum(sizes) == 33 and max(sizes) - min(sizes) <= 1
+    plan = _pass_plan(np.array([1, 2, 1, 2]), 2, 8)
+    assert sorted(sorted(u.tolist()) for u, _ in plan) == [[0, 2], [1, 3]]
 
 
 def test_subjects_stay_whole_in_physical_chunks():
@@ -148,6 +249,27 @@ def test_subjects_stay_whole_in_physical_chunks():
         for gi in range(n_groups):
             assert len(set(subj[rows[group == gi]])) == 1
     assert sorted(np.concatenate([c[0] for c in chunks]).tolist()) == list(range(7))
+
+
+def test_preflight_passes_every_engine_path():
+    batch = {**_batch(6), "label": torch.tensor([0, 1, 2, 0, 1, 2])}
+    for mode in ("hooks", "functorch"):
+        report = preflight(Rich(), _mse_labelled, batch, mode=mode)
+        assert report.passed and report.max_relative_error < 1e-9, (mode, report.to_dict())
+
+
+def test_preflight_passes_the_shipped_gan_discriminator():
+    from dpgen.config import load_config
+    from dpgen.models import ConditionalGAN, gan_spec_from_config
+    from dpgen.training.objectives import DiscriminatorObjective
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs/breast_cgan.yaml")
+    gan = ConditionalGAN(gan_spec_from_config(cfg, (1, 28, 28)))
+    obj = DiscriminatorObjective(gan.generator, gan.spec)
+    batch = obj.preflight_batch(4, torch.Generator().manual_seed(0))
+    report = preflight(gan.discriminator, obj.loss, batch, mode="hooks")
+    assert report.passed and report.max_relative_error < 1e-9, report.to_dict()
 
 
 def test_empty_poisson_sample_is_a_noise_only_step():

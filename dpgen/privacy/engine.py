@@ -1,45 +1,54 @@
-"""DP-SGD on Opacus' parts, with the checks that make the guarantee true.
+"""DP-SGD with dpgen's per-unit gradient engine and Opacus' optimizer, with the checks that
+make the guarantee true.
 
-What this module adds on top of Opacus (GradSampleModule + DPOptimizer), and why:
-
-- `preflight`: compares Opacus' per-sample gradients with per-sample autograd on the real
-  model and loss, before any private data is touched. Opacus' hooks give silently wrong conv
-  per-sample gradients when a conv input is channels-last (after diffusers' attention, inside
-  MONAI's AutoencoderKL); `make_conv_inputs_contiguous` is the fix and the preflight is the
-  proof, for whatever model is being trained.
-- Privacy units and noise multiplicity: each logical batch is a Poisson sample of *units*
-  (subjects when subject IDs exist, else images). Every row (image x draw) gets a group id,
-  and per-sample gradients are folded into one gradient per unit before Opacus clips them,
-  so a subject with many images, or an image with K (timestep, noise) draws, contributes one
-  clipped gradient. Folding happens after every backward pass, so memory scales with the
-  physical batch, never with batch x K.
-- Speed (`DPGradSampleModule`): conv per-sample gradients come from one grouped convolution
-  backward instead of Opacus' unfold + per-sample matmul, and in hooks mode autograd no
-  longer computes the conv weights' batch gradient that DP-SGD throws away; fresh per-sample
-  gradients are handed to Opacus without its zero-fill-and-copy (`_owning`). Measured on the
-  quickstart UNet (batch 32, 2 CPU threads): a DP step costs 1.55x a non-private one
-  (benchmarks/dp_overhead.py, benchmarks/RESULTS.md). The preflight checks this path.
+- Per-unit gradients ("hooks" mode, `DPGradSampleModule`, the default): what DP-SGD clips is
+  one gradient per privacy unit (a subject when subject IDs exist, else an image): the
+  gradient of the unit's loss averaged over its rows and its K noise draws (DPDM's noise
+  multiplicity). The engine computes exactly that, layer by layer, with no per-row gradient
+  in between: Conv/Linear/GroupNorm layers run as autograd Functions whose backward writes
+  per-unit gradients (a conv's is one grouped convolution backward with the units folded into
+  the channel groups), autograd never computes the batch weight gradient DP-SGD throws away,
+  and there are no module backward hooks. Other layers get Opacus' per-row samplers through
+  a tensor hook. "functorch" and "opacus" modes use Opacus' GradSampleModule (per-row
+  gradients, summed per unit after each pass).
+- Passes (`DPSGD.step`): the units of a physical chunk are regrouped so that one
+  forward/backward pass holds whole units with all their K draws (max_rows / (rows x K) units
+  each), so per-unit work is done once per unit and step, not once per draw, and the per-unit
+  buffer is (units per pass) x parameters: memory does not grow with K.
+- Clipping, noise, step: Opacus' DPOptimizer (DistributedDPOptimizer in a distributed run),
+  with the per-unit norms the engine took while each gradient was in cache (`_PerUnitClip`).
+- `preflight`: compares the engine's gradients with per-sample autograd on the real model and
+  loss, in float64, per row and per unit (2 rows per unit), before any private data is
+  touched. Opacus' own hooks ("opacus" mode) give silently wrong conv per-sample gradients when
+  a conv input is channels-last (after diffusers' attention, inside MONAI's AutoencoderKL);
+  `make_conv_inputs_contiguous` is their fix, and the preflight is the proof, for whatever
+  model is being trained and whichever mode.
+- Speed: benchmarks/dp_overhead.py and benchmarks/RESULTS.md (K = 1: 1.1-1.3x a non-private
+  step of the quickstart UNet, the latent UNet and the cGAN discriminator, measured under load).
 - Steps are deterministic functions of (secret seed, step): the Poisson sample, the per-row
   draws and the DP noise come from per-step generators of the mechanism's secret streams
   (`dpgen.privacy.randomness`), which `dpgen.privacy.dpsgd.DPSGDLoop` hands to `DPSGD.step`.
   A run killed and resumed from its last checkpoint recomputes exactly the same steps. The
   noise generator lives on the parameters' device (Opacus draws the noise there).
 """
-
 from __future__ import annotations
 
+import contextlib
 import copy
 import types
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from opacus import GradSampleModule
-from opacus.grad_sample.conv import compute_conv_grad_sample as _opacus_conv_grad_sample
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.validators import ModuleValidator
 from torch import nn
 
@@ -62,7 +71,9 @@ class PrivacyError(RuntimeError):
 # ----------------------------------------------------------------------------- model fixes
 
 
-def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
+    if "_dpgen_engine" in vars(module) or not any(p.requires_grad for p in module.parameters(recurse=False)):
+        return None  # dpgen's engine reads any layout; a frozen conv has no per-sample gradient
     return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
 
 
@@ -72,7 +83,9 @@ def make_conv_inputs_contiguous(model: nn.Module) -> nn.Module:
     Opacus' conv grad sampler unfolds the *stored* activation; a channels-last activation
     makes it compute per-sample gradients of the wrong layout (measured: 96% relative error)
     while training runs normally. A forward pre-hook costs one copy where the input was not
-    contiguous and nothing elsewhere.
+    contiguous and nothing elsewhere. It copies only for the convs Opacus' samplers read (in
+    "opacus" and "functorch" modes; frozen convs and the convs dpgen's own engine handles, which
+    reshapes whatever layout it gets, are left alone).
     """
     for m in model.modules():
         if isinstance(m, _CONV) and not getattr(m, "_dpgen_contiguous", False):
@@ -81,119 +94,392 @@ def make_conv_inputs_contiguous(model: nn.Module) -> nn.Module:
     return model
 
 
-# ----------------------------------------------------------------------------- per-sample gradients
+# ----------------------------------------------------------------------------- per-unit gradients
+#
+# What DP-SGD clips is one gradient per privacy unit: the gradient of the unit's loss averaged
+# over its rows and its K draws. dpgen's engine ("hooks" mode) computes exactly that, layer by
+# layer, without materialising one gradient per row first:
+#
+# - A forward pass sees the rows of several units in *slot-major* order: row s * m + u is slot
+#   s (one of the unit's rows x draws) of unit u, for m units and S slots each (a `_Layout`).
+#   The unit's gradient of a layer is then the sum over its S rows of the rows' gradients, and
+#   for a convolution that sum is one grouped convolution backward with the m units folded into
+#   the channel groups and the S slots as its batch: (S, m * C, ...) is a free view of the
+#   (S * m, C, ...) activation. With K draws of a unit in one pass, the per-unit work is done
+#   once per unit instead of once per draw, and the per-unit buffer is m x parameters, not
+#   rows x parameters.
+# - Conv, Linear and GroupNorm run as autograd Functions (`_ConvUnits`, ...) whose backward
+#   returns the input gradient, writes the per-unit parameter gradients to `p.grad_sample`, and
+#   returns None for the parameters: autograd never computes the batch weight gradient DP-SGD
+#   would throw away, and there are no module backward hooks (Opacus' hooks cost ~28 ms of
+#   Python per quickstart step).
+# - Other layers with trainable parameters (Embedding, LayerNorm, ...) get Opacus' per-row
+#   sampler (or functorch) from a tensor hook on their output, summed over slots.
+# The preflight checks every layer of the real model against per-sample autograd, per row
+# (S = 1) and per unit (S = 2), in float64.
 
 
-def _conv_grad_sample(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
-    """Per-sample conv gradients as one grouped convolution backward (the batch folded into groups).
+@dataclass(frozen=True)
+class _Layout:
+    slots: int  # S: rows per unit in this pass (the unit's rows x the draws of this pass)
+    units: int  # m
 
-    Opacus' conv sampler materialises the unfolded input (im2col, k^d times the activation)
-    and multiplies it per sample: measured on the quickstart UNet on CPU, more than half of
-    the extra time of a DP step. With the batch folded into the channel groups, the weight
-    gradient of one convolution *is* the stack of per-sample weight gradients, and the
-    convolution backend computes it without the unfold copy (2-5x faster per 2D layer, 4-13x
-    per 3D layer). The preflight checks it against autograd like any other sampler. Anything
-    else goes to Opacus' sampler unchanged: string padding, non-zero padding modes, empty
-    batches, and non-contiguous (channels-last) inputs, which `make_conv_inputs_contiguous`
-    (always installed by DPSGD) is what makes right, and which the preflight is there to catch.
-    """
-    x = activations[0]
-    n = x.shape[0]
-    if n == 0 or isinstance(layer.padding, str) or layer.padding_mode != "zeros" or not x.is_contiguous():
-        return _opacus_conv_grad_sample(layer, activations, backprops)
-    x = x.to(backprops.dtype)
-    ret = {}
-    w = layer.weight
-    if w.requires_grad:
-        dims = x.ndim - 2
-        size = (n * w.shape[0], *w.shape[1:])
-        grad_w = torch.ops.aten.convolution_backward(
-            backprops.reshape(1, n * backprops.shape[1], *backprops.shape[2:]),
-            x.reshape(1, n * x.shape[1], *x.shape[2:]),
-            backprops.new_empty(1).expand(size),  # only the shape is read
-            None, list(layer.stride), list(layer.padding), list(layer.dilation), False, [0] * dims,
-            n * layer.groups, (False, True, False),
-        )[1]
-        ret[w] = grad_w.view(n, *w.shape)
-    if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = backprops.reshape(n, backprops.shape[1], -1).sum(dim=2)
-    return ret
+    @property
+    def rows(self) -> int:
+        return self.slots * self.units
 
 
-_CONV_SAMPLED = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _add_grad_sample(p: torch.Tensor, g: torch.Tensor) -> None:
+    """Store a per-unit gradient, with its per-unit squared norms taken now, while it is in
+    cache (the clipping reads them: `_PerUnitClip`). A second contribution (a layer called twice,
+    e.g. a GAN discriminator on real and fake rows; draws of one unit spread over several
+    passes) is added out of place (`g` may alias autograd's buffers), and the sum's norms are
+    left to the clipping."""
+    cur = getattr(p, "grad_sample", None)
+    if cur is None:
+        g._dpgen_sq_norms = torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1).square()
+        p.grad_sample = g
+    else:
+        p.grad_sample = cur + g
 
 
-def _conv_forward_weights_detached(self: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias):
-    return type(self)._conv_forward(self, x, weight.detach(), None if bias is None else bias.detach())
+def _per_unit_outer(gs: torch.Tensor, xs: torch.Tensor, lay: _Layout) -> torch.Tensor:
+    """sum_s g[s, u] @ x[s, u]^T for (S, m, O, T) and (S, m, I, T) views -> (m, O, I)."""
+    if lay.slots == 1:
+        return torch.bmm(gs[0], xs[0].transpose(1, 2))
+    out = torch.bmm(gs[0], xs[0].transpose(1, 2))
+    for s in range(1, lay.slots):
+        out.baddbmm_(gs[s], xs[s].transpose(1, 2))
+    return out
 
 
-def _owning(sampler):
-    """Wrap a grad sampler so that a fresh, full-batch per-sample gradient becomes the
-    parameter's `_current_grad_sample` as it is. Opacus would first allocate a zero buffer of
-    the same size and copy the gradient into it (a fill and a copy of batch x parameters
-    floats per parameter and backward pass: ~25 ms of a 0.43 s quickstart DP step). Anything
-    else (a partial batch, a second pass over a tied parameter, a tensor sharing memory with
-    the layer's activations or output gradients) goes back to Opacus' own accumulation."""
+def _conv_unit_weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, padding, lay: _Layout) -> torch.Tensor:
+    """Per-unit weight gradients of a convolution: (m, *weight.shape)."""
+    w_shape = layer.weight.shape
+    dims = x.ndim - 2
+    c_in, c_out = x.shape[1], g.shape[1]
+    if (layer.groups == 1 and all(k == 1 for k in layer.kernel_size) and all(s == 1 for s in layer.stride)
+            and all(p == 0 for p in padding)):
+        # 1x1 convolution: a (batched) matrix product; the grouped-convolution backward of a
+        # 1x1 kernel takes a slow per-group path on CPU.
+        xs = x.reshape(lay.slots, lay.units, c_in, -1)
+        gs = g.reshape(lay.slots, lay.units, c_out, -1)
+        return _per_unit_outer(gs, xs, lay).view(lay.units, *w_shape)
+    m = lay.units
+    if w_shape[0] == layer.groups:
+        # One output channel per group (a UNet's output conv): grouped backward takes a slow
+        # path on CPU (2-3x); one plain weight gradient per unit over its slots is faster.
+        xs, gs = x.reshape(lay.slots, m, *x.shape[1:]), g.reshape(lay.slots, m, *g.shape[1:])
+        return torch.stack([torch.ops.aten.convolution_backward(
+            gs[:, u], xs[:, u], x.new_empty(w_shape), None, list(layer.stride), list(padding), list(layer.dilation),
+            False, [0] * dims, layer.groups, (False, True, False))[1] for u in range(m)])
+    grad_w = torch.ops.aten.convolution_backward(
+        g.reshape(lay.slots, m * c_out, *g.shape[2:]),
+        x.reshape(lay.slots, m * c_in, *x.shape[2:]),
+        x.new_empty((m * w_shape[0], *w_shape[1:])),  # only the shape is read
+        None, list(layer.stride), list(padding), list(layer.dilation), False, [0] * dims,
+        m * layer.groups, (False, True, False),
+    )[1]
+    return grad_w.view(m, *w_shape)
 
-    def owning_sampler(layer: nn.Module, activations, backprops: torch.Tensor) -> dict:
-        out = sampler(layer, activations, backprops)
-        shared = {t.untyped_storage().data_ptr() for t in (*activations, backprops) if isinstance(t, torch.Tensor)}
-        rest = {}
-        for p, gs in out.items():
-            if (p.requires_grad and not hasattr(p, "_current_grad_sample") and gs.shape[0] == layer.max_batch_len
-                    and gs._base is None and gs.untyped_storage().data_ptr() not in shared):
-                p._current_grad_sample = gs
-            else:
-                rest[p] = gs
-        return rest
 
-    return owning_sampler
+def _conv_unit_grads(layer: nn.Module, items: list) -> None:
+    """Per-unit weight and bias gradients of a conv from its (x, g, padding, layout) of one or
+    more calls in the pass. Calls of one slot each (K = 1) with the same units are concatenated
+    (their slots follow each other, still slot-major) and computed as one: a GAN discriminator
+    run on the real and the fake rows pays one grouped convolution per layer, not two, and a
+    grouped convolution over 2 slots costs about what one over 1 slot does. With more slots
+    per call the copies would cost more than the call they save."""
+    groups: dict = {}
+    for i, (x, g, padding, lay) in enumerate(items):
+        groups.setdefault((padding, lay.units) if lay.slots == 1 else i, []).append((x, g, lay.slots, padding, lay.units))
+    for calls in groups.values():
+        padding, units = calls[0][3], calls[0][4]
+        if len(calls) == 1:
+            x, g, slots = calls[0][:3]
+        else:
+            x, g, slots = torch.cat([c[0] for c in calls]), torch.cat([c[1] for c in calls]), sum(c[2] for c in calls)
+        lay = _Layout(slots, units)
+        if layer.weight.requires_grad:
+            _add_grad_sample(layer.weight, _conv_unit_weight_grad(layer, x.to(g.dtype), g, padding, lay))
+        if layer.bias is not None and layer.bias.requires_grad:
+            _add_grad_sample(layer.bias, g.reshape(lay.slots, lay.units, g.shape[1], -1).sum((0, 3)))
 
 
-class DPGradSampleModule(GradSampleModule):
-    """Opacus' GradSampleModule with dpgen's conv sampler (hooks mode; functorch unchanged).
-
-    A subclass, not `register_grad_sampler`, so Opacus' global registry stays as shipped.
-
-    In hooks mode the convs' weights are also taken out of autograd's graph: DP-SGD never
-    uses the batch gradient autograd would compute for them (their per-sample gradients come
-    from the sampler, from activations and output gradients alone), and on CPU that batch
-    weight gradient is a sizeable part of a UNet's backward pass. So that every conv still
-    gets its output gradient, floating-point inputs that do not require grad are made to
-    (`x + leaf` with a zero leaf: same values; inputs that already require grad are left alone,
-    so a GAN's generator still gets its gradient through the discriminator). `_close` undoes both.
-    """
-
-    GRAD_SAMPLERS = {t: _owning(f) for t, f in
-                     {**GradSampleModule.GRAD_SAMPLERS, **{c: _conv_grad_sample for c in _CONV_SAMPLED}}.items()}
-
-    def __init__(self, m: nn.Module, **kwargs):
-        super().__init__(m, **kwargs)
-        self._detached_convs = []
-        if not kwargs.get("force_functorch", False):
-            for mod in self._module.modules():
-                if (type(mod) in _CONV_SAMPLED and "_conv_forward" not in vars(mod)
-                        and any(p.requires_grad for p in mod.parameters(recurse=False))):
-                    mod._conv_forward = types.MethodType(_conv_forward_weights_detached, mod)
-                    self._detached_convs.append(mod)
+class _ConvUnits(torch.autograd.Function):
+    """conv(x, w, b) whose backward gives x its gradient and w, b their per-unit gradients
+    (after the last backward call of the layer in the pass: see `_conv_unit_grads`)."""
 
     @staticmethod
-    def _grad_input(a):
-        if isinstance(a, torch.Tensor) and a.is_floating_point() and not a.requires_grad:
-            return a + torch.zeros((), dtype=a.dtype, device=a.device, requires_grad=True)
-        return a
+    def forward(ctx, x, weight, bias, layer, padding, lay, engine):
+        ctx.layer, ctx.padding, ctx.lay, ctx.engine = layer, padding, lay, engine
+        ctx.save_for_backward(x, weight)
+        engine.pending[layer] = engine.pending.get(layer, 0) + 1
+        return torch.ops.aten.convolution(x, weight, bias, list(layer.stride), list(padding), list(layer.dilation),
+                                          False, [0] * (x.ndim - 2), layer.groups)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        layer, padding, lay, engine = ctx.layer, ctx.padding, ctx.lay, ctx.engine
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(
+                g, x, weight.to(g.dtype), None, list(layer.stride), list(padding), list(layer.dilation), False,
+                [0] * (x.ndim - 2), layer.groups, (True, False, False),
+            )[0]
+        left = engine.pending.pop(layer, 1) - 1
+        items = engine.stash.pop(layer, []) + [(x, g, padding, lay)]
+        if left > 0:  # the layer's other calls of this pass are still to come
+            engine.pending[layer], engine.stash[layer] = left, items
+        else:
+            _conv_unit_grads(layer, items)
+        return gx, None, None, None, None, None, None
+
+
+class _LinearUnits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer, lay):
+        ctx.layer, ctx.lay = layer, lay
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        layer, lay = ctx.layer, ctx.lay
+        gx = g.matmul(weight.to(g.dtype)) if ctx.needs_input_grad[0] else None
+        m = lay.units
+        gs = g.reshape(lay.slots, m, -1, g.shape[-1])
+        if ctx.needs_input_grad[1]:
+            xs = x.to(g.dtype).reshape(lay.slots, m, -1, x.shape[-1])
+            if lay.slots > 1 and xs.shape[2] == 1:  # (slots x 1) rows per unit: one product on small copies
+                gw = torch.bmm(gs.permute(1, 3, 0, 2).reshape(m, g.shape[-1], lay.slots),
+                               xs.permute(1, 0, 2, 3).reshape(m, lay.slots, x.shape[-1]))
+            else:  # sum over slots of (units x sequence) products, on views
+                gw = torch.bmm(gs[0].transpose(1, 2), xs[0])
+                for s in range(1, lay.slots):
+                    gw.baddbmm_(gs[s].transpose(1, 2), xs[s])
+            _add_grad_sample(layer.weight, gw)
+        if ctx.needs_input_grad[2]:
+            _add_grad_sample(layer.bias, gs.sum((0, 2)))
+        return gx, None, None, None, None
+
+
+class _GroupNormUnits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer, lay):
+        n, c = x.shape[:2]
+        hw = x[0, 0].numel()
+        y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, hw, layer.num_groups, layer.eps)
+        ctx.layer, ctx.lay, ctx.dims = layer, lay, (n, c, hw)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, w, mean, rstd = ctx.saved_tensors
+        layer, lay, (n, c, hw) = ctx.layer, ctx.lay, ctx.dims
+        x, g = x.contiguous(), g.contiguous()  # (copies only of a channels-last x or g)
+        # The kernel run on the rows folded into the channels (1 x n*C with n*G groups: the
+        # same normalisation) returns the input gradient and the per-row gamma and beta
+        # gradients in one pass over x and g.
+        need = list(ctx.needs_input_grad[:3])
+        gamma = None if w is None else w.to(g.dtype).repeat(n)
+        gx, dw, db = torch.ops.aten.native_group_norm_backward(
+            g.view(1, n * c, hw), x.view(1, n * c, hw), mean.view(1, -1), rstd.view(1, -1), gamma, 1, n * c, hw,
+            n * layer.num_groups, need)
+        if need[1]:
+            _add_grad_sample(layer.weight, dw.view(lay.slots, lay.units, c).sum(0))
+        if need[2]:
+            _add_grad_sample(layer.bias, db.view(lay.slots, lay.units, c).sum(0))
+        gx = gx.view(x.shape) if need[0] else None
+        return gx, None, None, None, None
+
+
+def _explicit_padding(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Numeric, symmetric padding for a conv (padding modes and "same"/"valid" made explicit)."""
+    dims = x.ndim - 2
+    if layer.padding_mode != "zeros":
+        return F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), (0,) * dims
+    if not isinstance(layer.padding, str):
+        return x, tuple(layer.padding)
+    if layer.padding == "valid":
+        return x, (0,) * dims
+    total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]  # "same"
+    left = [t // 2 for t in total]
+    if all(t == 2 * le for t, le in zip(total, left)):
+        return x, tuple(left)
+    pads = []
+    for t, le in zip(reversed(total), reversed(left)):
+        pads += [le, t - le]
+    return F.pad(x, pads), (0,) * dims
+
+
+def _conv_forward(self, x):
+    eng: _Engine = self._dpgen_engine
+    if not eng.active:
+        return type(self).forward(self, x)
+    x, padding = _explicit_padding(self, x)
+    return _ConvUnits.apply(x, self.weight, self.bias, self, padding, eng.layout(x.shape[0]), eng)
+
+
+def _linear_forward(self, x):
+    eng: _Engine = self._dpgen_engine
+    if not eng.active:
+        return type(self).forward(self, x)
+    return _LinearUnits.apply(x, self.weight, self.bias, self, eng.layout(x.shape[0]))
+
+
+def _group_norm_forward(self, x):
+    eng: _Engine = self._dpgen_engine
+    if not eng.active:
+        return type(self).forward(self, x)
+    return _GroupNormUnits.apply(x, self.weight, self.bias, self, eng.layout(x.shape[0]))
+
+
+_FORWARDS = {
+    nn.Conv1d: _conv_forward, nn.Conv2d: _conv_forward, nn.Conv3d: _conv_forward,
+    nn.Linear: _linear_forward, nn.GroupNorm: _group_norm_forward,
+}
+
+
+class _Engine:
+    """What the patched layers read at forward time (whether to compute per-unit gradients,
+    the layout of the pass) and the bookkeeping of layers called more than once in a pass. A
+    plain object, so that it is no submodule of any layer."""
+
+    def __init__(self):
+        self.enabled = True
+        self.current: _Layout | None = None
+        self.pending: dict = {}  # conv -> its forward calls in this pass whose backward has not run
+        self.stash: dict = {}  # conv -> (x, g, padding, layout) of its calls waiting for the others
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and torch.is_grad_enabled()
+
+    def layout(self, rows: int) -> _Layout:
+        lay = self.current
+        if lay is None:
+            return _Layout(1, rows)
+        if lay.rows != rows:
+            raise RuntimeError(f"a layer saw {rows} rows in a pass laid out as {lay.slots} x {lay.units} "
+                               "(the model must keep the batch dimension: one output row per input row)")
+        return lay
+
+    def flush(self) -> None:
+        """Per-unit gradients of calls whose siblings never came back (an output the loss did
+        not use), then a clean slate for the next pass."""
+        for layer, items in self.stash.items():
+            _conv_unit_grads(layer, items)
+        self.reset()
+
+    def reset(self) -> None:
+        self.pending, self.stash = {}, {}
+
+
+class DPGradSampleModule(nn.Module):
+    """dpgen's per-unit gradient engine ("hooks" mode): wraps a model; after a backward pass
+    every trainable parameter's `grad_sample` holds one gradient per unit of the pass's layout
+    (`with gsm.layout_of(slots, units):`; by default every row is its own unit).
+
+    Conv{1,2,3}d, Linear and GroupNorm layers (exact types) get a patched `forward` running an
+    autograd Function (see above); any other layer with trainable parameters of its own gets
+    Opacus' per-row sampler for its type (functorch where Opacus has none) from a tensor hook.
+    `disable_hooks()` runs the plain layers (a GAN generator's update through the
+    discriminator); `_close()` removes everything.
+    """
+
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        self._module = m
+        self._engine = _Engine()
+        self._patched: list[tuple[nn.Module, dict]] = []
+        self._handles = []
+        for mod in m.modules():
+            if not any(p.requires_grad for p in mod.parameters(recurse=False)):
+                continue
+            fwd = _FORWARDS.get(type(mod))
+            if fwd is not None:
+                # (a deep copy of a model wrapped before carries the old attributes: replaced)
+                self._patched.append((mod, {k: vars(mod)[k] for k in ("forward", "_dpgen_engine") if k in vars(mod)}))
+                mod._dpgen_engine = self._engine
+                mod.forward = types.MethodType(fwd, mod)
+            else:
+                self._handles.append(mod.register_forward_hook(self._capture))
+
+    @property
+    def hooks_enabled(self) -> bool:
+        return self._engine.enabled
+
+    def disable_hooks(self) -> None:
+        self._engine.enabled = False
+
+    def enable_hooks(self) -> None:
+        self._engine.enabled = True
+
+    @contextmanager
+    def layout_of(self, slots: int, units: int):
+        """One pass (forward and backward) over rows laid out slot-major: row s * units + u
+        belongs to unit u. Per-unit gradients are complete when the block ends."""
+        eng = self._engine
+        prev, eng.current = eng.current, _Layout(slots, units)
+        eng.reset()
+        try:
+            yield
+            eng.flush()
+        finally:
+            eng.current = prev
+            eng.reset()
+
+    def _capture(self, module: nn.Module, inputs: tuple, output) -> None:
+        if not self._engine.active or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        acts = [a.detach() if isinstance(a, torch.Tensor) else a for a in inputs]
+        lay = self._engine.layout(output.shape[0])
+        output.register_hook(lambda g: _sample_generic(module, acts, g, lay))
 
     def forward(self, *args, **kwargs):
-        if self._detached_convs and self.hooks_enabled and torch.is_grad_enabled():
-            args = tuple(self._grad_input(a) for a in args)
-            kwargs = {k: self._grad_input(v) for k, v in kwargs.items()}
-        return super().forward(*args, **kwargs)
+        return self._module(*args, **kwargs)
 
-    def _close(self):
-        for mod in self._detached_convs:
-            del mod._conv_forward
-        self._detached_convs = []
-        super()._close()
+    def _close(self) -> None:
+        for mod, prev in self._patched:
+            for k in ("forward", "_dpgen_engine"):
+                if k in vars(mod):
+                    delattr(mod, k)
+            for k, v in prev.items():
+                setattr(mod, k, v)
+        for h in self._handles:
+            h.remove()
+        self._patched, self._handles = [], []
+        for p in self._module.parameters():
+            if hasattr(p, "grad_sample"):
+                p.grad_sample = None
+
+
+def _sample_generic(module: nn.Module, acts: list, g: torch.Tensor, lay: _Layout) -> None:
+    sampler = GradSampleModule.GRAD_SAMPLERS.get(type(module), ft_compute_per_sample_gradient)
+    for p, gs in sampler(module, acts, g).items():
+        if p.requires_grad:
+            _add_grad_sample(p, gs.reshape(lay.slots, lay.units, *gs.shape[1:]).sum(0))
+
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "opacus")
+
+
+def make_grad_sample_module(model: nn.Module, mode: str) -> nn.Module:
+    """"hooks": dpgen's per-unit engine (the default); "functorch": Opacus' per-row gradients by
+    functorch; "opacus": Opacus' own hooks and samplers (kept to compare with, and to show the
+    channels-last trap the preflight catches)."""
+    if mode == "hooks":
+        return DPGradSampleModule(model)
+    if mode in ("functorch", "opacus"):
+        return GradSampleModule(model, batch_first=True, loss_reduction="sum", force_functorch=mode == "functorch")
+    raise ValueError(f"unknown grad_sample_mode {mode!r}; choose one of {', '.join(GRAD_SAMPLE_MODES)}")
 
 
 def validate_model(model: nn.Module) -> None:
@@ -246,24 +532,38 @@ def preflight(
     mode: str = "hooks",
     tolerance: float = PREFLIGHT_TOLERANCE,
 ) -> PreflightReport:
-    """Opacus per-sample gradients vs. per-sample autograd, on copies of `model`.
+    """The engine's per-sample gradients vs. per-sample autograd, on copies of `model`.
 
     `batch` should be random data of the private data's shape (the check spends no privacy).
-    Runs in float64 so that a failure means a wrong gradient, not rounding.
+    Runs in float64 so that a failure means a wrong gradient, not rounding. In "hooks" mode
+    the per-unit path is checked too: the rows laid out as 2 slots x n/2 units (what a pass
+    over several draws or rows of a unit looks like) must give each unit the sum of its two
+    rows' autograd gradients.
     """
     base = copy.deepcopy(model).double().train()
     batch = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in batch.items()}
     n = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
     names = [name for name, p in base.named_parameters() if p.requires_grad]
 
-    gsm = DPGradSampleModule(copy.deepcopy(base), batch_first=True, loss_reduction="sum", force_functorch=mode == "functorch")
-    loss_fn(gsm, batch).sum().backward()
-    opacus_grads = {}
-    for name, p in gsm._module.named_parameters():
-        if p.requires_grad:
-            gs = p.grad_sample
-            opacus_grads[name] = torch.cat(gs) if isinstance(gs, list) else gs
-    gsm._close()
+    def engine_grads(slots: int, units: int) -> dict[str, torch.Tensor]:
+        gsm = make_grad_sample_module(copy.deepcopy(base), mode)
+        rows = _rows(batch, slice(0, slots * units)) if slots * units < n else batch
+        if isinstance(gsm, DPGradSampleModule):
+            with gsm.layout_of(slots, units):
+                loss_fn(gsm, rows).sum().backward()  # (per-unit gradients complete at the end of the block)
+        else:
+            loss_fn(gsm, rows).sum().backward()
+        out = {}
+        for name, p in gsm._module.named_parameters():
+            gs = getattr(p, "grad_sample", None)
+            if p.requires_grad and gs is not None:
+                out[name] = torch.cat(gs) if isinstance(gs, list) else gs
+        gsm._close()
+        return out
+
+    checks = [(engine_grads(1, n), 1)]
+    if mode == "hooks" and n >= 2:
+        checks.append((engine_grads(2, n // 2), 2))
 
     ref = {name: [] for name in names}
     for i in range(n):
@@ -280,12 +580,18 @@ def preflight(
     floor = 1e-6 * torch.sqrt(sum(r.pow(2).sum() for r in stacked.values())).item()
     errors = {}
     for name in names:
-        r = stacked[name]
-        g = opacus_grads.get(name)
-        if g is None or g.shape != r.shape:
-            errors[name] = float("inf")
-            continue
-        errors[name] = (g - r).norm().item() / max(r.norm().item(), floor, 1e-300)
+        errors[name] = 0.0
+        for grads, slots in checks:
+            r = stacked[name]
+            if slots > 1:  # unit u = rows u and units + u
+                units = n // slots
+                r = r[: slots * units].view(slots, units, *r.shape[1:]).sum(0)
+            g = grads.get(name)
+            if g is None or g.shape != r.shape:
+                err = float("inf")
+            else:
+                err = (g - r).norm().item() / max(r.norm().item(), floor, 1e-300)
+            errors[name] = max(errors[name], err)
     failed = [k for k, v in errors.items() if not v <= tolerance]
     return PreflightReport(
         mode=mode, max_relative_error=max(errors.values()) if errors else 0.0, errors=errors, failed=failed,
@@ -297,7 +603,7 @@ def require_preflight(report: PreflightReport) -> None:
     if not report.passed:
         layers = sorted({name.rsplit(".", 1)[0] for name in report.failed})
         raise PrivacyError(
-            f"per-sample gradient preflight failed ({report.mode} mode): Opacus' per-sample gradients differ "
+            f"per-sample gradient preflight failed ({report.mode} mode): the engine's per-sample gradients differ "
             f"from autograd by up to {report.max_relative_error:.3g} (tolerance {report.tolerance:g}) in "
             f"{len(layers)} layer(s): {', '.join(layers[:8])}{' ...' if len(layers) > 8 else ''}. "
             f"Clipping would act on wrong norms and the DP guarantee would not hold; refusing to train. "
@@ -356,34 +662,97 @@ class PrivacyUnits:
 # ----------------------------------------------------------------------------- DP-SGD step
 
 
-def _fold_grad_samples(params: list[nn.Parameter], group: torch.Tensor, n_groups: int) -> None:
-    """Sum the rows of the latest backward pass into one per-sample gradient per group.
+class _PerUnitClip:
+    """Opacus' clip_and_accumulate (per-unit norms over all parameters, clip factor
+    min(1, C / (norm + 1e-6)), clipped sum), with the squared norms the engine took when it
+    wrote each per-unit gradient (where that gradient is final) and the clipped sum as one
+    vector-matrix product per parameter."""
 
-    When every row is its own group (one image per unit) the rows are used as they are;
-    otherwise a one-hot (groups x rows) matrix product does the sum (index_add_ on CPU is
-    an order of magnitude slower for wide rows).
+    def clip_and_accumulate(self):
+        samples = [self._get_flat_grad_sample(p) for p in self.params]
+        m = len(samples[0])
+        if m == 0:
+            clip = torch.zeros((0,), device=samples[0].device)
+        else:
+            sq = None
+            for gs in samples:
+                s = getattr(gs, "_dpgen_sq_norms", None)
+                if s is None:
+                    s = torch.linalg.vector_norm(gs.reshape(m, gs[0].numel()), dim=1).square()
+                s = s.to(samples[0].device)
+                sq = s if sq is None else sq + s
+            clip = (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        for p, gs in zip(self.params, samples):
+            _check_processed_flag(p.grad_sample)
+            flat = gs.to(p.dtype).reshape(m, p.numel())
+            c = clip.to(flat)
+            if p.summed_grad is None:
+                p.summed_grad = (c @ flat).view(p.shape)
+            else:  # later unit batches of the step: accumulate in place
+                p.summed_grad.view(-1).addmv_(flat.t(), c)
+            _mark_as_processed(p.grad_sample)
+
+
+class _DPOptimizer(_PerUnitClip, DPOptimizer):
+    pass
+
+
+class _DistributedDPOptimizer(_PerUnitClip, DistributedDPOptimizer):
+    pass
+
+
+def _pass_plan(rows_per_unit: np.ndarray, k_draws: int, max_rows: int) -> list[tuple[np.ndarray, list[range]]]:
+    """Group a chunk's units into *unit batches* and each unit batch's draws into passes.
+
+    Returns [(units, [draws of each pass])]. The units of a unit batch have the same number of
+    rows r, so that a pass over them is a regular (slots x units) layout with r x (draws of the
+    pass) slots. As many units as fit in `max_rows` rows with all their K draws go together
+    (one pass, one per-unit gradient per unit); a unit whose r x K rows do not fit gets passes
+    of as many draws as fit, and its gradient is accumulated over them before clipping.
     """
-    identity = n_groups == len(group) and bool((group == torch.arange(len(group))).all())
-    onehot = None
+    plan = []
+    for r in np.unique(rows_per_unit):
+        units = np.flatnonzero(rows_per_unit == r)
+        if r * k_draws <= max_rows:
+            n_batches = -(-len(units) // max(1, max_rows // (r * k_draws)))
+            draws = [range(k_draws)]
+        else:
+            n_batches = len(units)
+            per = max(1, max_rows // r)
+            draws = [range(a, min(k_draws, a + per)) for a in range(0, k_draws, per)]
+        plan += [(b, draws) for b in np.array_split(units, n_batches)]
+    return plan
+
+
+def _fold_grad_samples(params: list[nn.Parameter], slots: int, units: int, acc: dict) -> None:
+    """Opacus' per-row gradients of the last pass (slot-major rows) -> per-unit sums, added to `acc`."""
     for p in params:
-        gs = p.grad_sample
+        gs = getattr(p, "grad_sample", None)
         if gs is None:
             continue
-        acc, new = (gs[0], gs[1:]) if isinstance(gs, list) else (None, [gs])
-        rows = torch.cat(new) if len(new) > 1 else new[0]
-        if identity:
-            folded = rows
-        else:
-            if onehot is None or onehot.dtype != rows.dtype or onehot.device != rows.device:
-                onehot = torch.zeros(n_groups, len(group), dtype=rows.dtype, device=rows.device)
-                onehot[group.to(rows.device), torch.arange(len(group), device=rows.device)] = 1
-            folded = (onehot @ rows.reshape(len(group), -1)).view((n_groups,) + rows.shape[1:])
-        p.grad_sample = folded if acc is None else acc.add_(folded)
+        gs = torch.cat(gs) if isinstance(gs, list) else gs
+        folded = gs.view(slots, units, *gs.shape[1:]).sum(0) if slots > 1 else gs
+        acc[p] = folded if p not in acc else acc[p] + folded
+        p.grad_sample = None
+
+
+def _concat_rows(parts: list[dict]) -> dict:
+    if len(parts) == 1:
+        return parts[0]
+    return {k: (torch.cat([p[k] for p in parts]) if isinstance(v, torch.Tensor) and v.ndim > 0 else v)
+            for k, v in parts[0].items()}
 
 
 class DPSGD:
     """One DP-SGD step = Poisson sample of units -> physical chunks -> K draws each ->
-    per-unit gradients -> Opacus clipping, noise and optimizer step."""
+    per-unit gradients -> Opacus clipping, noise and optimizer step.
+
+    Passes: the units of a chunk are regrouped so that each forward/backward pass holds whole
+    units with all their K draws (about max_rows / (rows x K) units of rows x K rows each, never
+    more rows than the biggest chunk), so the per-unit gradient of a unit is computed once per
+    step, not once per draw ("hooks" mode computes it directly; "functorch" and "opacus" modes
+    compute per-row gradients and sum them per unit after each pass).
+    """
 
     def __init__(
         self,
@@ -397,6 +766,8 @@ class DPSGD:
     ):
         from dpgen.distributed import world
 
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"unknown grad_sample_mode {grad_sample_mode!r}; choose one of {', '.join(GRAD_SAMPLE_MODES)}")
         make_conv_inputs_contiguous(model)
         self.model = model
         self.world = world()
@@ -404,13 +775,12 @@ class DPSGD:
             # Opacus' distributed path: DPDDP broadcasts rank 0's weights; the optimizer adds
             # the noise on rank 0 only and all-reduces the clipped sums (dpgen.distributed).
             model = DPDDP(model)
-        self.gsm = DPGradSampleModule(
-            model, batch_first=True, loss_reduction="sum", force_functorch=grad_sample_mode == "functorch"
-        )
+        self.gsm = make_grad_sample_module(model, grad_sample_mode)
+        self.per_unit = isinstance(self.gsm, DPGradSampleModule)
         # loss_reduction="mean": Opacus divides the noised sum by the *expected* batch size
         # (a fixed number, as the analysis of Poisson sampling requires); in a distributed run
         # by each rank's expected share, and by the world size in the all-reduce.
-        optimizer_cls = DistributedDPOptimizer if self.world.distributed else DPOptimizer
+        optimizer_cls = _DistributedDPOptimizer if self.world.distributed else _DPOptimizer
         self.optimizer = optimizer_cls(
             optimizer,
             noise_multiplier=noise_multiplier,
@@ -428,36 +798,69 @@ class DPSGD:
         noise_multiplicity: int,
         noise_generator: torch.Generator,
     ) -> float:
-        """Run one logical step; returns the mean training loss of the rows seen."""
+        """Run one logical step; returns the mean training loss of the rows seen (rows x draws).
+
+        `make_batch(i, rows, k)` is called once per chunk and draw, with the chunk's rows; the
+        passes take their rows from these batches (every tensor of a batch with a first
+        dimension is indexed by row, as in the preflight).
+        """
+        K = noise_multiplicity
         self.optimizer.generator = noise_generator
         self.optimizer.zero_grad(set_to_none=True)
-        total, count = 0.0, 0
         if not chunks:  # an empty Poisson sample is still a step: noise only
             for p in self.params:
                 p.grad_sample = torch.zeros((0,) + p.shape, dtype=p.dtype, device=p.device)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             return float("nan")
+        max_rows = max(len(rows) for rows, _, _ in chunks)
+        work = []
         for i, (rows, group, n_groups) in enumerate(chunks):
-            group_t = torch.as_tensor(group)
-            # Each unit's gradient is the mean over its rows and its K draws.
-            rows_per_group = torch.bincount(group_t, minlength=n_groups).float()
-            weight = 1.0 / (noise_multiplicity * rows_per_group[group_t])
-            for k in range(noise_multiplicity):
-                batch = make_batch(i, rows, k)
-                losses = loss_fn(self.gsm, batch)
-                (losses * weight.to(losses.device)).sum().backward()
-                _fold_grad_samples(self.params, group_t, n_groups)
-                total += losses.detach().sum().item()
-                count += len(rows)
-            last = i == len(chunks) - 1
-            if not last:
+            group = np.asarray(group)
+            order = np.argsort(group, kind="stable")
+            counts = np.bincount(group, minlength=n_groups)
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            for units, draws in _pass_plan(counts, K, max_rows):
+                if counts[units[0]] == 0:
+                    continue
+                # positions in the chunk of each unit's rows: (units, r)
+                pos = np.stack([order[starts[u]:starts[u] + counts[u]] for u in units])
+                work.append((i, rows, pos, draws))
+        total, count = None, 0
+        batches, batches_of = None, None
+        for w, (i, rows, pos, draws) in enumerate(work):
+            if batches_of != i:  # the K draws of the chunk's rows, kept while its units are processed
+                batches = None
+                batches, batches_of = [make_batch(i, rows, k) for k in range(K)], i
+            units, r = pos.shape
+            idx = pos.T.reshape(-1)  # slot-major: the unit's j-th row, then the next unit
+            whole = len(idx) == len(rows) and bool((idx == np.arange(len(rows))).all())
+            idx_t = None if whole else torch.as_tensor(idx)
+            acc = {}
+            for ks in draws:
+                batch = _concat_rows([batches[k] if whole else _rows(batches[k], idx_t) for k in ks])
+                slots = r * len(ks)
+                with self.gsm.layout_of(slots, units) if self.per_unit else contextlib.nullcontext():
+                    losses = loss_fn(self.gsm, batch)
+                    # Each unit's gradient is the mean over its rows and its K draws.
+                    (losses.sum() / (K * r)).backward()
+                if not self.per_unit:
+                    _fold_grad_samples(self.params, slots, units, acc)
+                s = losses.detach().sum()
+                total = s if total is None else total + s
+                count += len(losses)
+            for p in self.params:
+                if not self.per_unit:
+                    p.grad_sample = acc.get(p)
+                if getattr(p, "grad_sample", None) is None:  # a parameter this loss does not reach
+                    p.grad_sample = torch.zeros((units,) + p.shape, dtype=p.dtype, device=p.device)
+            if w < len(work) - 1:
                 self.optimizer.signal_skip_step(do_skip=True)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return total / max(count, 1)
+        return total.item() / max(count, 1)
 
     def close(self) -> nn.Module:
-        """Remove Opacus' hooks and return the plain model."""
+        """Remove the engine's hooks and return the plain model."""
         self.gsm._close()
         return self.model
