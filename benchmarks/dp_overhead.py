@@ -61,7 +61,7 @@ def build_model(name: str, batch: int):
     """(trainable module, objective, private-like rows, description)."""
     from dpgen.config import load_config
     from dpgen.models import ConditionalDiffusion, ConditionalGAN, diffusion_spec_from_config, gan_spec_from_config
-    from dpgen.training.families.latent import build_spec
+    from dpgen.models.registry import family
     from dpgen.training.objectives import DiffusionObjective, DiscriminatorObjective
     from dpgen.training.trainable import select_trainable
 
@@ -74,7 +74,7 @@ def build_model(name: str, batch: int):
         objective, shape, what = DiffusionObjective(model, cfg.model.cond_drop_prob), image, "pixel UNet"
     elif name == "latent":
         cfg = load_config(REPO / "configs/breast_latent.yaml")
-        spec = build_spec(cfg, image)
+        spec = family("latent_diffusion").build_spec(cfg, image)
         model = ConditionalDiffusion(spec.unet)
         objective, shape, what = DiffusionObjective(model, cfg.model.cond_drop_prob), tuple(spec.unet.image_shape), "latent UNet"
     elif name == "cgan":

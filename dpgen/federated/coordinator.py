@@ -507,7 +507,7 @@ class Coordinator:
 
 
 def _sha256(path: Path) -> str:
-    from dpgen.data.dataset import sha256_file
+    from dpgen.core.files import sha256_file
 
     return sha256_file(path)
 
