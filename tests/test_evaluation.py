@@ -89,6 +89,20 @@ def test_prdc_matches_bruteforce(n_real, n_fake, dim, k, chunk, shift):
         assert got[m] == pytest.approx(want[m], abs=1e-12), m
 
 
+def test_diversity_flags_a_collapsed_cohort():
+    """Mode collapse (a few images repeated) is precise, so precision does not catch it; the
+    diversity ratio does: ~1 for another draw of the real distribution, ~0 for one mode."""
+    from scipy.spatial.distance import pdist
+
+    rng = np.random.default_rng(3)
+    real, other = rng.normal(size=(300, 8)), rng.normal(size=(200, 8))
+    collapsed = real[:1] + rng.normal(size=(200, 8)) * 0.05  # nearly one image repeated
+    assert F.mean_pairwise_distance(real) == pytest.approx(pdist(real).mean(), rel=1e-9)
+    assert F.fidelity_metrics(real, other)["diversity"] == pytest.approx(1.0, abs=0.05)
+    out = F.fidelity_metrics(real, collapsed)
+    assert out["precision"] > 0.9 and out["diversity"] < 0.1
+
+
 def test_frechet_distance_matches_closed_form():
     from scipy import linalg
 

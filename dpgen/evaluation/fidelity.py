@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-METRICS = ("FD", "KID", "precision", "recall", "density", "coverage")
+METRICS = ("FD", "KID", "precision", "recall", "density", "coverage", "diversity")
 BETTER = {"FD": "lower", "KID": "lower", "precision": "higher", "recall": "higher", "density": "higher (1 = real-like)",
-          "coverage": "higher"}
+          "coverage": "higher", "diversity": "higher (1 = real-like)"}
 DEFAULT_K = 5
 
 
@@ -123,6 +123,18 @@ def prdc(real, fake, k: int = DEFAULT_K, chunk: int = 1024) -> dict[str, float]:
     }
 
 
+def mean_pairwise_distance(x, max_rows: int = 2000, seed: int = 0) -> float:
+    """Mean Euclidean distance between two different rows of `x` (a random subset of `max_rows`
+    rows when larger): how spread out a set of features is."""
+    x = _as_features(x)
+    if len(x) > max_rows:
+        x = x[torch.as_tensor(np.random.default_rng(seed).choice(len(x), max_rows, replace=False))]
+    n = len(x)
+    if n < 2:
+        return float("nan")
+    return float(_dists(x, x).sum() / (n * (n - 1)))
+
+
 def fidelity_metrics(real, fake, k: int = DEFAULT_K, kid_subsets: int = 50, kid_subset_size: int = 1000,
                      seed: int = 0) -> dict[str, float]:
     """All metrics of one (real, fake) pair of feature sets."""
@@ -134,6 +146,10 @@ def fidelity_metrics(real, fake, k: int = DEFAULT_K, kid_subsets: int = 50, kid_
         out["KID"], out["KID_subset_std"] = kernel_distance(real, fake, kid_subsets, kid_subset_size, seed)
     if len(real) > k and len(fake) > k:  # k-NN radii need k neighbours
         out.update(prdc(real, fake, k))
+    if min(len(real), len(fake)) >= 2:
+        # Diversity: the spread of `fake` over that of `real` (1 = as varied as the real images;
+        # a mode-collapsed cohort is near 0 even when its few modes are precise).
+        out["diversity"] = mean_pairwise_distance(fake, seed=seed) / mean_pairwise_distance(real, seed=seed)
     return out
 
 
@@ -179,5 +195,5 @@ def compare_to_reference(real, cohort, reference, repeats: int = 5, k: int = DEF
             "draws": {"cohort": len(c_runs), "reference": len(r_runs)}, "metrics": table}
 
 
-__all__ = ["METRICS", "BETTER", "frechet_distance", "kernel_distance", "prdc", "knn_radii", "fidelity_metrics",
+__all__ = ["METRICS", "BETTER", "frechet_distance", "mean_pairwise_distance", "kernel_distance", "prdc", "knn_radii", "fidelity_metrics",
            "compare_to_reference"]

@@ -215,7 +215,8 @@ def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, 
             "how": ("cohort vs private train, beside held-out real (private test) vs private train, both at the same "
                     "sample size n_matched (the larger set subsampled; mean and std over draws); cohort_full is the "
                     "whole cohort. FD and KID come from torchmetrics on these features; precision/recall/density/"
-                    f"coverage are Naeem et al. 2020 with k={opts.prdc_k}."),
+                    f"coverage are Naeem et al. 2020 with k={opts.prdc_k}; diversity is the mean pairwise feature "
+                    "distance of the set over that of private train (1 = as varied as the real images)."),
             "overall": _labeled(overall, extractor),
             "per_class": {c: _labeled(v, extractor) for c, v in per_class.items()},
         }
