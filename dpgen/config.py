@@ -276,12 +276,20 @@ class PrivacyConfig(_Section):
     rate, sigma, the exact spent epsilon). "replace_one": data sets of the same size differ in
     one unit; N is public and the card states it (for the same noise, epsilon is about twice
     the add/remove one).
+
+    `public_unit_count` is the number of units the Poisson sample rates are computed from
+    (q = expected batch / public_unit_count). Under add_remove it is required: were q (and
+    the sigma calibrated from it) computed from the true N, a data set with one more unit would
+    run a different mechanism, which the accountant does not cover. Give a figure you are
+    willing to publish (e.g. N rounded); the true N stays secret and only changes the realised
+    batch sizes. Under replace_one it defaults to N.
     """
 
     epsilon: float = 10.0
     delta: float = 1e-5
     accountant: Literal["pld", "rdp"] = "pld"
     neighbouring: Literal["add_remove", "replace_one"] = "add_remove"
+    public_unit_count: int | None = Field(default=None, gt=0)
 
     @field_validator("epsilon")
     @classmethod

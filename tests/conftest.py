@@ -30,7 +30,7 @@ TINY = {
               "norm_num_groups": 8, "num_train_timesteps": 100},
     "pretrain": {"steps": 6, "batch_size": 16, "checkpoint_every": 3},
     "finetune": {"steps": 6, "batch_size": 24, "physical_batch_size": 12, "checkpoint_every": 2},
-    "privacy": {"epsilon": 8.0, "delta": 1e-5},
+    "privacy": {"epsilon": 8.0, "delta": 1e-5, "public_unit_count": 96},
     "sample": {"num_images": 12, "steps": 4, "batch_size": 8, "class_counts": {"mode": "dp_histogram"}},
 }
 

@@ -57,7 +57,7 @@ class DPSGDPlan:
     """What one DP-SGD mechanism runs with, and what it was calibrated to spend."""
 
     sigma: float  # noise multiplier: noise std / clipping norm
-    sample_rate: float  # Poisson q = batch_size / n_units
+    sample_rate: float  # Poisson q = batch_size / rate_units
     steps: int
     max_grad_norm: float
     n_units: int
@@ -68,10 +68,13 @@ class DPSGDPlan:
     other_events: tuple[dict, ...] = ()
     epsilon_pld: float = math.inf  # planned, composed with other_events
     epsilon_rdp: float | None = None
+    rate_units: int | None = None  # the public unit count q is computed from (None: n_units)
 
     @property
     def expected_batch_size(self) -> float:
-        return self.sample_rate * self.n_units
+        """What the clipped sum is divided by: the configured batch, a public constant (the
+        realised expected batch q * N differs from it when q comes from a public unit count)."""
+        return float(self.batch_size)
 
     def event(self, steps: int | None = None) -> dict:
         """The accounting event of `steps` steps (default: the planned number)."""
@@ -87,18 +90,24 @@ class DPSGDPlan:
 
 def plan_dpsgd(*, target_epsilon: float, delta: float, n_units: int, batch_size: int, steps: int,
                max_grad_norm: float, noise_multiplicity: int = 1, other_events=(), accountant: str = "pld",
-               neighbouring: str = "add_remove", what: str = "DP-SGD", unit_kind: str = "unit") -> DPSGDPlan:
+               neighbouring: str = "add_remove", what: str = "DP-SGD", unit_kind: str = "unit",
+               rate_units: int | None = None) -> DPSGDPlan:
     """Calibrate sigma so that this mechanism and `other_events` compose to <= target_epsilon.
+
+    The sample rate is q = batch_size / rate_units, `rate_units` being a public unit count
+    (privacy.public_unit_count) or, when None, the true n_units: then q and sigma depend on N,
+    which only a relation with public N (replace-one) or an internal mechanism may allow.
 
     Raises PrivacyError (one line, what to change) for a batch larger than the data, no
     steps, or delta >= 1/N (a delta that large allows releasing one unit outright).
     """
     if n_units < 1:
         raise PrivacyError(f"{what}: the private data has no {unit_kind}")
-    q = batch_size / n_units
+    q = batch_size / (rate_units or n_units)
     if q > 1:
-        raise PrivacyError(f"the batch size {batch_size} of {what} is larger than the number of privacy units "
-                           f"({n_units} {unit_kind}s); lower it")
+        counted = (f"privacy.public_unit_count = {rate_units}" if rate_units
+                   else f"the number of privacy units ({n_units} {unit_kind}s)")
+        raise PrivacyError(f"the batch size {batch_size} of {what} is larger than {counted}; lower it")
     if steps < 1:
         raise PrivacyError(f"{what}: a DP-SGD run needs at least one step")
     if delta >= 1.0 / n_units:
@@ -121,7 +130,7 @@ def plan_dpsgd(*, target_epsilon: float, delta: float, n_units: int, batch_size:
     return DPSGDPlan(sigma=sigma, sample_rate=q, steps=steps, max_grad_norm=max_grad_norm, n_units=n_units,
                      batch_size=batch_size, delta=delta, neighbouring=neighbouring,
                      noise_multiplicity=noise_multiplicity, other_events=other, epsilon_pld=eps_pld,
-                     epsilon_rdp=eps_rdp)
+                     epsilon_rdp=eps_rdp, rate_units=rate_units)
 
 
 def _suggest_delta(n: int) -> float:

@@ -627,7 +627,17 @@ class PrivacyUnits:
         if subjects is None:
             idx = np.arange(n_rows)
             return cls(unit_of_row=idx, rows_of_unit=[np.array([i]) for i in idx], kind="per image")
-        _, inverse = np.unique(np.asarray(subjects).astype(str), return_inverse=True)
+        ids = np.asarray(subjects, dtype=object)
+        missing = [i for i, v in enumerate(ids) if v is None or (isinstance(v, float) and np.isnan(v))
+                   or str(v).strip() in ("", "nan", "None")]
+        if missing:
+            # Rows without an ID would be merged into one "subject": adding or removing one of
+            # those patients would then change a unit instead of adding or removing one.
+            raise PrivacyError(
+                f"{len(missing)} private row(s) have no subject ID (rows {', '.join(map(str, missing[:5]))}"
+                f"{', ...' if len(missing) > 5 else ''}); fill them in, or leave the subject column out to protect "
+                f"each image as its own unit")
+        _, inverse = np.unique(ids.astype(str), return_inverse=True)
         rows = [np.flatnonzero(inverse == u) for u in range(inverse.max() + 1)]
         return cls(unit_of_row=inverse, rows_of_unit=rows, kind="per subject")
 

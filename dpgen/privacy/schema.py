@@ -120,6 +120,9 @@ class PlanEntry(_MechanismEntry):
     trains: str | None = None
     unit: str
     n_units: int = Field(gt=0)
+    # The public unit count the sample rate is computed from (q = expected batch / it); None: q
+    # came from n_units (replace-one, where N is public, or an internal mechanism).
+    public_unit_count: int | None = Field(default=None, gt=0)
     target_epsilon: float = Field(gt=0)  # the run's budget (one per run)
     delta: float = Field(gt=0, lt=1)
     neighbouring: Neighbouring = "add_remove"

@@ -191,7 +191,7 @@ def build_card(info: RunInfo, items: list[dict], cohort: dict, files: dict, gone
         "known_limits": known_limits(info, cohort),
         "included_from_run": {rel: e.get("release_reason") for rel, e in allowed.items()
                               if rel == "cohort/cohort.npz" or (include_weights and rel.startswith("checkpoints/finetune"))},
-        "left_out": gone,
+        "left_out": summarize_left_out(gone),
         "checksums": f"{CHECKSUMS} (sha256sum -c {CHECKSUMS})",
     }
 
@@ -334,8 +334,9 @@ def card_markdown(card: dict) -> str:
     L += ["", "## Left out of this bundle", "",
           "Everything in the run directory that is not in this bundle, and why:", "",
           "| path | reason |", "|---|---|"]
-    L += [f"| `{_md_escape(i['path'])}` | {_md_escape(i['reason'])} |" for i in summarize_left_out(card["left_out"])]
-    L += ["", f"The full list is in `dataset_card.json` (`left_out`). Check the files: `sha256sum -c {CHECKSUMS}`.", ""]
+    L += [f"| `{_md_escape(i['path'])}` | {_md_escape(i['reason'])} |" for i in card["left_out"]]
+    L += ["", "Folders are listed without the names of the files inside them (`dpgen release` printed the full list "
+          f"for the data holder). Check the files: `sha256sum -c {CHECKSUMS}`.", ""]
     return "\n".join(L)
 
 

@@ -212,18 +212,23 @@ def left_out(info: RunInfo, used: set[str], allowed: dict[str, dict], refused: l
     return out
 
 
-def summarize_left_out(items: list[dict], max_per_folder: int = 5) -> list[dict]:
-    """Group long folders (internal/, logs/) so the card stays readable; counts are kept."""
-    groups: dict[tuple[str, str], list[str]] = {}
+def summarize_left_out(items: list[dict]) -> list[dict]:
+    """What the card (which ships in the bundle) says was left out: top-level files by name, every
+    folder as one entry with its reasons, no file names or counts inside it. Names inside the run
+    directory are not all innocuous: TensorBoard files carry start times, host and pid (the gap
+    between two of them can time a pass over the private data), later cohorts are named by time.
+    The full list goes to the data holder's console only."""
+    out: list[dict] = []
+    folders: dict[str, list[str]] = {}
     for it in items:
-        top = it["path"].split("/", 1)[0] if "/" in it["path"] else ""
-        groups.setdefault((top, it["reason"]), []).append(it["path"])
-    out = []
-    for (top, reason), paths in groups.items():
-        if top and len(paths) > max_per_folder:
-            out.append({"path": f"{top}/ ({len(paths)} files)", "reason": reason})
+        top, sep, _ = it["path"].partition("/")
+        if sep and top not in ("", ".."):
+            reasons = folders.setdefault(top + "/", [])
+            if it["reason"] not in reasons:
+                reasons.append(it["reason"])
         else:
-            out.extend({"path": p, "reason": reason} for p in paths)
+            out.append({"path": it["path"], "reason": it["reason"]})
+    out.extend({"path": folder, "reason": "; ".join(reasons)} for folder, reasons in sorted(folders.items()))
     return out
 
 

@@ -105,23 +105,30 @@ def plan_mechanism(config, settings: DPSettings, units: PrivacyUnits, *, mechani
     """The ledger plan of one release mechanism: sigma calibrated so that it composed with
     `other_events` spends at most `budget`; `target_epsilon` is the run's one budget."""
     pv = config.privacy
+    if pv.neighbouring == "add_remove" and pv.public_unit_count is None and not math.isinf(budget):
+        raise PrivacyError(
+            f"{mechanism}: privacy.neighbouring add_remove keeps the number of units N secret, so the sample rate "
+            f"cannot be batch/N (a data set with one more unit would run another mechanism): set "
+            f"privacy.public_unit_count to a figure you can publish (your data has {len(units)} "
+            f"{units.kind.removeprefix('per ')}s), or use privacy.neighbouring: replace_one if N is public")
     plan = plan_dpsgd(target_epsilon=budget, delta=pv.delta, n_units=len(units), batch_size=settings.batch_size,
                       steps=settings.steps, max_grad_norm=settings.max_grad_norm,
                       noise_multiplicity=settings.noise_multiplicity, other_events=other_events,
                       accountant=pv.accountant, neighbouring=pv.neighbouring, what=mechanism,
-                      unit_kind=units.kind.removeprefix("per "))
+                      unit_kind=units.kind.removeprefix("per "), rate_units=pv.public_unit_count)
     return PlanEntry(
         mechanism=mechanism, scope=mechanisms.scope_of(mechanism), trains=trains, unit=units.kind, n_units=len(units),
         target_epsilon=pv.epsilon, delta=pv.delta, neighbouring=pv.neighbouring, sigma=plan.sigma,
         sample_rate=plan.sample_rate, expected_batch_size=settings.batch_size, planned_steps=settings.steps,
         max_grad_norm=settings.max_grad_norm, noise_multiplicity=settings.noise_multiplicity,
         accountant=pv.accountant, epsilon_planned_pld=plan.epsilon_pld, epsilon_planned_rdp=plan.epsilon_rdp,
-        other_events=list(plan.other_events), grad_sample_mode=settings.grad_sample_mode, **more,
+        other_events=list(plan.other_events), grad_sample_mode=settings.grad_sample_mode,
+        public_unit_count=pv.public_unit_count, **more,
     )
 
 
-_SAME_PLAN = ("unit", "n_units", "target_epsilon", "delta", "neighbouring", "sample_rate", "planned_steps",
-              "max_grad_norm", "noise_multiplicity", "accountant")
+_SAME_PLAN = ("unit", "n_units", "public_unit_count", "target_epsilon", "delta", "neighbouring", "sample_rate",
+              "planned_steps", "max_grad_norm", "noise_multiplicity", "accountant")
 
 
 def register_plan(ledger: PrivacyLedger, plan: PlanEntry) -> PlanEntry:
@@ -147,7 +154,8 @@ def loop_plan(entry: PlanEntry) -> DPSGDPlan:
                      batch_size=int(round(entry.expected_batch_size)), delta=entry.delta,
                      neighbouring=entry.neighbouring, noise_multiplicity=entry.noise_multiplicity,
                      other_events=tuple(e.model_dump() for e in entry.other_events),
-                     epsilon_pld=entry.epsilon_planned_pld, epsilon_rdp=entry.epsilon_planned_rdp)
+                     epsilon_pld=entry.epsilon_planned_pld, epsilon_rdp=entry.epsilon_planned_rdp,
+                     rate_units=entry.public_unit_count)
 
 
 def register_finetune_plan(config, ledger: PrivacyLedger, units: PrivacyUnits, *, other_events: list[dict],
