@@ -345,8 +345,20 @@ class RunDir:
         write_json_atomic(self.manifest_path, manifest)
 
     def record_datasets(self, datasets: dict[str, dict]) -> None:
+        """Record the data each role used; a private data set whose content changed since the run
+        recorded it is refused: a resumed DP run recomputes its steps from the same secret draws,
+        and the same noise on other data could be differenced against what was already shared."""
         manifest = self.read_json(self.manifest_path) or {}
-        manifest.setdefault("datasets", {}).update(datasets)
+        known = manifest.setdefault("datasets", {})
+        for key, info in datasets.items():
+            old = known.get(key, {}).get("sha256")
+            if key.startswith("private/") and old and info.get("sha256") and old != info["sha256"]:
+                from dpgen.data.dataset import DataError
+
+                raise DataError(f"{key}: the private data changed since this run started (sha256 {old[:12]}... now "
+                                f"{info['sha256'][:12]}...); a run continues on the data it started with; start a new "
+                                f"run directory for the new data")
+        known.update(datasets)
         write_json_atomic(self.manifest_path, manifest)
 
     # --- stage state

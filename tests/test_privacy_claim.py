@@ -184,3 +184,15 @@ def test_dp_steps_of_breast_eps10_run_on_cuda(tmp_path):
                                                      "sample.num_images=8", "sample.steps=2", "sample.batch_size=8"])
     summary = dpgen.run(cfg, tmp_path / "gpu", device="cuda", progress=False)
     assert summary["stages"]["finetune"]["steps"] == 3 and summary["privacy"]["within_target"]
+
+
+def test_a_run_refuses_private_data_that_changed_since_it_started(tiny_config, tmp_path):
+    """Resuming recomputes steps from the same secret draws; on other data the same noise could be
+    differenced against what the first attempt already shared."""
+    from dpgen.data.dataset import DataError
+
+    rd = RunDir.create(tmp_path / "run", tiny_config)
+    rd.record_datasets({"private/train": {"n": 96, "sha256": "a" * 64}, "public/train": {"sha256": "c" * 64}})
+    rd.record_datasets({"private/train": {"n": 96, "sha256": "a" * 64}, "public/train": {"sha256": "d" * 64}})
+    with pytest.raises(DataError, match="private data changed"):
+        rd.record_datasets({"private/train": {"n": 96, "sha256": "b" * 64}})

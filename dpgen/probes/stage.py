@@ -285,7 +285,7 @@ def _reconstruction(config, rd, train, adapter: ProbeAdapter, ctx, opts: AuditOp
 
 def audit_stage(config, rd: RunDir, device="auto", progress: bool = True, options: AuditOptions | None = None,
                 cohort_path: str | Path | None = None, **opts) -> dict:
-    """Run the probes on a finished run; write internal results, figures and the releasable summary.
+    """Run the probes on a finished run; write internal results, figures and the aggregate summary (internal: the data holder's review).
 
     Keyword options override fields of `AuditOptions` (e.g. `overfit_control=False`, `attack_targets=2`,
     `seed=1`). Returns the aggregate results (what `dpgen audit --json` prints).
