@@ -23,8 +23,9 @@ make the guarantee true.
   a conv input is channels-last (after diffusers' attention, inside MONAI's AutoencoderKL);
   `make_conv_inputs_contiguous` is their fix, and the preflight is the proof, for whatever
   model is being trained and whichever mode.
-- Speed: benchmarks/dp_overhead.py and benchmarks/RESULTS.md (K = 1: 1.1-1.3x a non-private
-  step of the quickstart UNet, the latent UNet and the cGAN discriminator, measured under load).
+- Speed: benchmarks/dp_overhead.py and benchmarks/RESULTS.md (K = 1: 1.40x / 1.11x / 1.31x a
+  non-private step of the quickstart UNet, the latent UNet and the cGAN discriminator; K draws
+  about K x 1.0-1.2x; step memory flat in K; measured alone on a 2-core CPU).
 - Steps are deterministic functions of (secret seed, step): the Poisson sample, the per-row
   draws and the DP noise come from per-step generators of the mechanism's secret streams
   (`dpgen.privacy.randomness`), which `dpgen.privacy.dpsgd.DPSGDLoop` hands to `DPSGD.step`.
