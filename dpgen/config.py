@@ -120,6 +120,10 @@ class GANConfig(_Section):
     # Discriminator: channels per grid, finest first; stride-2 convs between entries.
     discriminator_channels: list[int] = Field(default_factory=lambda: [32, 64, 128])
     norm_num_groups: int = Field(default=8, gt=0)
+    # Normalisation in the generator (never private: it may mix the rows of a batch). "batch"
+    # (DCGAN's) keeps the public pretraining from collapsing to one image; "group" did
+    # (benchmarks/RESULTS.md). The discriminator always uses GroupNorm (per-sample gradients).
+    generator_norm: Literal["batch", "group"] = "batch"
 
     @model_validator(mode="after")
     def _groups(self) -> "GANConfig":

@@ -41,14 +41,14 @@ TIMEOUT = 1200  # generous: the shared 2-core machine may be loaded
 
 def _fed_config(port: int, **site_overrides) -> dict:
     t = copy.deepcopy(TINY)
-    site = {"data": {"source": "breastmnist"}, "privacy": {"epsilon": 8.0, "delta": 1e-5},
+    site = {"data": {"source": "breastmnist"}, "privacy": {"epsilon": 8.0, "delta": 1e-5, "public_unit_count": 60},
             "finetune": {"rounds": 2, "local_steps": 4, "batch_size": 16, "physical_batch_size": 16,
                          "checkpoint_every": 2},
             "connect_timeout_s": 300}
     a = copy.deepcopy(site)
     a["rows"] = [0, 60]
     b = copy.deepcopy(site)
-    b.update(rows=[60, 96], privacy={"epsilon": 4.0, "delta": 1e-5})
+    b.update(rows=[60, 96], privacy={"epsilon": 4.0, "delta": 1e-5, "public_unit_count": 36})
     b["finetune"].update(batch_size=12, physical_batch_size=12)
     cfg = {
         "name": "tinyfed", "seed": 0,

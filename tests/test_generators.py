@@ -157,6 +157,30 @@ def test_gan_discriminator_step_keeps_generator_out_of_dp():
     assert any(not torch.equal(a, b) for a, b in zip(g_before, gan.generator.parameters()))
 
 
+def test_gan_fakes_paired_with_private_rows_do_not_mix_rows():
+    """With batch norm in the generator (the default), a fake drawn in training mode depends on the
+    labels of the other rows of the batch: removing one private unit would move every other unit's
+    loss. DP fine-tuning draws fakes in eval mode and refuses training mode."""
+    from dpgen.models.gan import ConditionalGAN, GANSpec
+    from dpgen.training.objectives import DiscriminatorObjective
+
+    spec = GANSpec(2, 1, 2, [1, 8, 8], latent_dim=8, generator_channels=[16, 8], discriminator_channels=[8, 16],
+                   generator_norm="batch")
+    gan = ConditionalGAN(spec)
+    x, y = torch.rand(6, 1, 8, 8) * 2 - 1, torch.tensor([0, 0, 0, 1, 1, 1])
+
+    def fakes(obj, labels):
+        return obj.draw_rows({"x": x[:len(labels)], "labels": labels}, torch.Generator().manual_seed(0))["fake"]
+
+    public = DiscriminatorObjective(gan.generator, spec)  # pretraining: batch statistics, rows mix
+    assert not torch.allclose(fakes(public, y)[0], fakes(public, torch.tensor([0, 1, 1, 1, 1, 1]))[0])
+    private = DiscriminatorObjective(gan.generator, spec, private_rows=True)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        fakes(private, y)
+    gan.generator.eval()
+    assert torch.equal(fakes(private, y)[0], fakes(private, torch.tensor([0, 1, 1, 1, 1, 1]))[0])
+
+
 # ----------------------------------------------------------------------------- 3D
 
 

@@ -33,6 +33,7 @@ class GANSpec(ConditionedSpec):
     discriminator_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
     norm_num_groups: int = 8
     attribute_names: list[str] = field(default_factory=list)
+    generator_norm: str = "group"  # "batch" | "group" (checkpoints written before the option: group)
     attribute_ranges: list[list[float]] = field(default_factory=list)
 
     @property
@@ -55,7 +56,7 @@ def gan_spec_from_config(config, image_shape: tuple[int, ...]) -> GANSpec:
         spatial_dims=len(image_shape) - 1, in_channels=image_shape[0], num_classes=config.data.num_classes,
         image_shape=list(image_shape), latent_dim=g.latent_dim, generator_channels=list(g.generator_channels),
         discriminator_channels=list(g.discriminator_channels), norm_num_groups=g.norm_num_groups,
-        attribute_names=names, attribute_ranges=ranges,
+        attribute_names=names, attribute_ranges=ranges, generator_norm=g.generator_norm,
     )
     spec.base_shape  # raises on sizes the generator cannot produce
     return spec
@@ -86,10 +87,17 @@ class ConditionalGenerator(nn.Module):
         for s in self.base:
             numel *= s
         self.fc = nn.Linear(in_dim, numel)
-        blocks = [nn.GroupNorm(min(spec.norm_num_groups, ch[0]), ch[0]), nn.SiLU()]
+        if spec.generator_norm == "batch":
+            # Batch statistics mix the rows of a batch: fine for the generator, which never sees
+            # private data, as long as the fakes a DP step pairs with private rows are drawn in
+            # eval mode (running statistics; `DiscriminatorObjective.fakes`).
+            norm = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[d]
+        else:
+            norm = lambda c: nn.GroupNorm(min(spec.norm_num_groups, c), c)  # noqa: E731
+        blocks = [norm(ch[0]), nn.SiLU()]
         for c_in, c_out in zip(ch[:-1], ch[1:]):
-            blocks += [nn.Upsample(scale_factor=2, mode="nearest"), conv(c_in, c_out, 3, padding=1),
-                       nn.GroupNorm(min(spec.norm_num_groups, c_out), c_out), nn.SiLU()]
+            blocks += [nn.Upsample(scale_factor=2, mode="nearest"), conv(c_in, c_out, 3, padding=1), norm(c_out),
+                       nn.SiLU()]
         blocks += [conv(ch[-1], spec.in_channels, 3, padding=1), nn.Tanh()]
         self.net = nn.Sequential(*blocks)
 

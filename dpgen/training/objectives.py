@@ -128,9 +128,10 @@ class DiscriminatorObjective:
     is one backward pass and one optimizer step per privacy step.
     """
 
-    def __init__(self, generator_model: nn.Module, spec):
+    def __init__(self, generator_model: nn.Module, spec, private_rows: bool = False):
         self.g = generator_model
         self.spec = spec
+        self.private_rows = private_rows  # True in DP fine-tuning: fakes must not mix rows
         self.n_attributes = len(spec.attribute_names)
 
     @torch.no_grad()
@@ -141,6 +142,11 @@ class DiscriminatorObjective:
         p = next(self.g.parameters())
         a = None if attributes is None else attributes.to(dev, p.dtype)
         m = None if attr_mask is None else attr_mask.to(dev, p.dtype)
+        if self.private_rows and self.g.training:
+            # A generator with batch norm in training mode would make each row's fake depend on
+            # the labels of the other rows of the batch: one private unit would move the loss of
+            # the others, and per-unit clipping would no longer bound a step's sensitivity.
+            raise RuntimeError("fakes paired with private rows need the generator in eval mode")
         return self.g(z.to(p.dtype), labels, a, m).to(dtype)
 
     def draw_rows(self, rows: dict, generator: torch.Generator) -> dict:

@@ -134,7 +134,10 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
         config, ledger, units, other_events=histogram_events(config),
         trains="cGAN discriminator (the generator never sees private data)", trainable=trainable,
     )
-    objective = DiscriminatorObjective(G, spec)
+    # The generator stays in eval mode while D sees private rows: its batch-norm statistics (if
+    # any) are frozen at their public values, so a fake depends on its own row's draw and label only.
+    G.eval()
+    objective = DiscriminatorObjective(G, spec, private_rows=True)
     g_opt = torch.optim.Adam(G.parameters(), lr=ft.generator_lr or ft.lr, betas=ADAM_BETAS)
     g_ema = EMA(G, ft.ema_decay)
     logger = TBLogger(rd.logs / "finetune_generator")
