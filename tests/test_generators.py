@@ -181,6 +181,33 @@ def test_gan_fakes_paired_with_private_rows_do_not_mix_rows():
     assert torch.equal(fakes(private, y)[0], fakes(private, torch.tensor([0, 1, 1, 1, 1, 1]))[0])
 
 
+def test_standing_batch_stats_match_the_generators_current_weights():
+    """Running statistics gathered along the raw weights' path do not fit EMA weights; standing
+    statistics recomputed for the current weights make eval mode behave like training mode."""
+    from dpgen.models.gan import ConditionalGAN, GANSpec
+    from dpgen.training.families.gan import standing_batch_stats
+
+    torch.manual_seed(0)
+    spec = GANSpec(2, 1, 2, [1, 8, 8], latent_dim=8, generator_channels=[16, 8], discriminator_channels=[8, 16],
+                   generator_norm="batch")
+    G = ConditionalGAN(spec).generator
+    for m in G.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(3.0)  # stale statistics
+            m.running_var.fill_(0.01)
+    z, y = torch.randn(256, 8), torch.arange(256) % 2
+
+    def spread(mode):
+        getattr(G, mode)()
+        with torch.no_grad():
+            return G(z, y).std(0).mean().item()
+
+    stale, batch = spread("eval"), spread("train")
+    standing_batch_stats(G, spec, seed=0, device="cpu")
+    assert not G.training
+    assert abs(spread("eval") - batch) < 0.15 * batch < abs(stale - batch)
+
+
 # ----------------------------------------------------------------------------- 3D
 
 

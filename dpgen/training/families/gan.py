@@ -66,6 +66,32 @@ def generator_step(objective: DiscriminatorObjective, d, g_model, g_opt, g_ema, 
     return loss.item()
 
 
+@torch.no_grad()
+def standing_batch_stats(generator, spec, seed: int, device, null_labels: bool = False, batches: int = 32,
+                         batch_size: int = 64) -> None:
+    """Recompute the generator's batch-norm statistics for its current weights ("standing
+    statistics", BigGAN): the running averages were gathered along the raw weights' path, so the
+    EMA weights with them decode every latent to nearly the same image (measured: pixel diversity
+    0.38 vs 0.78 with fresh statistics). Uses only the generator and public randomness
+    (uniform conditions, `config.seed`): post-processing, no privacy cost."""
+    norms = [m for m in generator.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    generator.train()
+    g = step_generator(seed, 0, "standing_stats")
+    for _ in range(batches):
+        cond = uniform_conditions(spec, batch_size, g, device, null_labels)
+        z = torch.randn((batch_size, spec.latent_dim), generator=g).to(device)
+        generator(z, cond["labels"], cond.get("attributes"), cond.get("attr_mask"))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    generator.eval()
+
+
 def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, device, progress: bool = True) -> dict:
     torch.manual_seed(config.seed)
     with config_errors():
@@ -108,6 +134,7 @@ def pretrain(config, rd: RunDir, public: ImageDataset | None, image_shape, devic
                          log_fn=logger.scalar, progress=progress)
         logger.close()
     g_ema.copy_to(G)
+    standing_batch_stats(G, spec, config.seed, device, null_labels=not uses_public_labels(config))
     info = {"stage": "pretrain", "steps": steps, "data": public.info() if public is not None and steps else None,
             "privacy": "public data only" if steps else "random initialisation"}
     weights = gan.state_dict()
@@ -162,6 +189,7 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
     result["ema"].copy_to(D)
     merge_lora(D)
     g_ema.copy_to(G)
+    standing_batch_stats(G, spec, config.seed, device)
     info = {"stage": "finetune", "privacy": result["complete"], "preflight": result["report"].to_dict(),
             "trainable": trainable, "generator_privacy": GENERATOR_SOURCE, "privacy_mechanisms": [MECHANISM]}
     save_weights(rd.finetune_weights, gan.state_dict(), spec.to_dict(), info, family=NAME)
