@@ -28,6 +28,7 @@ def test_subject_ids_make_the_subject_the_unit(tmp_path, tiny_raw):
     _subject_folder(folder)
     tiny_raw["data"]["private"] = {"source": str(folder), "subject_column": "patient_id"}
     tiny_raw["finetune"].update({"batch_size": 8, "physical_batch_size": 7, "steps": 4})
+    tiny_raw["privacy"]["public_unit_count"] = 20  # the published number of patients, not of images
     tiny_raw["sample"].update({"num_images": 4})
     cfg = tmp_path / "subj.yaml"
     cfg.write_text(yaml.safe_dump(tiny_raw))

@@ -16,7 +16,7 @@ sections may then be left out, see `load_site_config`).
       hospital_a:
         data: {source: breastmnist, split: train}   # any dpgen data source
         rows: [0, 300]                               # optional: a slice of it (demo splits)
-        privacy: {epsilon: 8, delta: 1.0e-5}         # this site's own budget
+        privacy: {epsilon: 8, delta: 1.0e-5, public_unit_count: 300}  # own budget; q = batch / public count
         finetune: {rounds: 3, local_steps: 10, batch_size: 64, ...}
 
 Every number that decides weighting or scheduling (expected batch sizes, rounds, local steps)
