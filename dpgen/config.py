@@ -527,7 +527,9 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
         raise ConfigError(_format_validation_error(err, raw)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+def read_config_yaml(path: str | Path) -> dict:
+    """The mapping a YAML config file holds (its `name` defaulting to the file's stem); one-line
+    ConfigErrors for a missing file, a folder, invalid YAML or a non-mapping."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {str(path)!r} is a directory; give a YAML file (e.g. configs/quickstart.yaml)")
@@ -540,4 +542,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     raw.setdefault("name", path.stem)
-    return config_from_dict(apply_overrides(raw, overrides or []))
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    return config_from_dict(apply_overrides(read_config_yaml(path), overrides or []))

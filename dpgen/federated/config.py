@@ -200,17 +200,9 @@ class FederationConfig(_Section):
 
 
 def _read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}".replace("\n", " ")) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-    raw.setdefault("name", path.stem)
-    return raw
+    from dpgen.config import read_config_yaml
+
+    return read_config_yaml(path)
 
 
 def federation_from_dict(raw: dict) -> FederationConfig:

@@ -86,16 +86,23 @@ def how_it_was_made(info: RunInfo) -> dict:
             "accountant": f"{_get(c, 'privacy.accountant')} (dp-accounting)",
             "source": SOURCE_USER + "; noise multiplier and sample rate only when N is public (replace-one)",
         },
-        "sampling": {"sampler": _get(c, "sample.sampler"), "steps": _get(c, "sample.steps"),
-                     "guidance_scale": _get(c, "sample.guidance_scale"), "seed": _get(c, "sample.seed"),
-                     "class_counts": cohort.get("class_counts_source") or _get(c, "sample.class_counts.mode"),
-                     "source": SOURCE_USER},
-        "software": {"dpgen": versions.get("dpgen"), "torch": versions.get("torch"), "opacus": versions.get("opacus"),
-                     "monai": versions.get("monai"), "dp-accounting": versions.get("dp-accounting"),
-                     "git_commit": (info.manifest or {}).get("git_commit"), "source": SOURCE_SOFTWARE},
+        "sampling": _sampling_how(c, cohort),
+        "software": _software(info, versions, ("dpgen", "torch", "opacus", "monai", "dp-accounting")),
         "run_name": info.name,
     }
     return out
+
+
+def _sampling_how(c, cohort: dict) -> dict:
+    return {"sampler": _get(c, "sample.sampler"), "steps": _get(c, "sample.steps"),
+            "guidance_scale": _get(c, "sample.guidance_scale"), "seed": _get(c, "sample.seed"),
+            "class_counts": cohort.get("class_counts_source") or _get(c, "sample.class_counts.mode"),
+            "source": SOURCE_USER}
+
+
+def _software(info: RunInfo, versions: dict, packages: tuple[str, ...]) -> dict:
+    return {**{p: versions.get(p) for p in packages}, "git_commit": (info.manifest or {}).get("git_commit"),
+            "source": SOURCE_SOFTWARE}
 
 
 def _federated_how(info: RunInfo, shared, cohort: dict, versions: dict, generator: str) -> dict:
@@ -120,14 +127,8 @@ def _federated_how(info: RunInfo, shared, cohort: dict, versions: dict, generato
             "source": SOURCE_USER + "; per-site settings as the sites reported them (no N, sample rate or noise "
                                     "multiplier)",
         },
-        "sampling": {"sampler": _get(c, "sample.sampler"), "steps": _get(c, "sample.steps"),
-                     "guidance_scale": _get(c, "sample.guidance_scale"), "seed": _get(c, "sample.seed"),
-                     "class_counts": cohort.get("class_counts_source") or _get(c, "sample.class_counts.mode"),
-                     "source": SOURCE_USER},
-        "software": {"dpgen": versions.get("dpgen"), "torch": versions.get("torch"), "opacus": versions.get("opacus"),
-                     "monai": versions.get("monai"), "dp-accounting": versions.get("dp-accounting"),
-                     "flwr": versions.get("flwr"), "git_commit": (info.manifest or {}).get("git_commit"),
-                     "source": SOURCE_SOFTWARE},
+        "sampling": _sampling_how(c, cohort),
+        "software": _software(info, versions, ("dpgen", "torch", "opacus", "monai", "dp-accounting", "flwr")),
         "run_name": info.name,
     }
 
