@@ -131,7 +131,8 @@ def test_rows_without_a_subject_id_are_refused():
     from dpgen.privacy.engine import PrivacyError
 
     assert len(PrivacyUnits.from_subjects(np.array(["p1", "p1", "p2"], dtype=object), 3)) == 2
-    for missing in ("", None, float("nan"), "nan"):
+    assert len(PrivacyUnits.from_subjects(np.array(["p1", "p1 ", "p2"], dtype=object), 3)) == 2
+    for missing in ("", None, float("nan"), "nan", "NA", "N/A", "null", " - "):
         with pytest.raises(PrivacyError, match="no subject ID"):
             PrivacyUnits.from_subjects(np.array(["p1", missing, "p2", missing], dtype=object), 4)
 

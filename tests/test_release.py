@@ -495,3 +495,14 @@ def test_config_from_another_dpgen_version_is_read_as_written(run_copy, tmp_path
     card = release(run_copy, tmp_path / "bundle")["card"]
     assert card["dataset"]["class_names"] == ["malignant", "normal_benign"]
     assert verify_bundle(tmp_path / "bundle") == []
+
+
+def test_an_add_remove_plan_without_a_public_unit_count_is_not_released(run_copy, tmp_path):
+    """q = batch / N makes the mechanism depend on N: a run planned that way (before
+    privacy.public_unit_count existed) must not be released with the add/remove guarantee."""
+    ledger = run_copy / "privacy" / "ledger.jsonl"
+    text = ledger.read_text()
+    assert '"public_unit_count": 96' in text
+    ledger.write_text(text.replace('"public_unit_count": 96', '"public_unit_count": null'))
+    with pytest.raises(ReleaseError, match="public unit count"):
+        release(run_copy, tmp_path / "bundle")

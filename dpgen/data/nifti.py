@@ -65,7 +65,7 @@ def write_nifti(path: str | Path, image: np.ndarray) -> Path:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             if str(path).lower().endswith(".gz"):
-                with gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
+                with gzip.GzipFile(filename="", fileobj=f, mode="wb", mtime=0) as gz:  # no temp name in the header
                     gz.write(data)
             else:
                 f.write(data)

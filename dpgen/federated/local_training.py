@@ -14,7 +14,7 @@ A site is an ordinary dpgen run directory with one DP mechanism, `dp_sgd:finetun
 dpgen's one DP-SGD loop (`dpgen.privacy.dpsgd.DPSGDLoop` through
 `dpgen.training.dp.run_dp_job`):
 
-- Its plan covers rounds x local_steps steps at sample rate q = batch_size / N_site, calibrated
+- Its plan covers rounds x local_steps steps at sample rate q = batch_size / the site's public_unit_count, calibrated
   and registered once at launch (`plan_site`, `register_plan`); nothing is recalibrated per
   round (`local_round` reads the registered `PlanEntry`).
 - Round r gets the next `local_steps` step indices [a, b) of that plan, written to the ledger
@@ -497,6 +497,8 @@ def local_round(site: SiteRun, gm: GlobalModel, round_index: int, *, device="cpu
             return RoundResult(update, progress_facts(site, round_index), replayed=True)
 
     ds = load_site_data(site)
+    # A recomputed round reruns the same secret draws: refuse private data that changed since launch.
+    site.rd.record_datasets({f"private/{ds.split}": ds.info()})
     check_schema(site, gm.schema(), ds)
     if led.latest("dp_complete", mechanism=mech) is not None:
         raise SiteRefusal(f"site {site.name}: its plan is complete; it takes no more rounds")

@@ -615,6 +615,10 @@ def require_preflight(report: PreflightReport) -> None:
 # ----------------------------------------------------------------------------- sampling
 
 
+# Subject-ID cells that mean "unknown": rows holding them are not one patient.
+_MISSING_IDS = frozenset({"", "nan", "none", "null", "na", "n/a", "-", "?", "unknown"})
+
+
 @dataclass
 class PrivacyUnits:
     """Maps units of privacy (subjects or images) to rows of the dataset."""
@@ -628,9 +632,9 @@ class PrivacyUnits:
         if subjects is None:
             idx = np.arange(n_rows)
             return cls(unit_of_row=idx, rows_of_unit=[np.array([i]) for i in idx], kind="per image")
-        ids = np.asarray(subjects, dtype=object)
-        missing = [i for i, v in enumerate(ids) if v is None or (isinstance(v, float) and np.isnan(v))
-                   or str(v).strip() in ("", "nan", "None")]
+        ids = np.asarray([str(v).strip() for v in subjects], dtype=object)  # 'p1 ' is patient 'p1'
+        missing = [i for i, (raw, v) in enumerate(zip(subjects, ids)) if raw is None
+                   or (isinstance(raw, float) and np.isnan(raw)) or v.lower() in _MISSING_IDS]
         if missing:
             # Rows without an ID would be merged into one "subject": adding or removing one of
             # those patients would then change a unit instead of adding or removing one.

@@ -213,23 +213,27 @@ def left_out(info: RunInfo, used: set[str], allowed: dict[str, dict], refused: l
 
 
 def summarize_left_out(items: list[dict]) -> list[dict]:
-    """What the card (which ships in the bundle) says was left out: top-level files by name, every
-    folder as one entry with its reasons, no file names or counts inside it. Names inside the run
-    directory are not all innocuous: TensorBoard files carry start times, host and pid (the gap
-    between two of them can time a pass over the private data), later cohorts are named by time.
-    The full list goes to the data holder's console only."""
-    out: list[dict] = []
-    folders: dict[str, list[str]] = {}
+    """What the card (which ships in the bundle) says was left out, in fixed words: each folder as
+    one entry with its rule's reason, the known top-level files by name, anything else as one
+    entry. No name inside a folder, no reason text that quotes one, no path outside the run
+    directory: names are not all innocuous (TensorBoard files carry start times, host and pid, and
+    the gap between two of them can time a pass over the private data; later cohorts are named by
+    time). The full list goes to the data holder's console only."""
+    rules = dict(_LEFT_OUT_RULES) | {f"{SITES_DIR}/": SITES_REASON}
+    out: dict[str, str] = {}
     for it in items:
-        top, sep, _ = it["path"].partition("/")
-        if sep and top not in ("", ".."):
-            reasons = folders.setdefault(top + "/", [])
-            if it["reason"] not in reasons:
-                reasons.append(it["reason"])
+        path = it["path"]
+        top, sep, _ = path.partition("/")
+        if path.startswith("/") or top == "..":
+            out.setdefault("(paths outside the run directory)", "ledger artifacts outside the run directory: refused")
+        elif sep:
+            out.setdefault(top + "/", rules.get(top + "/", "files not in the ledger's allow-list of releasable "
+                                                           "artifacts"))
+        elif path in rules:
+            out.setdefault(path, rules[path])
         else:
-            out.append({"path": it["path"], "reason": it["reason"]})
-    out.extend({"path": folder, "reason": "; ".join(reasons)} for folder, reasons in sorted(folders.items()))
-    return out
+            out.setdefault("(other top-level files)", "not in the ledger's allow-list of releasable artifacts")
+    return [{"path": p, "reason": r} for p, r in sorted(out.items())]
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -245,6 +249,14 @@ def release_problems(info: RunInfo) -> list[str]:
     for check in (preflight_check(info), epsilon_check(info), delta_check(info)):
         if check["status"] == "fail":
             problems.append(f"{check['id']} check failed: {check['reason']}")
+    for name, plan in info.plans.items():
+        # Under add/remove the sample rate must come from a public unit count: q = batch / N
+        # makes the mechanism itself depend on N (runs planned before privacy.public_unit_count).
+        if (plan.scope == "release" and plan.neighbouring == "add_remove" and plan.sigma > 0
+                and (plan.public_unit_count is None
+                     or abs(plan.sample_rate - plan.expected_batch_size / plan.public_unit_count) > 1e-12)):
+            problems.append(f"{name}: its sample rate was not computed from a public unit count, so under add/remove "
+                            f"the mechanism depended on N; rerun with privacy.public_unit_count set")
     return problems
 
 
