@@ -391,27 +391,27 @@ class FedFinishedEntry(_FedEntry):
     checkpoint: str
 
 
-class FedRoundStartEntry(_FedEntry):
+class _FedRoundSteps(_FedEntry):
+    """A site's round and the step indices [first_step, last_step) of its plan it covers."""
+
+    mechanism: str
+    round: int
+    global_sha256: str
+    first_step: int = Field(ge=0)
+    last_step: int = Field(gt=0)
+
+
+class FedRoundStartEntry(_FedRoundSteps):
     """Site: the step indices [first_step, last_step) of its plan given to a round, written
     before the round's first DP-SGD step (an allocation abandoned half-way stays spent)."""
 
     kind: Literal["fed_round_start"] = "fed_round_start"
-    mechanism: str
-    round: int
-    global_sha256: str
-    first_step: int = Field(ge=0)
-    last_step: int = Field(gt=0)
 
 
-class FedRoundDoneEntry(_FedEntry):
+class FedRoundDoneEntry(_FedRoundSteps):
     """Site: a round's DP-SGD steps ran; its update (kept in internal/rounds/) was computed."""
 
     kind: Literal["fed_round_done"] = "fed_round_done"
-    mechanism: str
-    round: int
-    global_sha256: str
-    first_step: int = Field(ge=0)
-    last_step: int = Field(gt=0)
     update_sha256: str
     update_max_abs: float
     epsilon_pld: float  # the site's own spent epsilon after the round (stays in its ledger)
