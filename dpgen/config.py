@@ -269,6 +269,11 @@ class FinetuneConfig(_Section):
     lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "out_proj"])
     # cgan: learning rate of the (non-private) generator updates; default finetune.lr.
     generator_lr: float | None = Field(default=None, gt=0)
+    # cgan: generator updates after each DP step of the discriminator. They read only the DP
+    # discriminator and public randomness (post-processing), so more of them cost no privacy.
+    generator_steps: int = Field(default=1, ge=1)
+    # cgan: weight of MSGAN's mode-seeking term in those updates (0 = off); also post-processing.
+    generator_mode_seeking: float = Field(default=0.0, ge=0)
 
 
 class PrivacyConfig(_Section):

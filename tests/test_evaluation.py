@@ -476,3 +476,39 @@ def test_class_signal_sees_a_cohort_that_lost_its_classes():
     assert good["accuracy_per_class"]["a"]["mean"] == 1.0 and good["balanced_accuracy"]["mean"] == 1.0
     assert lost["balanced_accuracy"]["mean"] == 0.0
     assert class_signal(TrainedRows(models={}, records={}, info={}), ds(labels), 2) is None
+
+
+def test_real_classifier_space_scores_every_control_worse_than_real_images():
+    """Issue 13: a blurred cohort that had lost its classes scored nearly real in the public
+    encoder's space, which is blind to a set of one class only. evaluate's second space, the
+    ceiling classifier's features, must see every control made from real BreastMNIST test images
+    (blur, central lesion masked, one class only, classes swapped): FD at least 2x that of the
+    unmodified test images, both against the private train split at the same n (per class for
+    the swap)."""
+    from dpgen.config import DataSource
+    from dpgen.data import load_dataset
+    from dpgen.evaluation.controls import control_sets
+    from dpgen.evaluation.features import classifier_extractor, extract_features
+    from dpgen.evaluation.utility import UtilityOptions, train_real_classifier
+
+    src = DataSource(source="breastmnist")
+    train, val, test = (load_dataset(src, split=s) for s in ("train", "val", "test"))
+    model, _ = train_real_classifier(train.model_tensor(), torch.as_tensor(train.labels),
+                                     (val.model_tensor(), val.labels), num_classes=2, seed=0,
+                                     opts=UtilityOptions(epochs=20))
+    space = classifier_extractor(model)
+    f_train = extract_features(space, train.images, progress=False)
+    f_test = extract_features(space, test.images, progress=False)
+
+    def fd_ratio(real, cohort, reference):
+        fd = F.compare_to_reference(real, cohort, reference, repeats=3, kid_subsets=5)["metrics"]["FD"]
+        return fd["cohort"] / fd["real_vs_real"]
+
+    for name, (imgs, labels) in control_sets(test.images, test.labels, ["malignant", "normal_benign"]).items():
+        f_set = extract_features(space, imgs, progress=False)
+        if "per class" in name:
+            ratio = max(fd_ratio(f_train[train.labels == c], f_set[labels == c], f_test[test.labels == c])
+                        for c in (0, 1))
+        else:
+            ratio = fd_ratio(f_train, f_set, f_test)
+        assert ratio >= 2, (name, ratio)

@@ -111,6 +111,7 @@ def test_sample_cohort_streams_and_matches_generate(latent_run, tmp_path):
 def gan_run(tmp_path_factory):
     raw = _tiny(model={"generator": "cgan", "gan": {"latent_dim": 16, "generator_channels": [32, 16, 8],
                                                      "discriminator_channels": [8, 16, 32]}})
+    raw["finetune"] = {**raw["finetune"], "generator_steps": 3}  # free generator steps between DP steps
     return _run(tmp_path_factory, "cgan", raw)
 
 
@@ -206,6 +207,29 @@ def test_standing_batch_stats_match_the_generators_current_weights():
     standing_batch_stats(G, spec, seed=0, device="cpu")
     assert not G.training
     assert abs(spread("eval") - batch) < 0.15 * batch < abs(stale - batch)
+
+
+def test_mode_seeking_term_penalises_a_generator_that_ignores_its_latent():
+    """MSGAN's term (finetune.generator_mode_seeking) reads fakes only; it must cost a collapsed
+    generator (same image for every latent) far more than one whose images move with z."""
+    from dpgen.models.gan import ConditionalGAN, GANSpec
+    from dpgen.training.objectives import DiscriminatorObjective
+
+    torch.manual_seed(0)
+    spec = GANSpec(2, 1, 2, [1, 8, 8], latent_dim=8, generator_channels=[16, 8], discriminator_channels=[8, 16],
+                   generator_norm="batch")
+    gan = ConditionalGAN(spec)
+    obj = DiscriminatorObjective(gan.generator, spec)
+    cond = {"labels": torch.arange(16) % 2}
+
+    def loss(weight):
+        return obj.generator_loss(gan.discriminator, cond, torch.Generator().manual_seed(1), weight).item()
+
+    plain, varied = loss(0.0), loss(1.0)
+    with torch.no_grad():
+        gan.generator.fc.weight[:, :spec.latent_dim].zero_()  # input [z, label embedding]: z no longer counts
+    collapsed = loss(1.0) - loss(0.0)
+    assert 0 < varied - plain < 100 < collapsed
 
 
 # ----------------------------------------------------------------------------- 3D
@@ -410,6 +434,14 @@ def test_trainable_config_errors(tiny_raw):
     tiny_raw["model"]["generator"] = "cgan"
     with pytest.raises(ConfigError, match="cgan discriminator does not have"):
         config_from_dict(tiny_raw)
+
+
+def test_generator_settings_only_for_the_cgan(tiny_raw):
+    tiny_raw["finetune"]["generator_steps"] = 4
+    with pytest.raises(ConfigError, match="apply to the cGAN.s"):
+        config_from_dict(tiny_raw)
+    tiny_raw["model"]["generator"] = "cgan"
+    assert config_from_dict(tiny_raw).finetune.generator_steps == 4
 
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.yaml")))

@@ -75,6 +75,7 @@ class FeatureExtractorInfo(_Schema):
 
 class Fidelity(_Schema):
     feature_extractor: FeatureExtractorInfo | None = None
+    other_feature_spaces: list[FeatureExtractorInfo] = Field(default_factory=list)  # e.g. real-classifier
     real_set: str | None = None
     reference_set: str | None = None
     overall: FidelityGroup | None = None

@@ -62,7 +62,7 @@ class FeatureExtractor:
         """Any torch module mapping (N, C, *spatial) floats in [-1, 1] to (N, D) features."""
         if not isinstance(module, nn.Module):
             raise EvaluationError(f"a feature extractor must be a torch.nn.Module, got {type(module).__name__}")
-        if name in ("inception", "public-encoder", "random-encoder"):
+        if name in ("inception", "public-encoder", "random-encoder", "real-classifier"):
             raise EvaluationError(f"name {name!r} is reserved for dpgen's own extractors; name your module differently")
         return cls(name=name, module=module, description=description or f"user-supplied module {type(module).__name__}")
 
@@ -257,6 +257,24 @@ def public_encoder(config, rd, image_shape: tuple[int, ...], device="cpu", progr
     )
 
 
+# ----------------------------------------------------------------------------- the classes' space
+
+
+def classifier_extractor(model: nn.Module) -> FeatureExtractor:
+    """The penultimate features of a classifier trained on the private data (`dpgen evaluate`'s
+    ceiling row). Unlike the public encoder it knows the private classes: it is the space in which
+    controls made from real images (blurred, lesion masked, one class only, classes swapped) all
+    score clearly worse than real (benchmarks/fidelity_controls.py). Internal: fitted to private
+    data without DP, like every evaluation number."""
+    if not hasattr(model, "features"):
+        raise EvaluationError(f"a classifier feature space needs a model with .features(x), got {type(model).__name__}")
+    return FeatureExtractor(
+        name="real-classifier", module=_EncoderFeatures(model),
+        description="penultimate features of the non-private classifier trained on the private train split "
+                    "(utility row 'real', seed 0, best epoch on private val); knows the classes; internal",
+        info={"trained_on": "private train (internal: no DP)"})
+
+
 # ----------------------------------------------------------------------------- Inception
 
 
@@ -326,5 +344,5 @@ def build_extractor(kind, config, rd, image_shape, device="cpu", progress=True, 
 
 __all__ = [
     "FeatureExtractor", "EvaluationError", "extract_features", "public_encoder", "inception_extractor",
-    "build_extractor", "train_public_encoder",
+    "build_extractor", "train_public_encoder", "classifier_extractor",
 ]

@@ -35,7 +35,7 @@ from dpgen.core.naming import class_name
 from dpgen.core.schemas import EvaluationResults
 from dpgen.data import DataError
 from dpgen.evaluation import fidelity as fid
-from dpgen.evaluation.features import ENCODER_EPOCHS, FeatureExtractor, build_extractor, extract_features
+from dpgen.evaluation.features import ENCODER_EPOCHS, FeatureExtractor, build_extractor, classifier_extractor, extract_features
 from dpgen.evaluation.inputs import check_cohort, check_real, load_cohort, load_real, require_split
 from dpgen.evaluation.utility import ROW_LABELS, ROWS, UtilityOptions, class_signal, evaluate_rows, train_rows
 from dpgen.privacy import accounting, mechanisms
@@ -103,9 +103,14 @@ def _class_sets(feats: torch.Tensor, labels: np.ndarray, k: int) -> torch.Tensor
     return feats[torch.as_tensor(np.flatnonzero(labels == k))]
 
 
-def _labeled(result: dict, extractor: FeatureExtractor) -> dict:
-    out = dict(result)
-    out["metrics"] = {extractor.label(m): v for m, v in result["metrics"].items()}
+def _compare_in_spaces(spaces: list[FeatureExtractor], real: list, cohort: list, reference: list, **kw) -> dict:
+    """`fid.compare_to_reference` in each feature space; one group whose metrics are labelled by
+    space (FD[public-encoder], FD[real-classifier], ...). The sample sizes are the same in every space."""
+    out: dict = {}
+    for space, r, c, ref in zip(spaces, real, cohort, reference):
+        res = fid.compare_to_reference(r, c, ref, **kw)
+        metrics = {space.label(m): v for m, v in res.pop("metrics").items()}
+        out = {**res, "metrics": {**out.get("metrics", {}), **metrics}}
     return out
 
 
@@ -157,10 +162,11 @@ def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, 
                                     inception_weights=inception_weights, encoder_epochs=opts.encoder_epochs)
         timing["feature_extractor_s"] = time.time() - t
         t = time.time()
+        spaces = [extractor]  # + the real-data classifier's space once it is trained (step 4)
         kw = {"batch_size": opts.feature_batch_size, "device": dev, "progress": progress}
-        f_cohort = extract_features(extractor, cohort.images, desc="features: cohort", **kw)
-        f_train = extract_features(extractor, train.images, desc="features: private train",
-                                   intensity_range=getattr(train, "intensity_range", None), **kw)
+        f_cohort = [extract_features(s, cohort.images, desc=f"{s.name}: cohort", **kw) for s in spaces]
+        f_train = [extract_features(s, train.images, desc=f"{s.name}: private train",
+                                    intensity_range=getattr(train, "intensity_range", None), **kw) for s in spaces]
         timing["features_s"] = time.time() - t
 
     # 3. utility classifiers (trained and frozen before the test split is read)
@@ -196,29 +202,41 @@ def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, 
     }
     figures = []
     if opts.fidelity:
-        f_test = extract_features(extractor, test.images, desc="features: private test",
-                                  batch_size=opts.feature_batch_size, device=dev, progress=progress,
-                                  intensity_range=getattr(test, "intensity_range", None))
+        if trained is not None and trained.models.get("real"):
+            # The second space: the public encoder does not know the private classes (a set of one
+            # class only scored like real in it); the ceiling classifier's features do
+            # (benchmarks/fidelity_controls.py).
+            spaces.append(classifier_extractor(trained.models["real"][0]))
+            kw = {"batch_size": opts.feature_batch_size, "device": dev, "progress": progress}
+            f_cohort.append(extract_features(spaces[-1], cohort.images, desc="real-classifier: cohort", **kw))
+            f_train.append(extract_features(spaces[-1], train.images, desc="real-classifier: private train",
+                                            intensity_range=getattr(train, "intensity_range", None), **kw))
+        f_test = [extract_features(s, test.images, desc=f"{s.name}: private test",
+                                   batch_size=opts.feature_batch_size, device=dev, progress=progress,
+                                   intensity_range=getattr(test, "intensity_range", None)) for s in spaces]
         timing["features_s"] += time.time() - t
         t = time.time()
         kw = {"repeats": opts.fidelity_repeats, "k": opts.prdc_k, "seed": opts.seed, "kid_subsets": opts.kid_subsets}
-        overall = fid.compare_to_reference(f_train, f_cohort, f_test, **kw)
+        overall = _compare_in_spaces(spaces, f_train, f_cohort, f_test, **kw)
         per_class = {}
         for c in range(k):
-            per_class[class_name(c, names)] = fid.compare_to_reference(
-                _class_sets(f_train, train.labels, c), _class_sets(f_cohort, cohort.labels, c),
-                _class_sets(f_test, test.labels, c), **kw)
+            per_class[class_name(c, names)] = _compare_in_spaces(
+                spaces, *([_class_sets(f, lab, c) for f in fs]
+                          for fs, lab in ((f_train, train.labels), (f_cohort, cohort.labels), (f_test, test.labels))), **kw)
         metrics["fidelity"] = {
             "feature_extractor": extractor.to_dict(),
+            "other_feature_spaces": [s.to_dict() for s in spaces[1:]],
             "real_set": f"private {train.split} (n={len(train)})",
             "reference_set": f"private test (n={len(test)}) vs private {train.split}",
             "how": ("cohort vs private train, beside held-out real (private test) vs private train, both at the same "
                     "sample size n_matched (the larger set subsampled; mean and std over draws); cohort_full is the "
-                    "whole cohort. FD and KID come from torchmetrics on these features; precision/recall/density/"
+                    "whole cohort. Each metric is labelled by its feature space: the chosen extractor, and "
+                    "real-classifier (the ceiling classifier's penultimate layer, which knows the classes; "
+                    "benchmarks/fidelity_controls.py). FD and KID come from torchmetrics on these features; precision/recall/density/"
                     f"coverage are Naeem et al. 2020 with k={opts.prdc_k}; diversity is the mean pairwise feature "
                     "distance of the set over that of private train (1 = as varied as the real images)."),
-            "overall": _labeled(overall, extractor),
-            "per_class": {c: _labeled(v, extractor) for c, v in per_class.items()},
+            "overall": overall,
+            "per_class": per_class,
         }
         timing["fidelity_metrics_s"] = time.time() - t
     if opts.utility:
@@ -251,7 +269,8 @@ def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, 
 
             figures.append(fidelity_figure(metrics["fidelity"], out_dir / "fidelity.png"))
             figures.append(feature_scatter(
-                {f"private {train.split}": f_train.numpy(), "cohort": f_cohort.numpy(), "private test": f_test.numpy()},
+                {f"private {train.split}": f_train[0].numpy(), "cohort": f_cohort[0].numpy(),
+                 "private test": f_test[0].numpy()},
                 out_dir / "features_pca.png", title=f"{extractor.name} features (internal: private data)"))
         if opts.utility:
             from dpgen.evaluation.figures import utility_figure

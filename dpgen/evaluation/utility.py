@@ -249,6 +249,16 @@ class TrainedRows:
     info: dict
 
 
+def train_real_classifier(x: torch.Tensor, y: torch.Tensor, val: tuple | None, *, num_classes: int, seed: int,
+                          opts: UtilityOptions, device="cpu", progress: bool = False) -> tuple[nn.Module, dict]:
+    """The ceiling row: a classifier trained without DP on the private train split (model-range
+    images `x`), best epoch on `val` (private val). Its penultimate layer is also evaluate's
+    real-classifier feature space."""
+    return train_nonprivate(new_classifier(tuple(x.shape[1:]), num_classes, seed, opts), x, y, epochs=opts.epochs,
+                            batch_size=opts.batch_size, lr=opts.lr, seed=seed, opts=opts, num_classes=num_classes,
+                            val=val, device=device, progress=progress, desc=f"real (seed {seed})")
+
+
 def train_rows(cohort: ImageDataset, private_train: ImageDataset, private_val: ImageDataset | None, num_classes: int,
                *, epsilon: float, delta: float, secret: SecretStreams, opts: UtilityOptions | None = None, rows=ROWS,
                device="cpu", progress: bool = True, neighbouring: str = "add_remove",
@@ -285,9 +295,7 @@ def train_rows(cohort: ImageDataset, private_train: ImageDataset, private_val: I
     for seed in range(opts.seeds):
         common = {"num_classes": num_classes, "opts": opts, "device": device, "progress": progress}
         if "real" in rows:
-            m, rec = train_nonprivate(new_classifier(shape, num_classes, seed, opts), x_real, y_real,
-                                      epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, seed=seed,
-                                      val=val_real, desc=f"real (seed {seed})", **common)
+            m, rec = train_real_classifier(x_real, y_real, val_real, seed=seed, **common)
             models["real"].append(m)
             records["real"].append(rec)
         if "dp_real" in rows:
@@ -380,4 +388,4 @@ def class_signal(trained: TrainedRows, cohort: ImageDataset, num_classes: int, c
 
 __all__ = ["ROWS", "ROW_LABELS", "UtilityOptions", "TrainedRows", "train_rows", "evaluate_rows", "dp_plan", "ClassifierObjective",
            "class_signal",
-           "classification_metrics", "roc_auc", "train_nonprivate", "train_dp", "new_classifier", "stratified_split"]
+           "classification_metrics", "roc_auc", "train_nonprivate", "train_real_classifier", "train_dp", "new_classifier", "stratified_split"]

@@ -60,6 +60,13 @@ def no_guidance(config) -> None:
                          f"with 1.0")
 
 
+def no_generator_settings(config) -> None:
+    ft = config.finetune
+    if ft.generator_steps != 1 or ft.generator_lr is not None or ft.generator_mode_seeking:
+        raise ValueError(f"finetune.generator_steps, generator_lr and generator_mode_seeking apply to the cGAN's "
+                         f"generator, not to {config.model.generator!r}")
+
+
 # ----------------------------------------------------------------------------- the record
 
 
@@ -129,7 +136,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
         trainer="dpgen.training.families.diffusion",
         generator="dpgen.sampling:DiffusionGenerator",
         probes="dpgen.probes.adapters:DiffusionProbes",
-        config_checks=(attention_trainable_needs_attention_levels, no_autoencoder_finetune),
+        config_checks=(attention_trainable_needs_attention_levels, no_autoencoder_finetune, no_generator_settings),
     ),
     Family(
         name="latent_diffusion",
@@ -142,7 +149,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
         trainer="dpgen.training.families.latent",
         generator="dpgen.sampling:LatentDiffusionGenerator",
         probes="dpgen.probes.adapters:LatentDiffusionProbes",
-        config_checks=(attention_trainable_needs_attention_levels,),
+        config_checks=(attention_trainable_needs_attention_levels, no_generator_settings),
     ),
     Family(
         name="cgan",

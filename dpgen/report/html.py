@@ -296,8 +296,9 @@ def utility_section(info: RunInfo) -> str:
     if fid is not None and fid.overall is not None:
         o = fid.overall
         fx = fid.feature_extractor
-        out.append(f"<h3>Fidelity</h3><p>Features: {e(str(fx.name if fx else None))} — "
-                   f"{e(str((fx.description if fx else None) or '').rstrip('.'))}. "
+        spaces = [x for x in (fx, *fid.other_feature_spaces) if x is not None]
+        out.append(f"<h3>Fidelity</h3><p>Features: "
+                   + "; ".join(f"{e(str(x.name))} — {e(str(x.description or '').rstrip('.'))}" for x in spaces) + ". "
                    f"Cohort vs {e(str(fid.real_set))}; reference: {e(str(fid.reference_set))}; "
                    f"n matched = {e(str(o.n_matched))}.</p>")
         groups = {"all": o, **{f"class {c}": v for c, v in fid.per_class.items()}}

@@ -170,9 +170,25 @@ class DiscriminatorObjective:
         cond = _random_condition(n, self.spec.num_classes, self.n_attributes, generator)
         return self.draw_rows({"x": x, **cond}, generator)
 
-    def generator_loss(self, d: nn.Module, cond: dict, generator: torch.Generator) -> torch.Tensor:
-        """Non-saturating generator loss on fresh fakes (gradients flow into G only)."""
+    def generator_loss(self, d: nn.Module, cond: dict, generator: torch.Generator,
+                       mode_seeking: float = 0.0) -> torch.Tensor:
+        """Non-saturating generator loss on fresh fakes (gradients flow into G only).
+
+        `mode_seeking` > 0 adds MSGAN's term (Mao et al. 2019): the fakes' second half reuses the
+        first half's conditions with other latents, and the generator is penalised by
+        mode_seeking / (mean |G(z1) - G(z2)| / mean |z1 - z2|), so two latents that give the
+        same image cost it. It reads fakes only: no private data, no privacy cost."""
         labels = cond["labels"]
-        z = torch.randn((labels.shape[0], self.spec.latent_dim), generator=generator).to(labels.device)
+        n = labels.shape[0]
+        if mode_seeking > 0:
+            half = n // 2
+            cond = {k: torch.cat([v[:half], v[:half], v[2 * half:]]) if torch.is_tensor(v) else v
+                    for k, v in cond.items()}
+            labels = cond["labels"]
+        z = torch.randn((n, self.spec.latent_dim), generator=generator).to(labels.device)
         fake = self.g(z, labels, cond.get("attributes"), cond.get("attr_mask"))
-        return F.softplus(-discriminator_rows(d, fake, cond)).mean()
+        loss = F.softplus(-discriminator_rows(d, fake, cond)).mean()
+        if mode_seeking > 0:
+            ratio = (fake[:half] - fake[half:2 * half]).abs().mean() / (z[:half] - z[half:2 * half]).abs().mean()
+            loss = loss + mode_seeking / (ratio + 1e-5)
+        return loss

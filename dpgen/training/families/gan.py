@@ -54,8 +54,8 @@ def uniform_conditions(spec, n: int, g: torch.Generator, device, null_labels: bo
 
 
 def generator_step(objective: DiscriminatorObjective, d, g_model, g_opt, g_ema, spec, n: int, gen: torch.Generator,
-                   device, null_labels: bool = False) -> float:
-    loss = objective.generator_loss(d, uniform_conditions(spec, n, gen, device, null_labels), gen)
+                   device, null_labels: bool = False, mode_seeking: float = 0.0) -> float:
+    loss = objective.generator_loss(d, uniform_conditions(spec, n, gen, device, null_labels), gen, mode_seeking)
     params = [p for p in g_model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params)  # G only: D's .grad and per-sample state untouched
     for p, gr in zip(params, grads):
@@ -171,11 +171,17 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
 
     def after_step(step: int, dp) -> None:
         # The generator update: D's hooks off, gradients for G only, conditions uniform.
+        # Batch norm may use batch statistics here: the batch is ft.batch_size fakes from public
+        # randomness, no private row. G is back in eval mode before D's next private step.
         dp.gsm.disable_hooks()
+        G.train()
         try:
             gen = step_generator(config.seed, step, "generator")
-            loss = generator_step(objective, dp.gsm, G, g_opt, g_ema, spec, ft.batch_size, gen, device)
+            for _ in range(ft.generator_steps):
+                loss = generator_step(objective, dp.gsm, G, g_opt, g_ema, spec, ft.batch_size, gen, device,
+                                      mode_seeking=ft.generator_mode_seeking)
         finally:
+            G.eval()
             dp.gsm.enable_hooks()
         logger.scalar("finetune/generator_loss", loss, step + 1)
 
