@@ -138,8 +138,9 @@ def broadcast_int(value: int) -> int:
 
 
 def broadcast_parameters(module: torch.nn.Module) -> None:
-    """Copy rank 0's parameters to every rank (for non-private parts updated per rank, e.g. a GAN generator)."""
+    """Copy rank 0's parameters and floating-point buffers (batch-norm running statistics) to every
+    rank (for non-private parts updated per rank, e.g. a GAN generator)."""
     if world().distributed:
         with torch.no_grad():
-            for p in module.parameters():
-                dist.broadcast(p.data, 0)
+            for t in [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]:
+                dist.broadcast(t.data, 0)

@@ -442,6 +442,9 @@ def test_generator_settings_only_for_the_cgan(tiny_raw):
         config_from_dict(tiny_raw)
     tiny_raw["model"]["generator"] = "cgan"
     assert config_from_dict(tiny_raw).finetune.generator_steps == 4
+    tiny_raw["finetune"].update(generator_mode_seeking=1.0, batch_size=1)
+    with pytest.raises(ConfigError, match="batch_size must be >= 2"):
+        config_from_dict(tiny_raw)
 
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.yaml")))

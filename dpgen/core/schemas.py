@@ -83,10 +83,11 @@ class Fidelity(_Schema):
 
     def frechet(self) -> tuple[str, FidelityValue] | None:
         """(label, value) of the Fréchet distance overall (FD[<extractor>]), if there is one."""
-        for name, v in (self.overall.metrics if self.overall else {}).items():
-            if name.upper().startswith("FD"):
-                return name, v
-        return None
+        metrics = self.overall.metrics if self.overall else {}
+        label = f"FD[{self.feature_extractor.name}]" if self.feature_extractor and self.feature_extractor.name else None
+        if label in metrics:
+            return label, metrics[label]
+        return next(((n, v) for n, v in metrics.items() if n.upper().startswith("FD")), None)
 
 
 class EvaluationResults(_Schema):

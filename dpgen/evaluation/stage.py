@@ -232,7 +232,8 @@ def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, 
                     "sample size n_matched (the larger set subsampled; mean and std over draws); cohort_full is the "
                     "whole cohort. Each metric is labelled by its feature space: the chosen extractor, and "
                     "real-classifier (the ceiling classifier's penultimate layer, which knows the classes; "
-                    "benchmarks/fidelity_controls.py). FD and KID come from torchmetrics on these features; precision/recall/density/"
+                    "benchmarks/fidelity_controls.py; it is fitted to private train, so a cohort closer to private train "
+                    "than the real-vs-real reference there is a memorisation warning for the probes, not a success). FD and KID come from torchmetrics on these features; precision/recall/density/"
                     f"coverage are Naeem et al. 2020 with k={opts.prdc_k}; diversity is the mean pairwise feature "
                     "distance of the set over that of private train (1 = as varied as the real images)."),
             "overall": overall,
@@ -387,8 +388,8 @@ def format_summary(metrics: dict) -> str:
              f"cohort: {metrics['cohort']['n']} images {metrics['cohort']['class_counts']} ({metrics['cohort']['path']})"]
     fidelity = metrics.get("fidelity")
     if fidelity:
-        fx = fidelity["feature_extractor"]
-        lines.append(f"feature extractor: {fx['name']} - {fx['description']}")
+        for fx in [fidelity["feature_extractor"], *fidelity.get("other_feature_spaces", [])]:
+            lines.append(f"feature space: {fx['name']} - {fx['description']}")
         o = fidelity["overall"]
         lines.append(f"fidelity vs {fidelity['real_set']}; real-vs-real reference: {fidelity['reference_set']}; "
                      f"n matched = {o['n_matched']}")

@@ -67,6 +67,11 @@ def no_generator_settings(config) -> None:
                          f"generator, not to {config.model.generator!r}")
 
 
+def mode_seeking_needs_pairs(config) -> None:
+    if config.finetune.generator_mode_seeking and config.finetune.batch_size < 2:
+        raise ValueError("finetune.generator_mode_seeking compares pairs of fakes: finetune.batch_size must be >= 2")
+
+
 # ----------------------------------------------------------------------------- the record
 
 
@@ -162,7 +167,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
         trainer="dpgen.training.families.gan",
         generator="dpgen.sampling:GANGenerator",
         probes="dpgen.probes.adapters:GANProbes",
-        config_checks=(no_attention_trainable, no_autoencoder_finetune, no_guidance),
+        config_checks=(no_attention_trainable, no_autoencoder_finetune, no_guidance, mode_seeking_needs_pairs),
     ),
 )}
 

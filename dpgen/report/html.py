@@ -297,7 +297,7 @@ def utility_section(info: RunInfo) -> str:
         o = fid.overall
         fx = fid.feature_extractor
         spaces = [x for x in (fx, *fid.other_feature_spaces) if x is not None]
-        out.append(f"<h3>Fidelity</h3><p>Features: "
+        out.append("<h3>Fidelity</h3><p>Features: "
                    + "; ".join(f"{e(str(x.name))} — {e(str(x.description or '').rstrip('.'))}" for x in spaces) + ". "
                    f"Cohort vs {e(str(fid.real_set))}; reference: {e(str(fid.reference_set))}; "
                    f"n matched = {e(str(o.n_matched))}.</p>")

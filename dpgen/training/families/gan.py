@@ -3,12 +3,16 @@
 Pretraining: both networks on public data (ordinary GAN training, no privacy cost).
 DP fine-tuning: only the discriminator D sees private data. Each privacy step is one DP-SGD
 step of D (one forward on the real rows and one on their paired fakes, one backward, one
-clipped-and-noised optimizer step: `DiscriminatorObjective`), followed by one generator
-update that runs with D's Opacus hooks disabled and computes gradients for G's parameters
-only (torch.autograd.grad), so it neither touches D's per-sample gradients nor the DP
-optimizer. The generator's conditions in that update are drawn uniformly (never from the
-private table). G is then a function of D's DP outputs and public randomness: its privacy
-follows by post-processing, and the ledger says so.
+clipped-and-noised optimizer step: `DiscriminatorObjective`), followed by
+`finetune.generator_steps` generator updates that run with D's hooks disabled and compute
+gradients for G's parameters only (torch.autograd.grad), so they touch neither D's per-unit
+gradients nor the DP optimizer. Their conditions and latents are drawn uniformly from a public
+stream (never from the private table), their batch is the configured `finetune.batch_size` (never
+the Poisson sample's size), and their loss may add MSGAN's mode-seeking term
+(`finetune.generator_mode_seeking`). G runs in training mode (batch statistics of its own fakes)
+only inside these updates; every fake paired with a private row is drawn in eval mode. G, its
+batch-norm statistics included, is then a function of D's DP outputs and public randomness: its
+privacy follows by post-processing, and the ledger says so.
 """
 
 from __future__ import annotations
@@ -161,8 +165,9 @@ def finetune(config, rd: RunDir, private: ImageDataset, device, progress: bool =
         config, ledger, units, other_events=histogram_events(config),
         trains="cGAN discriminator (the generator never sees private data)", trainable=trainable,
     )
-    # The generator stays in eval mode while D sees private rows: its batch-norm statistics (if
-    # any) are frozen at their public values, so a fake depends on its own row's draw and label only.
+    # The generator is in eval mode whenever D sees private rows, so a fake depends on its own
+    # row's draw and label only. Its running statistics change only inside its own updates
+    # (after_step: public randomness, D's DP outputs), i.e. by post-processing.
     G.eval()
     objective = DiscriminatorObjective(G, spec, private_rows=True)
     g_opt = torch.optim.Adam(G.parameters(), lr=ft.generator_lr or ft.lr, betas=ADAM_BETAS)
