@@ -287,3 +287,26 @@ def test_poisson_sampling_rate():
     units = PrivacyUnits.from_subjects(None, 1000)
     sizes = [len(units.poisson_sample(0.1, step_generator(0, s, "poisson"))) for s in range(200)]
     assert abs(np.mean(sizes) - 100) < 3 and np.std(sizes) > 5  # variable batch sizes: Poisson, not fixed
+
+
+class Volumes(nn.Module):
+    """3D convolutions on one-channel volumes (a 3D classifier's or encoder's layers): plain,
+    strided, wider."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv3d(1, 2, 3, padding=1)
+        self.down = nn.Conv3d(2, 3, 3, stride=2, padding=1)
+        self.wide = nn.Conv3d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8, 64)
+
+    def forward(self, x, label=None):
+        h = torch.tanh(self.down(torch.tanh(self.first(x))))
+        return self.head(torch.tanh(self.wide(h)).flatten(1)).view(-1, 1, 8, 8)
+
+
+def test_preflight_passes_3d_convolutions():
+    g = torch.Generator().manual_seed(0)
+    batch = {"x": torch.randn(5, 1, 4, 4, 4, generator=g), "y": torch.randn(5, 1, 8, 8, generator=g)}
+    report = preflight(Volumes().double(), _mse, {k: v.double() for k, v in batch.items()}, mode="hooks")
+    assert report.passed and report.max_relative_error < 1e-9, report.to_dict()

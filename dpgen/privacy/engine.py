@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import types
 import warnings
 from contextlib import contextmanager
@@ -155,20 +154,6 @@ def _per_unit_outer(gs: torch.Tensor, xs: torch.Tensor, lay: _Layout) -> torch.T
     return out
 
 
-UNFOLD_MAX_COLUMNS = 64  # c_in x kernel volume up to which a 3D conv's per-unit gradient goes by im2col
-
-
-def _conv3d_unit_weight_grad_unfold(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, padding, lay: _Layout) -> torch.Tensor:
-    """sum over a unit's slots of g (O, T) @ cols(x) (T, I*k^3), cols by strided views (im2col)."""
-    k, st = layer.kernel_size, layer.stride
-    xp = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
-    cols = xp.unfold(2, k[0], st[0]).unfold(3, k[1], st[1]).unfold(4, k[2], st[2])  # (B, I, D', H', W', k, k, k)
-    b, c_in = x.shape[:2]
-    cols = cols.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(lay.slots, lay.units, c_in * math.prod(k), -1)
-    gs = g.reshape(lay.slots, lay.units, g.shape[1], -1)
-    return _per_unit_outer(gs, cols, lay)
-
-
 def _conv_unit_weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, padding, lay: _Layout) -> torch.Tensor:
     """Per-unit weight gradients of a convolution: (m, *weight.shape)."""
     w_shape = layer.weight.shape
@@ -182,12 +167,6 @@ def _conv_unit_weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, p
         gs = g.reshape(lay.slots, lay.units, c_out, -1)
         return _per_unit_outer(gs, xs, lay).view(lay.units, *w_shape)
     m = lay.units
-    if (dims == 3 and layer.groups == 1 and all(d == 1 for d in layer.dilation)
-            and c_in * math.prod(layer.kernel_size) <= UNFOLD_MAX_COLUMNS):
-        # A 3D convolution with few input columns (a classifier's or encoder's first layer on
-        # one-channel volumes): the grouped conv3d backward takes a slow path on CPU; im2col by
-        # strided views and one batched matrix product per unit is far cheaper.
-        return _conv3d_unit_weight_grad_unfold(layer, x, g, padding, lay).view(m, *w_shape)
     if w_shape[0] == layer.groups:
         # One output channel per group (a UNet's output conv): grouped backward takes a slow
         # path on CPU (2-3x); one plain weight gradient per unit over its slots is faster.
