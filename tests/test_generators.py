@@ -442,7 +442,7 @@ def test_generator_settings_only_for_the_cgan(tiny_raw):
         config_from_dict(tiny_raw)
     tiny_raw["model"]["generator"] = "cgan"
     assert config_from_dict(tiny_raw).finetune.generator_steps == 4
-    tiny_raw["finetune"].update(generator_mode_seeking=1.0, batch_size=1)
+    tiny_raw["finetune"].update(generator_mode_seeking=1.0, batch_size=1, physical_batch_size=1)
     with pytest.raises(ConfigError, match="batch_size must be >= 2"):
         config_from_dict(tiny_raw)
 

@@ -500,7 +500,10 @@ def test_ctrl_c_prints_the_run_directory_and_the_real_resume_command(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     argv = [sys.executable, "-m", "dpgen.cli", "run", str(cfg), "pretrain.steps=12", "pretrain.checkpoint_every=2",
             "--run-dir", str(run_dir)]  # progress bars on: the hint must not be glued to them
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a shell starts background jobs (`pytest ... &`, CI
+    # runners) with SIGINT ignored, and Python then installs no KeyboardInterrupt handler at all.
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 600
     # a finished checkpoint (not the temporary file of one being written): something to resume
     while proc.poll() is None and time.time() < deadline and not list(run_dir.glob("checkpoints/[!.]*")):
