@@ -162,11 +162,14 @@ def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, 
                                     inception_weights=inception_weights, encoder_epochs=opts.encoder_epochs)
         timing["feature_extractor_s"] = time.time() - t
         t = time.time()
+
+        def features(space: FeatureExtractor, ds, what: str) -> torch.Tensor:
+            return extract_features(space, ds.images, batch_size=opts.feature_batch_size, device=dev,
+                                    progress=progress, desc=f"{space.name}: {what}",
+                                    intensity_range=getattr(ds, "intensity_range", None))
+
         spaces = [extractor]  # + the real-data classifier's space once it is trained (step 4)
-        kw = {"batch_size": opts.feature_batch_size, "device": dev, "progress": progress}
-        f_cohort = [extract_features(s, cohort.images, desc=f"{s.name}: cohort", **kw) for s in spaces]
-        f_train = [extract_features(s, train.images, desc=f"{s.name}: private train",
-                                    intensity_range=getattr(train, "intensity_range", None), **kw) for s in spaces]
+        f_cohort, f_train = [features(extractor, cohort, "cohort")], [features(extractor, train, "private train")]
         timing["features_s"] = time.time() - t
 
     # 3. utility classifiers (trained and frozen before the test split is read)
@@ -207,13 +210,9 @@ def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, 
             # class only scored like real in it); the ceiling classifier's features do
             # (benchmarks/fidelity_controls.py).
             spaces.append(classifier_extractor(trained.models["real"][0]))
-            kw = {"batch_size": opts.feature_batch_size, "device": dev, "progress": progress}
-            f_cohort.append(extract_features(spaces[-1], cohort.images, desc="real-classifier: cohort", **kw))
-            f_train.append(extract_features(spaces[-1], train.images, desc="real-classifier: private train",
-                                            intensity_range=getattr(train, "intensity_range", None), **kw))
-        f_test = [extract_features(s, test.images, desc=f"{s.name}: private test",
-                                   batch_size=opts.feature_batch_size, device=dev, progress=progress,
-                                   intensity_range=getattr(test, "intensity_range", None)) for s in spaces]
+            f_cohort.append(features(spaces[-1], cohort, "cohort"))
+            f_train.append(features(spaces[-1], train, "private train"))
+        f_test = [features(s, test, "private test") for s in spaces]
         timing["features_s"] += time.time() - t
         t = time.time()
         kw = {"repeats": opts.fidelity_repeats, "k": opts.prdc_k, "seed": opts.seed, "kid_subsets": opts.kid_subsets}
@@ -232,8 +231,10 @@ def evaluate_stage(config, rd: RunDir, device="auto", progress: bool = True, *, 
                     "sample size n_matched (the larger set subsampled; mean and std over draws); cohort_full is the "
                     "whole cohort. Each metric is labelled by its feature space: the chosen extractor, and "
                     "real-classifier (the ceiling classifier's penultimate layer, which knows the classes; "
-                    "benchmarks/fidelity_controls.py; it is fitted to private train, so a cohort closer to private train "
-                    "than the real-vs-real reference there is a memorisation warning for the probes, not a success). FD and KID come from torchmetrics on these features; precision/recall/density/"
+                    "benchmarks/fidelity_controls.py; it is fitted to private train, so a cohort closer to "
+                    "private train than the real-vs-real reference there is a memorisation warning for the "
+                    "probes, not a success). FD and KID come from torchmetrics on these features; "
+                    "precision/recall/density/"
                     f"coverage are Naeem et al. 2020 with k={opts.prdc_k}; diversity is the mean pairwise feature "
                     "distance of the set over that of private train (1 = as varied as the real images)."),
             "overall": overall,
