@@ -103,8 +103,9 @@ class Small(nn.Module):
 
 class Rich(nn.Module):
     """Every path of the engine: a conv called twice per row (like a GAN discriminator on real
-    and fake rows), a conv with one output channel, a strided conv, a 1x1 conv, a frozen conv, GroupNorm, a Linear on a token
-    sequence, an Embedding (Opacus' sampler through a tensor hook) and a LayerNorm."""
+    and fake rows), a conv with one output channel, a strided conv, a 1x1 conv, a frozen conv, a
+    dilated conv with 64 output channels on a 4x4 map (per-unit gradient by unfold + bmm when
+    a unit has one row), GroupNorm, a Linear on a token sequence, an Embedding (Opacus' sampler through a tensor hook) and a LayerNorm."""
 
     def __init__(self):
         super().__init__()
@@ -113,6 +114,8 @@ class Rich(nn.Module):
         self.down = nn.Conv2d(4, 4, 4, stride=2, padding=1)
         self.frozen = nn.Conv2d(4, 4, 3, padding=1).requires_grad_(False)
         self.mix = nn.Conv2d(4, 6, 1)
+        self.wide = nn.Conv2d(6, 64, 3, padding=2, dilation=2)
+        self.narrow = nn.Conv2d(64, 6, 1)
         self.norm = nn.GroupNorm(2, 6)
         self.tokens = nn.Linear(6, 6)
         self.embed = nn.Embedding(3, 6)
@@ -123,6 +126,7 @@ class Rich(nn.Module):
         h = torch.tanh(self.conv(x)) + 0.5 * torch.tanh(self.conv(x.flip(-1)))
         h = h * torch.sigmoid(self.gate(h))
         h = self.mix(self.frozen(torch.relu(self.down(h))))  # (B, 6, 4, 4)
+        h = h + self.narrow(torch.tanh(self.wide(h)))
         t = self.norm(h).flatten(2).transpose(1, 2)  # (B, 16, 6): tokens
         t = self.ln(torch.tanh(self.tokens(t)) + self.embed(label)[:, None])
         return self.head(t.flatten(1)).view(-1, 1, 8, 8)

@@ -154,6 +154,22 @@ def _per_unit_outer(gs: torch.Tensor, xs: torch.Tensor, lay: _Layout) -> torch.T
     return out
 
 
+UNFOLD_CONVS = True  # False: the grouped backward everywhere (to compare the two on a model)
+
+
+def _unfold_is_faster(layer: nn.Module, g: torch.Tensor, lay: _Layout) -> bool:
+    """Per-unit weight gradient of a 2D conv by unfold + batched matrix product instead of
+    the grouped convolution backward? Measured on CPU (benchmarks/RESULTS.md): with one row
+    per unit (K = 1) the grouped backward slows down 2-7x once a group has 128 or more output
+    channels (64 or more on maps of 16 positions or fewer), where unfold + bmm runs at matrix-
+    product speed; with several rows per unit (K > 1) the grouped backward is as fast or faster.
+    Both compute the same per-unit gradient; the preflight checks whichever the model uses."""
+    if not UNFOLD_CONVS or lay.slots != 1 or layer.groups != 1 or g.ndim != 4:
+        return False
+    c_out, positions = g.shape[1], g.shape[2] * g.shape[3]
+    return c_out >= 128 or (c_out >= 64 and positions <= 16)
+
+
 def _conv_unit_weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, padding, lay: _Layout) -> torch.Tensor:
     """Per-unit weight gradients of a convolution: (m, *weight.shape)."""
     w_shape = layer.weight.shape
@@ -166,17 +182,25 @@ def _conv_unit_weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, p
         xs = x.reshape(lay.slots, lay.units, c_in, -1)
         gs = g.reshape(lay.slots, lay.units, c_out, -1)
         return _per_unit_outer(gs, xs, lay).view(lay.units, *w_shape)
+    if _unfold_is_faster(layer, g, lay):
+        cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
+        return _per_unit_outer(g.reshape(lay.slots, lay.units, c_out, -1),
+                               cols.view(lay.slots, lay.units, cols.shape[1], -1), lay).view(lay.units, *w_shape)
     m = lay.units
-    if w_shape[0] == layer.groups:
-        # One output channel per group (a UNet's output conv): grouped backward takes a slow
-        # path on CPU (2-3x); one plain weight gradient per unit over its slots is faster.
+    gx, xx = g.reshape(lay.slots, m * c_out, *g.shape[2:]), x.reshape(lay.slots, m * c_in, *x.shape[2:])
+    if w_shape[0] == layer.groups and dims == 2:
+        # One output channel per group (a UNet's output conv): the grouped backward takes a
+        # slow path on CPU for channels-first tensors; on channels-last copies it is 1.5-2.8x
+        # faster than the loop below (benchmarks/RESULTS.md, 28x28, 32 -> 1 channels).
+        gx, xx = gx.contiguous(memory_format=torch.channels_last), xx.contiguous(memory_format=torch.channels_last)
+    elif w_shape[0] == layer.groups:
+        # (1D and 3D: one plain weight gradient per unit over its slots.)
         xs, gs = x.reshape(lay.slots, m, *x.shape[1:]), g.reshape(lay.slots, m, *g.shape[1:])
         return torch.stack([torch.ops.aten.convolution_backward(
             gs[:, u], xs[:, u], x.new_empty(w_shape), None, list(layer.stride), list(padding), list(layer.dilation),
             False, [0] * dims, layer.groups, (False, True, False))[1] for u in range(m)])
     grad_w = torch.ops.aten.convolution_backward(
-        g.reshape(lay.slots, m * c_out, *g.shape[2:]),
-        x.reshape(lay.slots, m * c_in, *x.shape[2:]),
+        gx, xx,
         x.new_empty((m * w_shape[0], *w_shape[1:])),  # only the shape is read
         None, list(layer.stride), list(padding), list(layer.dilation), False, [0] * dims,
         m * layer.groups, (False, True, False),
@@ -681,7 +705,17 @@ class _PerUnitClip:
     """Opacus' clip_and_accumulate (per-unit norms over all parameters, clip factor
     min(1, C / (norm + 1e-6)), clipped sum), with the squared norms the engine took when it
     wrote each per-unit gradient (where that gradient is final) and the clipped sum as one
-    vector-matrix product per parameter."""
+    vector-matrix product per parameter; and Opacus' scale_grad with its divisor computed once.
+    """
+
+    def scale_grad(self):
+        # Opacus 1.6 evaluates `accumulated_iterations` (a pass over every parameter) once per
+        # parameter: quadratic in the parameter count, ~50 ms of a 0.6 s quickstart step
+        # (183 parameters). Same division, divisor taken once.
+        if self.loss_reduction == "mean":
+            divisor = self.expected_batch_size * self.accumulated_iterations
+            for p in self.params:
+                p.grad /= divisor
 
     def clip_and_accumulate(self):
         samples = [self._get_flat_grad_sample(p) for p in self.params]
