@@ -105,7 +105,8 @@ class Rich(nn.Module):
     """Every path of the engine: a conv called twice per row (like a GAN discriminator on real
     and fake rows), a conv with one output channel, a strided conv, a 1x1 conv, a frozen conv, a
     dilated conv with 64 output channels on a 4x4 map (per-unit gradient by unfold + bmm when
-    a unit has one row), GroupNorm, a Linear on a token sequence, an Embedding (Opacus' sampler through a tensor hook) and a LayerNorm."""
+    a unit has one row), a 64 -> 64 conv on that map (ghost clipping when a unit has one row),
+    GroupNorm, a Linear on a token sequence, an Embedding (Opacus' sampler through a tensor hook) and a LayerNorm."""
 
     def __init__(self):
         super().__init__()
@@ -115,6 +116,7 @@ class Rich(nn.Module):
         self.frozen = nn.Conv2d(4, 4, 3, padding=1).requires_grad_(False)
         self.mix = nn.Conv2d(4, 6, 1)
         self.wide = nn.Conv2d(6, 64, 3, padding=2, dilation=2)
+        self.deep = nn.Conv2d(64, 64, 3, padding=1)
         self.narrow = nn.Conv2d(64, 6, 1)
         self.norm = nn.GroupNorm(2, 6)
         self.tokens = nn.Linear(6, 6)
@@ -126,7 +128,7 @@ class Rich(nn.Module):
         h = torch.tanh(self.conv(x)) + 0.5 * torch.tanh(self.conv(x.flip(-1)))
         h = h * torch.sigmoid(self.gate(h))
         h = self.mix(self.frozen(torch.relu(self.down(h))))  # (B, 6, 4, 4)
-        h = h + self.narrow(torch.tanh(self.wide(h)))
+        h = h + self.narrow(torch.tanh(self.deep(torch.tanh(self.wide(h)))))
         t = self.norm(h).flatten(2).transpose(1, 2)  # (B, 16, 6): tokens
         t = self.ln(torch.tanh(self.tokens(t)) + self.embed(label)[:, None])
         return self.head(t.flatten(1)).view(-1, 1, 8, 8)
@@ -177,6 +179,9 @@ CHOSEN = {"images": [0, 1, 4, 6, 7, 10], "equal": [0, 2, 3], "mixed": [0, 1, 2, 
     (3, "images", 5, "hooks", Small),  # 1 unit x 3 draws per pass
     (1, "equal", 5, "hooks", Small),
     (2, "equal", 5, "hooks", Small),  # a unit's 3 rows x 2 draws do not fit: draws over 2 passes
+    (1, "images", 5, "hooks", Rich),  # one row per unit: ghost clipping where it is cheaper
+    (2, "images", 1, "hooks", Rich),  # one row per pass: a ghost stand-in materialised to add the second draw
+    (1, "mixed", 12, "hooks", Rich),  # ghost for the one-row units only
     (2, "images", 8, "hooks", Rich),  # 4 units x 2 draws per pass
     (4, "images", 8, "hooks", Rich),  # 2 units x 4 draws per pass
     (16, "images", 8, "hooks", Rich),  # 8 draws per pass, 2 passes per unit

@@ -7,8 +7,11 @@ make the guarantee true.
   multiplicity). The engine computes exactly that, layer by layer, with no per-row gradient
   in between: Conv/Linear/GroupNorm layers run as autograd Functions whose backward writes
   per-unit gradients (a conv's is one grouped convolution backward with the units folded into
-  the channel groups), autograd never computes the batch weight gradient DP-SGD throws away,
-  and there are no module backward hooks. Other layers get Opacus' per-row samplers through
+  the channel groups, or unfold + batched matrix product where that is faster), autograd never
+  computes the batch weight gradient DP-SGD throws away, and there are no module backward
+  hooks. With one row per unit (K = 1), wide convs on small maps are ghost-clipped instead
+  (`_ghost_conv_grads`): per-unit norms from Gram matrices, the clipped sum as one weighted
+  batch weight gradient, no per-unit gradient in memory. Other layers get Opacus' per-row samplers through
   a tensor hook. "functorch" and "opacus" modes use Opacus' GradSampleModule (per-row
   gradients, summed per unit after each pass).
 - Passes (`DPSGD.step`): the units of a physical chunk are regrouped so that one
@@ -19,13 +22,13 @@ make the guarantee true.
   with the per-unit norms the engine took while each gradient was in cache (`_PerUnitClip`).
 - `preflight`: compares the engine's gradients with per-sample autograd on the real model and
   loss, in float64, per row and per unit (2 rows per unit), before any private data is
-  touched. Opacus' own hooks ("opacus" mode) give silently wrong conv per-sample gradients when
+  touched (for a ghost-clipped conv: its per-unit norms and a weighted sum). Opacus' own hooks ("opacus" mode) give silently wrong conv per-sample gradients when
   a conv input is channels-last (after diffusers' attention, inside MONAI's AutoencoderKL);
   `make_conv_inputs_contiguous` is their fix, and the preflight is the proof, for whatever
   model is being trained and whichever mode.
-- Speed: benchmarks/dp_overhead.py and benchmarks/RESULTS.md (K = 1: 1.40x / 1.11x / 1.31x a
-  non-private step of the quickstart UNet, the latent UNet and the cGAN discriminator; K draws
-  about K x 1.0-1.2x; step memory flat in K; measured alone on a 2-core CPU).
+- Speed: benchmarks/dp_overhead.py and benchmarks/RESULTS.md (ratios to a non-private step of
+  the quickstart UNet, the latent UNet and the cGAN discriminator, measured alone on a 2-core
+  CPU; step memory flat in K).
 - Steps are deterministic functions of (secret seed, step): the Poisson sample, the per-row
   draws and the DP noise come from per-step generators of the mechanism's secret streams
   (`dpgen.privacy.randomness`), which `dpgen.privacy.dpsgd.DPSGDLoop` hands to `DPSGD.step`.
@@ -138,10 +141,62 @@ def _add_grad_sample(p: torch.Tensor, g: torch.Tensor) -> None:
     left to the clipping."""
     cur = getattr(p, "grad_sample", None)
     if cur is None:
-        g._dpgen_sq_norms = torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1).square()
+        if not hasattr(g, "_dpgen_sq_norms"):  # (a ghost stand-in brings its own)
+            g._dpgen_sq_norms = torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1).square()
         p.grad_sample = g
     else:
-        p.grad_sample = cur + g
+        p.grad_sample = _materialised(cur) + _materialised(g)
+
+
+def _materialised(gs: torch.Tensor) -> torch.Tensor:
+    """The per-unit gradients themselves, also for a ghost stand-in (`_ghost_conv_grads`)."""
+    make = getattr(gs, "_dpgen_materialise", None)
+    return gs if make is None else make()
+
+
+GHOST_CONVS = True  # False: per-unit conv gradients always materialised (to compare the two on a model)
+
+
+def _ghost_is_cheaper(layer: nn.Module, g: torch.Tensor, lay: _Layout) -> bool:
+    """Clip this conv's per-unit gradients without materialising them (`_ghost_conv_grads`)?
+
+    Only with one row per unit (K = 1). The Gram matrices cost about T^2 (I + O) per unit for T
+    output positions, I = in channels x kernel size and O out channels; materialising costs
+    T I O per unit plus writing, norming and summing (m, O, I) floats. Ghost wins on small maps
+    with wide layers (measured on CPU: a 7x7 map with 128 channels, not with 64; not on 14x14):
+    taken where I O >= 2 T (I + O).
+    """
+    if not GHOST_CONVS or lay.slots != 1 or layer.groups != 1 or g.ndim != 4:
+        return False
+    positions, fan_in, c_out = g.shape[2] * g.shape[3], layer.weight[0].numel(), g.shape[1]
+    return fan_in * c_out >= 2 * positions * (fan_in + c_out)
+
+
+def _ghost_conv_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, padding, lay: _Layout) -> torch.Tensor:
+    """Per-unit weight gradients of a 2D conv with one row per unit, by book-keeping ghost
+    clipping (Li et al. 2022; Bu et al. 2023): unit u's gradient is sum_t g_t x_t^T over the
+    output positions t (x_t the unfolded input patch), so its squared norm is
+    sum_{t,t'} (x_t . x_t') (g_t . g_t'), from two T x T Gram matrices; and the clipped sum
+    sum_u c_u grad_u is one batch weight gradient with row u's output gradient scaled by c_u,
+    taken when the clip factors are known. Returns an empty (units, 0) tensor carrying the
+    squared norms, that weighted sum and a way to materialise the gradients (when a second
+    contribution must be added: `_add_grad_sample`). The preflight checks the norms and a
+    weighted sum against per-sample autograd."""
+    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)  # (m, I, T)
+    gf = g.reshape(len(g), g.shape[1], -1)  # (m, O, T)
+    sq = (torch.bmm(cols.transpose(1, 2), cols) * torch.bmm(gf.transpose(1, 2), gf)).sum((1, 2))
+    del cols
+
+    def weighted_sum(c: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten.convolution_backward(
+            g * c.to(g).view(-1, 1, 1, 1), x, layer.weight.to(g.dtype), None, list(layer.stride), list(padding),
+            list(layer.dilation), False, [0, 0], 1, (False, True, False))[1]
+
+    stand_in = g.new_zeros((lay.units, 0))
+    stand_in._dpgen_sq_norms = sq
+    stand_in._dpgen_weighted_sum = weighted_sum
+    stand_in._dpgen_materialise = lambda: _conv_unit_weight_grad(layer, x, g, padding, lay)
+    return stand_in
 
 
 def _per_unit_outer(gs: torch.Tensor, xs: torch.Tensor, lay: _Layout) -> torch.Tensor:
@@ -226,7 +281,8 @@ def _conv_unit_grads(layer: nn.Module, items: list) -> None:
             x, g, slots = torch.cat([c[0] for c in calls]), torch.cat([c[1] for c in calls]), sum(c[2] for c in calls)
         lay = _Layout(slots, units)
         if layer.weight.requires_grad:
-            _add_grad_sample(layer.weight, _conv_unit_weight_grad(layer, x.to(g.dtype), g, padding, lay))
+            grads = _ghost_conv_grads if _ghost_is_cheaper(layer, g, lay) else _conv_unit_weight_grad
+            _add_grad_sample(layer.weight, grads(layer, x.to(g.dtype), g, padding, lay))
         if layer.bias is not None and layer.bias.requires_grad:
             _add_grad_sample(layer.bias, g.reshape(lay.slots, lay.units, g.shape[1], -1).sum((0, 3)))
 
@@ -582,7 +638,12 @@ def preflight(
         for name, p in gsm._module.named_parameters():
             gs = getattr(p, "grad_sample", None)
             if p.requires_grad and gs is not None:
-                out[name] = torch.cat(gs) if isinstance(gs, list) else gs
+                gs = torch.cat(gs) if isinstance(gs, list) else gs
+                ghost = getattr(gs, "_dpgen_weighted_sum", None)
+                # A ghost-clipped conv has no per-unit gradients to compare: what the clipping
+                # reads from it is checked instead, the per-unit squared norms and a weighted
+                # sum (unit u weighted u + 1, so that a unit given another's weight shows).
+                out[name] = gs if ghost is None else (gs._dpgen_sq_norms, ghost(torch.arange(1.0, len(gs) + 1)))
         gsm._close()
         return out
 
@@ -612,7 +673,14 @@ def preflight(
                 units = n // slots
                 r = r[: slots * units].view(slots, units, *r.shape[1:]).sum(0)
             g = grads.get(name)
-            if g is None or g.shape != r.shape:
+            if isinstance(g, tuple):  # ghost-clipped: per-unit squared norms and a weighted sum
+                sq, weighted = g
+                ref_sq = r.flatten(1).square().sum(1)
+                ref_weighted = (torch.arange(1.0, len(r) + 1, dtype=r.dtype).view(-1, *[1] * (r.ndim - 1)) * r).sum(0)
+                err = float("inf") if sq.shape != ref_sq.shape or weighted.shape != ref_weighted.shape else max(
+                    (sq - ref_sq).norm().item() / max(ref_sq.norm().item(), floor ** 2, 1e-300),
+                    (weighted - ref_weighted).norm().item() / max(ref_weighted.norm().item(), floor, 1e-300))
+            elif g is None or g.shape != r.shape:
                 err = float("inf")
             else:
                 err = (g - r).norm().item() / max(r.norm().item(), floor, 1e-300)
@@ -733,6 +801,12 @@ class _PerUnitClip:
             clip = (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
         for p, gs in zip(self.params, samples):
             _check_processed_flag(p.grad_sample)
+            weighted_sum = getattr(gs, "_dpgen_weighted_sum", None)
+            if weighted_sum is not None:  # a ghost-clipped conv: sum_u clip_u grad_u without grad_u
+                clipped = weighted_sum(clip).to(p.dtype).view(p.shape)
+                p.summed_grad = clipped if p.summed_grad is None else p.summed_grad.add_(clipped)
+                _mark_as_processed(p.grad_sample)
+                continue
             flat = gs.to(p.dtype).reshape(m, p.numel())
             c = clip.to(flat)
             if p.summed_grad is None:
