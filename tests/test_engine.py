@@ -6,6 +6,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dpgen.privacy.engine import (
@@ -104,9 +105,8 @@ class Small(nn.Module):
 class Rich(nn.Module):
     """Every path of the engine: a conv called twice per row (like a GAN discriminator on real
     and fake rows), a conv with one output channel, a strided conv, a 1x1 conv, a frozen conv, a
-    dilated conv with 64 output channels on a 4x4 map (per-unit gradient by unfold + bmm when
-    a unit has one row), a 64 -> 64 conv on that map (ghost clipping when a unit has one row),
-    GroupNorm, a Linear on a token sequence, an Embedding (Opacus' sampler through a tensor hook) and a LayerNorm."""
+    dilated conv, a 64 -> 64 conv on a 4x4 map (ghost-clipped when a pass holds one row per
+    unit), GroupNorm, a Linear on a token sequence, an Embedding (Opacus' sampler through a tensor hook) and a LayerNorm."""
 
     def __init__(self):
         super().__init__()
@@ -319,3 +319,18 @@ def test_preflight_passes_3d_convolutions():
     batch = {"x": torch.randn(5, 1, 4, 4, 4, generator=g), "y": torch.randn(5, 1, 8, 8, generator=g)}
     report = preflight(Volumes().double(), _mse, {k: v.double() for k, v in batch.items()}, mode="hooks")
     assert report.passed and report.max_relative_error < 1e-9, report.to_dict()
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    (3, 1, 1, 1), (3, 2, 1, 1), (4, 2, 1, 1), ((3, 1), 1, (1, 0), 1), (3, 1, 2, 2), (2, 3, 0, 1), (5, 2, 2, 1),
+])
+def test_ghost_patch_gram_equals_the_gram_of_unfolded_patches(kernel, stride, padding, dilation):
+    # Ghost clipping's per-unit norms stand on this Gram: wrong here means clipping by a wrong norm.
+    from dpgen.privacy.engine import _patch_gram
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 5, kernel, stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(4, 3, 9, 7, dtype=torch.float64)
+    out_hw = layer.double()(x).shape[2:]
+    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    torch.testing.assert_close(_patch_gram(layer, x, layer.padding, out_hw), cols.transpose(1, 2) @ cols)

@@ -7,7 +7,7 @@ make the guarantee true.
   multiplicity). The engine computes exactly that, layer by layer, with no per-row gradient
   in between: Conv/Linear/GroupNorm layers run as autograd Functions whose backward writes
   per-unit gradients (a conv's is one grouped convolution backward with the units folded into
-  the channel groups, or unfold + batched matrix product where that is faster), autograd never
+  the channel groups), autograd never
   computes the batch weight gradient DP-SGD throws away, and there are no module backward
   hooks. With one row per unit (K = 1), wide convs on small maps are ghost-clipped instead
   (`_ghost_conv_grads`): per-unit norms from Gram matrices, the clipped sum as one weighted
@@ -172,20 +172,39 @@ def _ghost_is_cheaper(layer: nn.Module, g: torch.Tensor, lay: _Layout) -> bool:
     return fan_in * c_out >= 2 * positions * (fan_in + c_out)
 
 
+def _patch_gram(layer: nn.Module, x: torch.Tensor, padding, out_hw) -> torch.Tensor:
+    """(m, T, T) Gram matrices of each row's input patches (x_t . x_t' for output positions t,
+    t'), without unfolding: the patch of t covers the padded pixels t * stride + offset, so the
+    Gram is the sum over kernel offsets of shifted blocks of the (P, P) Gram of the padded
+    pixels. One (P x C) product per row instead of an unfold to (I = C x kernel size, T) and a
+    (T x I) product: less work, and torch's CPU unfold was the slowest part."""
+    (ph, pw), (sh, sw), (dh, dw), (kh, kw), (ho, wo) = padding, layer.stride, layer.dilation, layer.kernel_size, out_hw
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    m, _, hp, wp = xp.shape
+    flat = xp.reshape(m, xp.shape[1], hp * wp)
+    pixels = torch.bmm(flat.transpose(1, 2), flat).view(m, hp, wp, hp, wp)
+    gram = None
+    for i in range(kh):
+        rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
+        for j in range(kw):
+            cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+            block = pixels[:, rows, cols, rows, cols]
+            gram = block.clone() if gram is None else gram.add_(block)
+    return gram.reshape(m, ho * wo, ho * wo)
+
+
 def _ghost_conv_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, padding, lay: _Layout) -> torch.Tensor:
     """Per-unit weight gradients of a 2D conv with one row per unit, by book-keeping ghost
     clipping (Li et al. 2022; Bu et al. 2023): unit u's gradient is sum_t g_t x_t^T over the
-    output positions t (x_t the unfolded input patch), so its squared norm is
-    sum_{t,t'} (x_t . x_t') (g_t . g_t'), from two T x T Gram matrices; and the clipped sum
+    output positions t (x_t the input patch of t), so its squared norm is
+    sum_{t,t'} (x_t . x_t') (g_t . g_t'), from two T x T Gram matrices (`_patch_gram`); and the clipped sum
     sum_u c_u grad_u is one batch weight gradient with row u's output gradient scaled by c_u,
     taken when the clip factors are known. Returns an empty (units, 0) tensor carrying the
     squared norms, that weighted sum and a way to materialise the gradients (when a second
     contribution must be added: `_add_grad_sample`). The preflight checks the norms and a
     weighted sum against per-sample autograd."""
-    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)  # (m, I, T)
     gf = g.reshape(len(g), g.shape[1], -1)  # (m, O, T)
-    sq = (torch.bmm(cols.transpose(1, 2), cols) * torch.bmm(gf.transpose(1, 2), gf)).sum((1, 2))
-    del cols
+    sq = (_patch_gram(layer, x, padding, g.shape[2:]) * torch.bmm(gf.transpose(1, 2), gf)).sum((1, 2))
 
     def weighted_sum(c: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten.convolution_backward(
@@ -209,22 +228,6 @@ def _per_unit_outer(gs: torch.Tensor, xs: torch.Tensor, lay: _Layout) -> torch.T
     return out
 
 
-UNFOLD_CONVS = True  # False: the grouped backward everywhere (to compare the two on a model)
-
-
-def _unfold_is_faster(layer: nn.Module, g: torch.Tensor, lay: _Layout) -> bool:
-    """Per-unit weight gradient of a 2D conv by unfold + batched matrix product instead of
-    the grouped convolution backward? Measured on CPU (benchmarks/RESULTS.md): with one row
-    per unit (K = 1) the grouped backward slows down 2-7x once a group has 128 or more output
-    channels (64 or more on maps of 16 positions or fewer), where unfold + bmm runs at matrix-
-    product speed; with several rows per unit (K > 1) the grouped backward is as fast or faster.
-    Both compute the same per-unit gradient; the preflight checks whichever the model uses."""
-    if not UNFOLD_CONVS or lay.slots != 1 or layer.groups != 1 or g.ndim != 4:
-        return False
-    c_out, positions = g.shape[1], g.shape[2] * g.shape[3]
-    return c_out >= 128 or (c_out >= 64 and positions <= 16)
-
-
 def _conv_unit_weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, padding, lay: _Layout) -> torch.Tensor:
     """Per-unit weight gradients of a convolution: (m, *weight.shape)."""
     w_shape = layer.weight.shape
@@ -237,10 +240,6 @@ def _conv_unit_weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, p
         xs = x.reshape(lay.slots, lay.units, c_in, -1)
         gs = g.reshape(lay.slots, lay.units, c_out, -1)
         return _per_unit_outer(gs, xs, lay).view(lay.units, *w_shape)
-    if _unfold_is_faster(layer, g, lay):
-        cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
-        return _per_unit_outer(g.reshape(lay.slots, lay.units, c_out, -1),
-                               cols.view(lay.slots, lay.units, cols.shape[1], -1), lay).view(lay.units, *w_shape)
     m = lay.units
     gx, xx = g.reshape(lay.slots, m * c_out, *g.shape[2:]), x.reshape(lay.slots, m * c_in, *x.shape[2:])
     if w_shape[0] == layer.groups and dims == 2:
