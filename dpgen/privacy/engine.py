@@ -168,7 +168,7 @@ def _ghost_is_cheaper(layer: nn.Module, g: torch.Tensor, lay: _Layout) -> bool:
     """
     if not GHOST_CONVS or lay.slots != 1 or layer.groups != 1 or g.ndim != 4:
         return False
-    positions, fan_in, c_out = g.shape[2] * g.shape[3], layer.weight[0].numel(), g.shape[1]
+    positions, fan_in, c_out = g.shape[2] * g.shape[3], layer.weight.numel() // layer.weight.shape[0], g.shape[1]
     return fan_in * c_out >= 2 * positions * (fan_in + c_out)
 
 
