@@ -105,8 +105,8 @@ class Small(nn.Module):
 class Rich(nn.Module):
     """Every path of the engine: a conv called twice per row (like a GAN discriminator on real
     and fake rows), a conv with one output channel, a strided conv, a 1x1 conv, a frozen conv, a
-    dilated conv, a 64 -> 64 conv on a 4x4 map (ghost-clipped when a pass holds one row per
-    unit), GroupNorm, a Linear on a token sequence, an Embedding (Opacus' sampler through a tensor hook) and a LayerNorm."""
+    dilated conv, a 64 -> 64 conv on a channels-last 4x4 map and a strided reflect-padded one
+    (both ghost-clipped when a pass holds one row per unit), GroupNorm, a Linear on a token sequence, an Embedding (Opacus' sampler through a tensor hook) and a LayerNorm."""
 
     def __init__(self):
         super().__init__()
@@ -117,6 +117,7 @@ class Rich(nn.Module):
         self.mix = nn.Conv2d(4, 6, 1)
         self.wide = nn.Conv2d(6, 64, 3, padding=2, dilation=2)
         self.deep = nn.Conv2d(64, 64, 3, padding=1)
+        self.deep_strided = nn.Conv2d(64, 64, 3, stride=2, padding=1, padding_mode="reflect")
         self.narrow = nn.Conv2d(64, 6, 1)
         self.norm = nn.GroupNorm(2, 6)
         self.tokens = nn.Linear(6, 6)
@@ -128,7 +129,8 @@ class Rich(nn.Module):
         h = torch.tanh(self.conv(x)) + 0.5 * torch.tanh(self.conv(x.flip(-1)))
         h = h * torch.sigmoid(self.gate(h))
         h = self.mix(self.frozen(torch.relu(self.down(h))))  # (B, 6, 4, 4)
-        h = h + self.narrow(torch.tanh(self.deep(torch.tanh(self.wide(h)))))
+        a = torch.tanh(self.wide(h)).contiguous(memory_format=torch.channels_last)
+        h = h + self.narrow(torch.tanh(self.deep(a))) + self.deep_strided(a).mean((1, 2, 3)).view(-1, 1, 1, 1)
         t = self.norm(h).flatten(2).transpose(1, 2)  # (B, 16, 6): tokens
         t = self.ln(torch.tanh(self.tokens(t)) + self.embed(label)[:, None])
         return self.head(t.flatten(1)).view(-1, 1, 8, 8)
@@ -334,3 +336,28 @@ def test_ghost_patch_gram_equals_the_gram_of_unfolded_patches(kernel, stride, pa
     out_hw = layer.double()(x).shape[2:]
     cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
     torch.testing.assert_close(_patch_gram(layer, x, layer.padding, out_hw), cols.transpose(1, 2) @ cols)
+
+
+def test_rich_model_has_ghost_clipped_convs():
+    # (the tests above cover ghost clipping only if Rich's convs take that path)
+    from dpgen.privacy.engine import _ghost_is_cheaper, _Layout
+
+    net, lay = Rich(), _Layout(1, 2)
+    a = torch.zeros(2, 64, 4, 4)
+    assert _ghost_is_cheaper(net.deep, a, torch.zeros(2, 64, 4, 4), (1, 1), lay)
+    assert _ghost_is_cheaper(net.deep_strided, F.pad(a, (1, 1, 1, 1)), torch.zeros(2, 64, 2, 2), (0, 0), lay)
+    assert not _ghost_is_cheaper(net.deep, a, torch.zeros(2, 64, 4, 4), (1, 1), _Layout(2, 1))
+
+
+def test_preflight_catches_a_wrong_ghost_norm(monkeypatch):
+    from dpgen.privacy import engine
+
+    batch = {**_batch(6), "label": torch.tensor([0, 1, 2, 0, 1, 2])}
+    monkeypatch.setattr(engine, "_patch_gram", lambda *a: 1.01 * _patch_gram_ref(*a))
+    report = preflight(Rich(), _mse_labelled, batch, mode="hooks")
+    assert not report.passed and any(name.startswith("deep") for name in report.failed), report.to_dict()
+
+
+def _patch_gram_ref(layer, x, padding, out_hw):
+    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
+    return cols.transpose(1, 2) @ cols

@@ -173,11 +173,13 @@ def run_preflight(module: nn.Module, objective: DPObjective, mode: str, seed: in
 def _preflight_signature(module: nn.Module, mode: str, device) -> tuple:
     """What decides which per-sample-gradient code runs: the module's layers and the hooks on
     them (a wrapper left behind would show), its trainable parameters (names, shapes, dtypes),
-    the mode and the device; not the weights' values."""
+    the mode, the device and whether ghost clipping is on; not the weights' values."""
     layers = tuple((type(m).__qualname__, len(m._forward_pre_hooks), len(m._forward_hooks), len(m._backward_hooks),
                     len(m._backward_pre_hooks), "_conv_forward" in vars(m)) for m in module.modules())
     params = tuple((n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in module.named_parameters())
-    return mode, str(device), layers, params
+    from dpgen.privacy import engine
+
+    return mode, str(device), engine.GHOST_CONVS, layers, params
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ make the guarantee true.
   per-unit gradients (a conv's is one grouped convolution backward with the units folded into
   the channel groups), autograd never
   computes the batch weight gradient DP-SGD throws away, and there are no module backward
-  hooks. With one row per unit (K = 1), wide convs on small maps are ghost-clipped instead
+  hooks. When a pass holds one row per unit, wide convs on small maps are ghost-clipped instead
   (`_ghost_conv_grads`): per-unit norms from Gram matrices, the clipped sum as one weighted
   batch weight gradient, no per-unit gradient in memory. Other layers get Opacus' per-row samplers through
   a tensor hook. "functorch" and "opacus" modes use Opacus' GradSampleModule (per-row
@@ -157,19 +157,23 @@ def _materialised(gs: torch.Tensor) -> torch.Tensor:
 GHOST_CONVS = True  # False: per-unit conv gradients always materialised (to compare the two on a model)
 
 
-def _ghost_is_cheaper(layer: nn.Module, g: torch.Tensor, lay: _Layout) -> bool:
+def _ghost_is_cheaper(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, padding, lay: _Layout) -> bool:
     """Clip this conv's per-unit gradients without materialising them (`_ghost_conv_grads`)?
 
-    Only with one row per unit (K = 1). The Gram matrices cost about T^2 (I + O) per unit for T
-    output positions, I = in channels x kernel size and O out channels; materialising costs
-    T I O per unit plus writing, norming and summing (m, O, I) floats. Ghost wins on small maps
-    with wide layers (measured on CPU: a 7x7 map with 128 channels, not with 64; not on 14x14):
-    taken where I O >= 2 T (I + O).
+    Only when the pass holds one row per unit (per-image units at K = 1, or one-row units and
+    one-draw passes otherwise). With T output positions, I = in channels x kernel size and O out
+    channels, materialising costs T I O per unit plus writing, norming and summing (m, O, I)
+    floats; ghost costs the output-gradient Gram (T^2 O) and the patch Gram (`_patch_gram`:
+    P^2 x in channels for P padded input pixels, and m P^2 memory). Taken where I O >= 2 T (I + O)
+    (measured on CPU: a 7x7 map with 128 channels, not with 64; not on 14x14) and the pixel Gram
+    costs no more than materialising (a strided patchify conv on a large map would not).
     """
     if not GHOST_CONVS or lay.slots != 1 or layer.groups != 1 or g.ndim != 4:
         return False
     positions, fan_in, c_out = g.shape[2] * g.shape[3], layer.weight.numel() // layer.weight.shape[0], g.shape[1]
-    return fan_in * c_out >= 2 * positions * (fan_in + c_out)
+    pixels = (x.shape[2] + 2 * padding[0]) * (x.shape[3] + 2 * padding[1])
+    return (fan_in * c_out >= 2 * positions * (fan_in + c_out)
+            and pixels * pixels * x.shape[1] <= positions * fan_in * c_out)
 
 
 def _patch_gram(layer: nn.Module, x: torch.Tensor, padding, out_hw) -> torch.Tensor:
@@ -205,16 +209,30 @@ def _ghost_conv_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, paddin
     weighted sum against per-sample autograd."""
     gf = g.reshape(len(g), g.shape[1], -1)  # (m, O, T)
     sq = (_patch_gram(layer, x, padding, g.shape[2:]) * torch.bmm(gf.transpose(1, 2), gf)).sum((1, 2))
+    sq.clamp_(min=0)  # (a sum of products of Gram entries: a zero norm can round to a tiny negative)
+    versions = (x._version, g._version)
+
+    def unchanged() -> None:
+        # The norms were taken now, the sum is taken at the optimizer step: both must see the
+        # same activations and output gradients.
+        if (x._version, g._version) != versions:
+            raise PrivacyError(f"the input or output gradient of {type(layer).__name__} changed in place between "
+                               "the backward pass and the clipping; the clipping norms would not match the gradients")
 
     def weighted_sum(c: torch.Tensor) -> torch.Tensor:
+        unchanged()
         return torch.ops.aten.convolution_backward(
             g * c.to(g).view(-1, 1, 1, 1), x, layer.weight.to(g.dtype), None, list(layer.stride), list(padding),
-            list(layer.dilation), False, [0, 0], 1, (False, True, False))[1]
+            list(layer.dilation), False, [0, 0], 1, (False, True, False))[1].contiguous()  # (x may be channels-last)
+
+    def materialise() -> torch.Tensor:
+        unchanged()
+        return _conv_unit_weight_grad(layer, x, g, padding, lay)
 
     stand_in = g.new_zeros((lay.units, 0))
     stand_in._dpgen_sq_norms = sq
     stand_in._dpgen_weighted_sum = weighted_sum
-    stand_in._dpgen_materialise = lambda: _conv_unit_weight_grad(layer, x, g, padding, lay)
+    stand_in._dpgen_materialise = materialise
     return stand_in
 
 
@@ -280,7 +298,7 @@ def _conv_unit_grads(layer: nn.Module, items: list) -> None:
             x, g, slots = torch.cat([c[0] for c in calls]), torch.cat([c[1] for c in calls]), sum(c[2] for c in calls)
         lay = _Layout(slots, units)
         if layer.weight.requires_grad:
-            grads = _ghost_conv_grads if _ghost_is_cheaper(layer, g, lay) else _conv_unit_weight_grad
+            grads = _ghost_conv_grads if _ghost_is_cheaper(layer, x, g, padding, lay) else _conv_unit_weight_grad
             _add_grad_sample(layer.weight, grads(layer, x.to(g.dtype), g, padding, lay))
         if layer.bias is not None and layer.bias.requires_grad:
             _add_grad_sample(layer.bias, g.reshape(lay.slots, lay.units, g.shape[1], -1).sum((0, 3)))
