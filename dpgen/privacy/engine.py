@@ -11,8 +11,9 @@ make the guarantee true.
   and there are no module backward hooks. When a pass holds one row per unit, wide convs on
   small maps are ghost-clipped instead (`_ghost_conv_grads`): per-unit norms from Gram
   matrices, the clipped sum as one weighted batch weight gradient, no per-unit gradient in
-  memory. Other layers get Opacus' per-row samplers through a tensor hook. "functorch" and "opacus" modes use Opacus' GradSampleModule (per-row
-  gradients, summed per unit after each pass).
+  memory. Other layers get Opacus' per-row samplers through a tensor hook. "functorch" and
+  "opacus" modes use Opacus' GradSampleModule (per-row gradients, summed per unit after each
+  pass).
 - Passes (`DPSGD.step`): the units of a physical chunk are regrouped so that one
   forward/backward pass holds whole units with all their K draws (max_rows / (rows x K) units
   each), so per-unit work is done once per unit and step, not once per draw, and the per-unit
@@ -22,7 +23,8 @@ make the guarantee true.
 - `preflight`: compares the engine's gradients with per-sample autograd on the real model and
   loss, in float64, per row and per unit (2 rows per unit), before any private data is
   touched (for a ghost-clipped conv: its per-unit norms and a weighted sum). Opacus' own hooks
-  ("opacus" mode) give silently wrong conv per-sample gradients when a conv input is channels-last (after diffusers' attention, inside MONAI's AutoencoderKL);
+  ("opacus" mode) give silently wrong conv per-sample gradients when a conv input is
+  channels-last (after diffusers' attention, inside MONAI's AutoencoderKL);
   `make_conv_inputs_contiguous` is their fix, and the preflight is the proof, for whatever
   model is being trained and whichever mode.
 - Speed: benchmarks/dp_overhead.py and benchmarks/RESULTS.md (ratios to a non-private step of
