@@ -338,15 +338,34 @@ def test_ghost_patch_gram_equals_the_gram_of_unfolded_patches(kernel, stride, pa
     torch.testing.assert_close(_patch_gram(layer, x, layer.padding, out_hw), cols.transpose(1, 2) @ cols)
 
 
-def test_rich_model_has_ghost_clipped_convs():
-    # (the tests above cover ghost clipping only if Rich's convs take that path)
-    from dpgen.privacy.engine import _ghost_is_cheaper, _Layout
+def test_rich_model_has_ghost_clipped_convs(monkeypatch):
+    # (the tests above cover ghost clipping only if Rich's convs really take that path)
+    from dpgen.privacy import engine
 
-    net, lay = Rich(), _Layout(1, 2)
-    a = torch.zeros(2, 64, 4, 4)
-    assert _ghost_is_cheaper(net.deep, a, torch.zeros(2, 64, 4, 4), (1, 1), lay)
-    assert _ghost_is_cheaper(net.deep_strided, F.pad(a, (1, 1, 1, 1)), torch.zeros(2, 64, 2, 2), (0, 0), lay)
-    assert not _ghost_is_cheaper(net.deep, a, torch.zeros(2, 64, 4, 4), (1, 1), _Layout(2, 1))
+    net, ghosted, real = Rich(), [], engine._ghost_conv_grads
+    monkeypatch.setattr(engine, "_ghost_conv_grads", lambda layer, *a: ghosted.append(layer) or real(layer, *a))
+    batch = {**_batch(6), "label": torch.tensor([0, 1, 2, 0, 1, 2])}
+    assert preflight(net, _mse_labelled, batch, mode="hooks").passed
+    ghosted = {repr(layer) for layer in ghosted}  # (the preflight works on copies of the model)
+    assert repr(net.deep) in ghosted and repr(net.deep_strided) in ghosted
+
+
+def test_preflight_catches_a_wrong_ghost_weighted_sum(monkeypatch):
+    # Each unit's clip factor must reach that unit's rows: a sum with the factors permuted fails.
+    from dpgen.privacy import engine
+
+    real = engine._ghost_conv_grads
+
+    def permuted(*a):
+        stand_in = real(*a)
+        right = stand_in._dpgen_weighted_sum
+        stand_in._dpgen_weighted_sum = lambda c: right(c.flip(0))
+        return stand_in
+
+    monkeypatch.setattr(engine, "_ghost_conv_grads", permuted)
+    batch = {**_batch(6), "label": torch.tensor([0, 1, 2, 0, 1, 2])}
+    report = preflight(Rich(), _mse_labelled, batch, mode="hooks")
+    assert not report.passed and any(name.startswith("deep") for name in report.failed), report.to_dict()
 
 
 def test_preflight_catches_a_wrong_ghost_norm(monkeypatch):

@@ -1,8 +1,8 @@
 """Figures of the evaluation (matplotlib, Agg backend; PNG written atomically).
 
-`utility_figure` and `fidelity_figure` show aggregate numbers only and go to RUN/metrics/.
-`feature_scatter` plots one point per image, private images included, so it goes to
-RUN/internal/ (never released).
+`utility_figure`, `fidelity_figure` and `feature_scatter` go to RUN/internal/evaluation/ with
+evaluation.json (computed on private data, never released); `feature_scatter` plots one point
+per image, private images included.
 """
 
 from __future__ import annotations

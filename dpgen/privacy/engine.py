@@ -184,7 +184,7 @@ def _patch_gram(layer: nn.Module, x: torch.Tensor, padding, out_hw) -> torch.Ten
     pixels. One (P x C) product per row instead of an unfold to (I = C x kernel size, T) and a
     (T x I) product: less work, and torch's CPU unfold was the slowest part."""
     (ph, pw), (sh, sw), (dh, dw), (kh, kw), (ho, wo) = padding, layer.stride, layer.dilation, layer.kernel_size, out_hw
-    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    xp = (F.pad(x, (pw, pw, ph, ph)) if ph or pw else x).double()
     m, _, hp, wp = xp.shape
     flat = xp.reshape(m, xp.shape[1], hp * wp)
     pixels = torch.bmm(flat.transpose(1, 2), flat).view(m, hp, wp, hp, wp)
@@ -208,9 +208,12 @@ def _ghost_conv_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, paddin
     squared norms, that weighted sum and a way to materialise the gradients (when a second
     contribution must be added: `_add_grad_sample`). The preflight checks the norms and a
     weighted sum against per-sample autograd."""
-    gf = g.reshape(len(g), g.shape[1], -1)  # (m, O, T)
+    # In float64 (the Grams are small): the norm is not computed from the gradient that is
+    # summed, so its rounding must stay well below float32's, or cancellation across positions
+    # could let a unit's clipped contribution exceed the clipping norm.
+    gf = g.reshape(len(g), g.shape[1], -1).double()  # (m, O, T)
     sq = (_patch_gram(layer, x, padding, g.shape[2:]) * torch.bmm(gf.transpose(1, 2), gf)).sum((1, 2))
-    sq.clamp_(min=0)  # (a sum of products of Gram entries: a zero norm can round to a tiny negative)
+    sq = sq.clamp_(min=0).to(g.dtype)  # (a sum of products of Gram entries: a zero norm can round below 0)
     versions = (x._version, g._version)
 
     def unchanged() -> None:
@@ -695,8 +698,9 @@ def preflight(
                 sq, weighted = g
                 ref_sq = r.flatten(1).square().sum(1)
                 ref_weighted = (torch.arange(1.0, len(r) + 1, dtype=r.dtype).view(-1, *[1] * (r.ndim - 1)) * r).sum(0)
+                # (each unit's norm on its own: one unit's wrong norm must not hide among the others)
                 err = float("inf") if sq.shape != ref_sq.shape or weighted.shape != ref_weighted.shape else max(
-                    (sq - ref_sq).norm().item() / max(ref_sq.norm().item(), floor ** 2, 1e-300),
+                    ((sq - ref_sq).abs() / ref_sq.clamp(min=max(floor ** 2, 1e-300))).max().item(),
                     (weighted - ref_weighted).norm().item() / max(ref_weighted.norm().item(), floor, 1e-300))
             elif g is None or g.shape != r.shape:
                 err = float("inf")
