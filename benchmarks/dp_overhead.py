@@ -1,7 +1,7 @@
 """What does a DP-SGD step cost next to a non-private one, on this machine?
 
     python benchmarks/dp_overhead.py [--models quickstart,latent,cgan] [--batch 32] [--reps 10] [--warmup 3]
-                                     [--threads 2] [--mode hooks] [--no-memory]
+                                     [--threads 2] [--mode hooks] [--no-memory] [--breakdown]
 
 Three models, untrained weights (speed does not depend on them), each with what its config's
 fine-tuning trains:
@@ -18,6 +18,14 @@ Variants, on the same batch size:
   dp_k4/k16   the same with K = 4 / 16 noise draws per unit (K x the rows of the others);
   dp_k1_noghost  (only when asked for) dp_k1 with ghost clipping off: every per-unit conv
               gradient materialised (what ghost clipping saves on this model).
+With --breakdown, instead: one forward/backward *pass* of `batch` rows laid out as S slots x
+batch/S units (S = 1, 4, 16: what a pass of dp_k1, dp_k4, dp_k16 holds), three ways, interleaved:
+  plain       the same pass without per-unit gradients (the engine's layers run as plain ones);
+  engine      the pass with dpgen's per-unit gradients (what DPSGD.step runs K times per step);
+  +clip       engine, then the per-unit clipping and clipped sum of that pass (Opacus'
+              clip_and_accumulate through `_PerUnitClip`; done once per pass).
+The dp_kK targets allow each of the K passes only about 1/K of an AdamW step more than a plain
+pass; this shows what a pass actually costs over a plain one.
 Targets (issue 14): dp_k1 <= 1.3x nonprivate; dp_kK <= K x nonprivate (the extra forward and
 backward passes and nothing more), with a step peak memory <= 1.3x that of dp_k1.
 
@@ -146,6 +154,51 @@ def time_model(name: str, variants, batch: int, reps: int, warmup: int, mode: st
     return wall, cpu, built[variants[0]][2]
 
 
+def breakdown_model(name: str, args) -> None:
+    """Per-pass cost of the engine and the clipping next to a plain pass (see --breakdown)."""
+    from dpgen.privacy.engine import DPSGD, step_generator
+
+    model, objective, rows, desc, _, cfg = build_model(name, args.batch)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    dp = DPSGD(model, opt, noise_multiplier=1.0, max_grad_norm=cfg.finetune.max_grad_norm,
+               expected_batch_size=args.batch, grad_sample_mode="hooks")
+    batch = objective.draw_rows(rows, step_generator(0, 0, "draw"))
+
+    def plain(slots: int) -> None:
+        dp.gsm.disable_hooks()
+        try:
+            objective.loss(dp.gsm, batch).mean().backward()
+        finally:
+            dp.gsm.enable_hooks()
+        opt.zero_grad(set_to_none=True)
+
+    def engine(slots: int, clip: bool = False) -> None:
+        with dp.gsm.layout_of(slots, args.batch // slots):
+            objective.loss(dp.gsm, batch).mean().backward()
+        if clip:
+            dp.optimizer.clip_and_accumulate()
+        for p in dp.params:
+            p.grad, p.grad_sample, p.summed_grad = None, None, None
+
+    print(f"\n[{name}] {desc}; one pass of {args.batch} rows as S slots x {args.batch}/S units; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"{'S':>3} {'plain ms':>9} {'engine ms':>10} {'ratio':>7} {'+clip ms':>9} {'ratio':>7}")
+    for slots in (1, 4, 16):
+        ways = {"plain": lambda: plain(slots), "engine": lambda: engine(slots),
+                "clip": lambda: engine(slots, clip=True)}
+        t = {k: [] for k in ways}
+        for rnd in range(args.warmup + args.reps):
+            for k, f in ways.items():
+                start = time.perf_counter()
+                f()
+                if rnd >= args.warmup:
+                    t[k].append(time.perf_counter() - start)
+        med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+        ratio = {k: statistics.median(a / b for a, b in zip(t[k], t["plain"])) for k in ("engine", "clip")}
+        print(f"{slots:>3} {med['plain']:9.1f} {med['engine']:10.1f} {ratio['engine']:6.3f}x "
+              f"{med['clip']:9.1f} {ratio['clip']:6.3f}x")
+
+
 def _status(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -222,6 +275,8 @@ def main() -> int:
     ap.add_argument("--mode", choices=("hooks", "functorch", "opacus"), default="hooks", help="grad_sample_mode")
     ap.add_argument("--mem-reps", type=int, default=3, help="steps per memory subprocess (default 3)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="per-pass cost of the engine and the clipping next to a plain pass, S = 1, 4, 16")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -241,6 +296,12 @@ def main() -> int:
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, opacus {opacus.__version__}, "
           f"torch threads {args.threads}, load average at start {os.getloadavg()[0]:.2f}")
+    if args.breakdown:
+        print(f"{args.reps} measured rounds (+{args.warmup} warmup), the three ways interleaved; ratio = median over "
+              f"rounds of (way / plain of the same round)")
+        for name in args.models.split(","):
+            breakdown_model(name, args)
+        return 0
     print(f"{args.reps} measured rounds (+{args.warmup} warmup), variants interleaved; ratio = median over rounds of "
           f"(variant / nonprivate of the same round)")
     misses = []
