@@ -23,8 +23,12 @@ batch/S units (S = 1, 4, 16: what a pass of dp_k1, dp_k4, dp_k16 holds), three w
   plain       the same pass without per-unit gradients (the engine's layers run as plain ones);
   engine      the pass with dpgen's per-unit gradients (what DPSGD.step runs K times per step);
   +clip       engine, then the per-unit clipping and clipped sum of that pass (Opacus'
-              clip_and_accumulate through `_PerUnitClip`; done once per pass).
-The dp_kK targets allow each of the K passes only about 1/K of an AdamW step more than a plain
+              clip_and_accumulate through `_PerUnitClip`; done once per pass). At S = 1 a
+              ghost-clipped conv's weight gradient is only taken here (its clipped sum is one
+              weighted batch weight gradient), so part of "engine" moves to "+clip".
+(hooks mode only; the ways rotate their order from round to round.) A dp_kK step is K passes, one
+noise draw and one AdamW step; the non-private step one plain pass and one AdamW step. So
+dp_kK <= K x allows each pass about one AdamW step minus 1/K of the noise draw more than a plain
 pass; this shows what a pass actually costs over a plain one.
 Targets (issue 14): dp_k1 <= 1.3x nonprivate; dp_kK <= K x nonprivate (the extra forward and
 backward passes and nothing more), with a step peak memory <= 1.3x that of dp_k1.
@@ -158,6 +162,9 @@ def breakdown_model(name: str, args) -> None:
     """Per-pass cost of the engine and the clipping next to a plain pass (see --breakdown)."""
     from dpgen.privacy.engine import DPSGD, step_generator
 
+    if args.mode != "hooks" or args.batch % 16:
+        raise SystemExit(f"--breakdown measures hooks mode with a batch divisible by 16 (got --mode {args.mode}, "
+                         f"--batch {args.batch})")
     model, objective, rows, desc, _, cfg = build_model(name, args.batch)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     dp = DPSGD(model, opt, noise_multiplier=1.0, max_grad_norm=cfg.finetune.max_grad_norm,
@@ -188,9 +195,10 @@ def breakdown_model(name: str, args) -> None:
                 "clip": lambda: engine(slots, clip=True)}
         t = {k: [] for k in ways}
         for rnd in range(args.warmup + args.reps):
-            for k, f in ways.items():
+            order = list(ways)[rnd % 3:] + list(ways)[:rnd % 3]  # (no way always runs first)
+            for k in order:
                 start = time.perf_counter()
-                f()
+                ways[k]()
                 if rnd >= args.warmup:
                     t[k].append(time.perf_counter() - start)
         med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
