@@ -171,7 +171,7 @@ def breakdown_model(name: str, args) -> None:
                expected_batch_size=args.batch, grad_sample_mode="hooks")
     batch = objective.draw_rows(rows, step_generator(0, 0, "draw"))
 
-    def plain(slots: int) -> None:
+    def plain() -> None:
         dp.gsm.disable_hooks()
         try:
             objective.loss(dp.gsm, batch).mean().backward()
@@ -191,7 +191,7 @@ def breakdown_model(name: str, args) -> None:
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"{'S':>3} {'plain ms':>9} {'engine ms':>10} {'ratio':>7} {'+clip ms':>9} {'ratio':>7}")
     for slots in (1, 4, 16):
-        ways = {"plain": lambda: plain(slots), "engine": lambda: engine(slots),
+        ways = {"plain": plain, "engine": lambda: engine(slots),
                 "clip": lambda: engine(slots, clip=True)}
         t = {k: [] for k in ways}
         for rnd in range(args.warmup + args.reps):

@@ -327,8 +327,8 @@ def test_preflight_passes_3d_convolutions():
     (3, 1, 1, 1), (3, 2, 1, 1), (4, 2, 1, 1), ((3, 1), 1, (1, 0), 1), (3, 1, 2, 2), (2, 3, 0, 1), (5, 2, 2, 1),
     # different stride, dilation and padding per axis (an axis given the other's would show)
     ((2, 3), (1, 2), (0, 1), (2, 1)), ((3, 2), (2, 1), (1, 2), (1, 2)), ((1, 3), (2, 1), (0, 1), 1),
-    # ... and the staged plans of `_patch_gram`'s offset sum (the cases above take the direct
-    # one): columns first, columns first, rows first, rows first
+    # ... and the staged plans of `_patch_gram`'s offset sum (the first case above takes columns
+    # first, the others the direct sum): columns first, columns first, rows first, rows first
     ((3, 3), (1, 3), 1, 1), (3, 1, 1, (1, 2)), ((3, 3), (3, 1), 1, 1), ((4, 3), (3, 1), (1, 0), (2, 1)),
 ])
 def test_ghost_patch_gram_equals_the_gram_of_unfolded_patches(kernel, stride, padding, dilation):
