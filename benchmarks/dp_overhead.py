@@ -109,7 +109,6 @@ def build_model(name: str, batch: int):
 
 def build(name: str, variant: str, batch: int, mode: str):
     """A `step(rep)` closure for one variant; each variant owns its model."""
-    from dpgen.privacy import engine
     from dpgen.privacy.engine import DPSGD, step_generator
 
     model, objective, rows, desc, n_params, cfg = build_model(name, batch)
@@ -127,6 +126,8 @@ def build(name: str, variant: str, batch: int, mode: str):
     K = draws_of(variant)
     dp = DPSGD(model, opt, noise_multiplier=1.0, max_grad_norm=cfg.finetune.max_grad_norm,
                expected_batch_size=batch, grad_sample_mode=mode)
+    if dp.per_unit:  # (dpgen's engine: ghost clipping on or off for this variant's engine only)
+        dp.gsm._engine.ghost = not variant.endswith("_noghost")
     chunks = [(np.arange(batch), np.arange(batch), batch)]  # one unit per row, one physical chunk
 
     def step(rep: int) -> None:
@@ -134,11 +135,7 @@ def build(name: str, variant: str, batch: int, mode: str):
             return objective.draw_rows({key: v[r] for key, v in rows.items()},
                                        step_generator(0, rep, f"draw:{chunk}:{k}"))
 
-        engine.GHOST_CONVS = not variant.endswith("_noghost")
-        try:
-            dp.step(chunks, make_batch, objective.loss, K, step_generator(0, rep, "noise"))
-        finally:
-            engine.GHOST_CONVS = True
+        dp.step(chunks, make_batch, objective.loss, K, step_generator(0, rep, "noise"))
 
     return step, n_params, desc
 
@@ -191,8 +188,8 @@ def breakdown_model(name: str, args) -> None:
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"{'S':>3} {'plain ms':>9} {'engine ms':>10} {'ratio':>7} {'+clip ms':>9} {'ratio':>7}")
     for slots in (1, 4, 16):
-        ways = {"plain": plain, "engine": lambda: engine(slots),
-                "clip": lambda: engine(slots, clip=True)}
+        ways = {"plain": plain, "engine": lambda s=slots: engine(s),
+                "clip": lambda s=slots: engine(s, clip=True)}
         t = {k: [] for k in ways}
         for rnd in range(args.warmup + args.reps):
             order = list(ways)[rnd % 3:] + list(ways)[:rnd % 3]  # (no way always runs first)

@@ -104,14 +104,17 @@ class Small(nn.Module):
 
 class Rich(nn.Module):
     """Every path of the engine: a conv called twice per row (like a GAN discriminator on real
-    and fake rows), a conv with one output channel, a strided conv, a 1x1 conv, a frozen conv, a
-    dilated conv, a 64 -> 64 conv on a channels-last 4x4 map and a strided reflect-padded one
-    (both ghost-clipped when a pass holds one row per unit), GroupNorm, a Linear on a token sequence, an Embedding (Opacus' sampler through a tensor hook) and a LayerNorm."""
+    and fake rows), a conv with one output channel, a depthwise conv, a strided conv, a 1x1 conv,
+    a frozen conv, a dilated conv, a 64 -> 64 conv on a channels-last 4x4 map and a strided
+    reflect-padded one (both ghost-clipped when a pass holds one row per unit), GroupNorm, a
+    Linear on a token sequence, an Embedding (Opacus' sampler through a tensor hook) and a
+    LayerNorm."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
         self.gate = nn.Conv2d(4, 1, 3, padding=1)  # one output channel
+        self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
         self.down = nn.Conv2d(4, 4, 4, stride=2, padding=1)
         self.frozen = nn.Conv2d(4, 4, 3, padding=1).requires_grad_(False)
         self.mix = nn.Conv2d(4, 6, 1)
@@ -127,10 +130,11 @@ class Rich(nn.Module):
 
     def forward(self, x, label):
         h = torch.tanh(self.conv(x)) + 0.5 * torch.tanh(self.conv(x.flip(-1)))
-        h = h * torch.sigmoid(self.gate(h))
+        h = h * torch.sigmoid(self.gate(h)) + torch.tanh(self.depthwise(h))
         h = self.mix(self.frozen(torch.relu(self.down(h))))  # (B, 6, 4, 4)
         a = torch.tanh(self.wide(h)).contiguous(memory_format=torch.channels_last)
-        h = h + self.narrow(torch.tanh(self.deep(a))) + self.deep_strided(a).mean((1, 2, 3)).view(-1, 1, 1, 1)
+        s = torch.tanh(self.deep_strided(a)).repeat_interleave(2, -1).repeat_interleave(2, -2)  # (B, 64, 4, 4)
+        h = h + self.narrow(torch.tanh(self.deep(a)) + s)  # (a position-dependent output gradient for both)
         t = self.norm(h).flatten(2).transpose(1, 2)  # (B, 16, 6): tokens
         t = self.ln(torch.tanh(self.tokens(t)) + self.embed(label)[:, None])
         return self.head(t.flatten(1)).view(-1, 1, 8, 8)
@@ -330,6 +334,7 @@ def test_preflight_passes_3d_convolutions():
     # ... and the staged plans of `_patch_gram`'s offset sum (the first case above takes columns
     # first, the others the direct sum): columns first, columns first, rows first, rows first
     ((3, 3), (1, 3), 1, 1), (3, 1, 1, (1, 2)), ((3, 3), (3, 1), 1, 1), ((4, 3), (3, 1), (1, 0), (2, 1)),
+    (1, 1, 0, 1), (1, 2, 0, 1),  # 1x1 kernels (wide 1x1 convs can be ghost-clipped too)
 ])
 def test_ghost_patch_gram_equals_the_gram_of_unfolded_patches(kernel, stride, padding, dilation):
     # Ghost clipping's per-unit norms stand on this Gram: wrong here means clipping by a wrong norm.
@@ -339,8 +344,28 @@ def test_ghost_patch_gram_equals_the_gram_of_unfolded_patches(kernel, stride, pa
     layer = nn.Conv2d(3, 5, kernel, stride=stride, padding=padding, dilation=dilation)
     x = torch.randn(4, 3, 9, 7, dtype=torch.float64)
     out_hw = layer.double()(x).shape[2:]
-    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
-    torch.testing.assert_close(_patch_gram(layer, x, layer.padding, out_hw), cols.transpose(1, 2) @ cols)
+    torch.testing.assert_close(_patch_gram(layer, x, layer.padding, out_hw), _patch_gram_ref(layer, x, layer.padding, out_hw))
+
+
+def test_ghost_norm_bounds_the_rounded_sum_it_clips():
+    # The ghost norm is exact, the clipped sum is one float32 convolution backward: where a
+    # unit's gradient cancels across positions (here, exactly zero before the inputs are rounded
+    # to float32), the sum's rounding dwarfs the true norm. The norm the clipping reads must
+    # still bound each unit's summed gradient, or c_u x (its gradient) could exceed the clip.
+    from dpgen.privacy.engine import _ghost_conv_grads, _Layout
+
+    gen = torch.Generator().manual_seed(0)
+    layer = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    x = torch.randn(4, 8, 10, 10, generator=gen, dtype=torch.float64) * 30
+    g = torch.randn(4, 16, 10, 10, generator=gen, dtype=torch.float64) * 30
+    patches = F.unfold(x, 3, padding=1)  # (m, 72, 100): g's rows projected off their span
+    g_flat = g.flatten(2)
+    g_flat -= g_flat @ patches.transpose(1, 2) @ torch.linalg.solve(patches @ patches.transpose(1, 2), patches)
+    x, g = x.float(), g_flat.view_as(g).float()
+    stand_in = _ghost_conv_grads(layer, x, g, (1, 1), _Layout(1, 4))
+    for u in range(4):
+        summed = stand_in._dpgen_weighted_sum(torch.eye(4)[u])  # unit u alone, clip factor 1
+        assert summed.norm() <= stand_in._dpgen_sq_norms[u].sqrt(), (u, summed.norm(), stand_in._dpgen_sq_norms[u])
 
 
 def test_rich_model_has_ghost_clipped_convs(monkeypatch):
@@ -368,6 +393,24 @@ def test_preflight_catches_a_wrong_ghost_weighted_sum(monkeypatch):
         return stand_in
 
     monkeypatch.setattr(engine, "_ghost_conv_grads", permuted)
+    batch = {**_batch(6), "label": torch.tensor([0, 1, 2, 0, 1, 2])}
+    report = preflight(Rich(), _mse_labelled, batch, mode="hooks")
+    assert not report.passed and any(name.startswith("deep") for name in report.failed), report.to_dict()
+
+
+def test_preflight_catches_a_wrong_ghost_materialisation(monkeypatch):
+    # (training materialises a ghost-clipped conv's per-unit gradients when a unit's draws span passes)
+    from dpgen.privacy import engine
+
+    real = engine._ghost_conv_grads
+
+    def swapped(*a):
+        stand_in = real(*a)
+        right = stand_in._dpgen_materialise
+        stand_in._dpgen_materialise = lambda: right().flip(0)  # each unit given another's gradient
+        return stand_in
+
+    monkeypatch.setattr(engine, "_ghost_conv_grads", swapped)
     batch = {**_batch(6), "label": torch.tensor([0, 1, 2, 0, 1, 2])}
     report = preflight(Rich(), _mse_labelled, batch, mode="hooks")
     assert not report.passed and any(name.startswith("deep") for name in report.failed), report.to_dict()

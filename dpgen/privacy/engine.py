@@ -8,8 +8,8 @@ make the guarantee true.
   in between: Conv/Linear/GroupNorm layers run as autograd Functions whose backward writes
   per-unit gradients (a conv's is one grouped convolution backward with the units folded into
   the channel groups), autograd never computes the batch weight gradient DP-SGD throws away,
-  and there are no module backward hooks. When a pass holds one row per unit, wide convs on
-  small maps are ghost-clipped instead (`_ghost_conv_grads`): per-unit norms from Gram
+  and there are no module backward hooks. On the CPU, when a pass holds one row per unit, wide
+  convs on small maps are ghost-clipped instead (`_ghost_conv_grads`): per-unit norms from Gram
   matrices, the clipped sum as one weighted batch weight gradient, no per-unit gradient in
   memory. Other layers get Opacus' per-row samplers through a tensor hook. "functorch" and
   "opacus" modes use Opacus' GradSampleModule (per-row gradients, summed per unit after each
@@ -22,7 +22,8 @@ make the guarantee true.
   with the per-unit norms the engine took while each gradient was in cache (`_PerUnitClip`).
 - `preflight`: compares the engine's gradients with per-sample autograd on the real model and
   loss, in float64, per row and per unit (2 rows per unit), before any private data is
-  touched (for a ghost-clipped conv: its per-unit norms and a weighted sum). Opacus' own hooks
+  touched (for a ghost-clipped conv: its per-unit norms, a weighted sum and its materialised
+  per-unit gradients). Opacus' own hooks
   ("opacus" mode) give silently wrong conv per-sample gradients when a conv input is
   channels-last (after diffusers' attention, inside MONAI's AutoencoderKL);
   `make_conv_inputs_contiguous` is their fix, and the preflight is the proof, for whatever
@@ -142,7 +143,7 @@ def _add_grad_sample(p: torch.Tensor, g: torch.Tensor) -> None:
     left to the clipping."""
     cur = getattr(p, "grad_sample", None)
     if cur is None:
-        if not hasattr(g, "_dpgen_sq_norms"):  # (a ghost stand-in brings its own)
+        if not hasattr(g, "_dpgen_weighted_sum"):  # (a ghost stand-in brings its own norms)
             g._dpgen_sq_norms = torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1).square()
         p.grad_sample = g
     else:
@@ -155,7 +156,10 @@ def _materialised(gs: torch.Tensor) -> torch.Tensor:
     return gs if make is None else make()
 
 
-GHOST_CONVS = True  # False: per-unit conv gradients always materialised (to compare the two on a model)
+# Whether engines built from now on ghost-clip (False: per-unit conv gradients always materialised,
+# to compare the two on a model). Each engine keeps the value it was built with (`_Engine.ghost`),
+# so that training runs the path its preflight checked.
+GHOST_CONVS = True
 
 
 def _ghost_is_cheaper(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, padding, lay: _Layout) -> bool:
@@ -168,13 +172,24 @@ def _ghost_is_cheaper(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, paddin
     P^2 x in channels for P padded input pixels, and m P^2 memory). Taken where I O >= 2 T (I + O)
     (measured on CPU: a 7x7 map with 128 channels, not with 64; not on 14x14) and the pixel Gram
     costs no more than materialising (a strided patchify conv on a large map would not).
+    On the CPU only: the rounding margin of `_ghost_conv_grads` bounds a sum of products computed
+    in the tensors' dtype, which a GPU's convolution need not be (TF32, FFT or Winograd kernels).
     """
-    if not GHOST_CONVS or lay.slots != 1 or layer.groups != 1 or g.ndim != 4:
+    if (not layer._dpgen_engine.ghost or lay.slots != 1 or layer.groups != 1 or g.ndim != 4
+            or g.device.type != "cpu"):
         return False
     positions, fan_in, c_out = g.shape[2] * g.shape[3], layer.weight.numel() // layer.weight.shape[0], g.shape[1]
     pixels = (x.shape[2] + 2 * padding[0]) * (x.shape[3] + 2 * padding[1])
     return (fan_in * c_out >= 2 * positions * (fan_in + c_out)
-            and pixels * pixels * x.shape[1] <= positions * fan_in * c_out)
+            and pixels * pixels * x.shape[1] <= positions * fan_in * c_out
+            and _ghost_rounding(len(g) * positions, g.dtype) < 0.01)
+
+
+def _ghost_rounding(products: int, dtype: torch.dtype) -> float:
+    """gamma_n = n u / (1 - n u): a sum of n products computed in `dtype` (unit roundoff u), in
+    any order, is off by at most gamma_n x the sum of the products' magnitudes."""
+    n_u = (products + 2) * torch.finfo(dtype).eps / 2  # (+2: the clip-factor product and the cast)
+    return n_u / (1 - n_u) if n_u < 1 else float("inf")
 
 
 def _patch_gram(layer: nn.Module, x: torch.Tensor, padding, out_hw) -> torch.Tensor:
@@ -196,13 +211,13 @@ def _patch_gram(layer: nn.Module, x: torch.Tensor, padding, out_hw) -> torch.Ten
     rows = [slice(i * dh, i * dh + sh * (ho - 1) + 1, sh) for i in range(kh)]
     cols = [slice(j * dw, j * dw + sw * (wo - 1) + 1, sw) for j in range(kw)]
     every = slice(None)
-    plans = {  # elements added -> stages, each a list of (row offsets, column offsets) blocks
-        kh * kw * (ho * wo) ** 2: [[(r, c) for r in rows for c in cols]],
-        kw * (hp * wo) ** 2 + kh * (ho * wo) ** 2: [[(every, c) for c in cols], [(r, every) for r in rows]],
-        kh * (ho * wp) ** 2 + kw * (ho * wo) ** 2: [[(r, every) for r in rows], [(every, c) for c in cols]],
-    }
+    plans = [  # (elements added, stages: each a list of (row offsets, column offsets) blocks)
+        (kh * kw * (ho * wo) ** 2, [[(r, c) for r in rows for c in cols]]),
+        (kw * (hp * wo) ** 2 + kh * (ho * wo) ** 2, [[(every, c) for c in cols], [(r, every) for r in rows]]),
+        (kh * (ho * wp) ** 2 + kw * (ho * wo) ** 2, [[(r, every) for r in rows], [(every, c) for c in cols]]),
+    ]
     gram = pixels
-    for blocks in plans[min(plans)]:
+    for blocks in min(plans, key=lambda plan: plan[0])[1]:
         gram = _shifted_sum(gram, blocks)
     return gram.reshape(m, ho * wo, ho * wo)
 
@@ -225,12 +240,19 @@ def _ghost_conv_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, paddin
     squared norms, that weighted sum and a way to materialise the gradients (when a second
     contribution must be added: `_add_grad_sample`). The preflight checks the norms and a
     weighted sum against per-sample autograd."""
-    # In float64 (the Grams are small): the norm is not computed from the gradient that is
-    # summed, so its rounding must stay well below float32's, or cancellation across positions
-    # could let a unit's clipped contribution exceed the clipping norm.
+    # The norm is not computed from the gradient that is summed: the Grams give the exact norm
+    # (in float64, far below the rounding of the sum), while the clipped sum is one convolution
+    # backward in g's dtype, whose rounding can, where positions cancel, be large next to the
+    # unit's true norm. So the norm the clipping reads is the true norm plus a bound on that
+    # rounding: gamma_n x sum_t |g_t| |x_t| (`_ghost_rounding`, n = units x positions products per
+    # weight), and c_u x (the unit's summed gradient) stays within the clipping norm. (1e-4 of
+    # that sum for 64 units on a 7x7 map in float32; 1e-13 in the float64 preflight.)
     gf = g.reshape(len(g), g.shape[1], -1).double()  # (m, O, T)
-    sq = (_patch_gram(layer, x, padding, g.shape[2:]) * torch.bmm(gf.transpose(1, 2), gf)).sum((1, 2))
-    sq = sq.clamp_(min=0).to(g.dtype)  # (a sum of products of Gram entries: a zero norm can round below 0)
+    gram_x, gram_g = _patch_gram(layer, x, padding, g.shape[2:]), torch.bmm(gf.transpose(1, 2), gf)
+    sq = (gram_x * gram_g).sum((1, 2)).clamp_(min=0)  # (a sum of products: a zero norm can round below 0)
+    spread = (gram_x.diagonal(dim1=1, dim2=2) * gram_g.diagonal(dim1=1, dim2=2)).clamp_(min=0).sqrt().sum(1)
+    margin = _ghost_rounding(len(g) * gram_x.shape[1], g.dtype) * spread
+    sq = (sq.sqrt() + margin).square().to(g.dtype)
     versions = (x._version, g._version)
 
     def unchanged() -> None:
@@ -280,18 +302,18 @@ def _conv_unit_weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, p
         gs = g.reshape(lay.slots, lay.units, c_out, -1)
         return _per_unit_outer(gs, xs, lay).view(lay.units, *w_shape)
     m = lay.units
-    gx, xx = g.reshape(lay.slots, m * c_out, *g.shape[2:]), x.reshape(lay.slots, m * c_in, *x.shape[2:])
-    if w_shape[0] == layer.groups and dims == 2:
-        # One output channel per group (a UNet's output conv): the grouped backward takes a
-        # slow path on CPU for channels-first tensors. On channels-last copies it beats one
-        # plain weight gradient per unit (32 -> 1 channels at 28x28, 32 units: 6.4 -> 2.3 ms).
-        gx, xx = gx.contiguous(memory_format=torch.channels_last), xx.contiguous(memory_format=torch.channels_last)
-    elif w_shape[0] == layer.groups:
-        # (1D and 3D: one plain weight gradient per unit over its slots.)
+    if w_shape[0] == layer.groups and dims != 2:
+        # One output channel per group in 1D and 3D: one plain weight gradient per unit over its slots.
         xs, gs = x.reshape(lay.slots, m, *x.shape[1:]), g.reshape(lay.slots, m, *g.shape[1:])
         return torch.stack([torch.ops.aten.convolution_backward(
             gs[:, u], xs[:, u], x.new_empty(w_shape), None, list(layer.stride), list(padding), list(layer.dilation),
             False, [0] * dims, layer.groups, (False, True, False))[1] for u in range(m)])
+    gx, xx = g.reshape(lay.slots, m * c_out, *g.shape[2:]), x.reshape(lay.slots, m * c_in, *x.shape[2:])
+    if w_shape[0] == layer.groups:
+        # One output channel per group (a UNet's output conv): the grouped backward takes a
+        # slow path on CPU for channels-first tensors. On channels-last copies it beats one
+        # plain weight gradient per unit (32 -> 1 channels at 28x28, 32 units: 6.4 -> 2.3 ms).
+        gx, xx = gx.contiguous(memory_format=torch.channels_last), xx.contiguous(memory_format=torch.channels_last)
     grad_w = torch.ops.aten.convolution_backward(
         gx, xx,
         x.new_empty((m * w_shape[0], *w_shape[1:])),  # only the shape is read
@@ -473,6 +495,7 @@ class _Engine:
 
     def __init__(self):
         self.enabled = True
+        self.ghost = GHOST_CONVS  # ghost-clip where cheaper (`_ghost_is_cheaper`), fixed when built
         self.current: _Layout | None = None
         self.pending: dict = {}  # conv -> its forward calls in this pass whose backward has not run
         self.stash: dict = {}  # conv -> (x, g, padding, layout) of its calls waiting for the others
@@ -680,8 +703,10 @@ def preflight(
                 ghost = getattr(gs, "_dpgen_weighted_sum", None)
                 # A ghost-clipped conv has no per-unit gradients to compare: what the clipping
                 # reads from it is checked instead, the per-unit squared norms and a weighted
-                # sum (unit u weighted u + 1, so that a unit given another's weight shows).
-                out[name] = gs if ghost is None else (gs._dpgen_sq_norms, ghost(torch.arange(1.0, len(gs) + 1)))
+                # sum (unit u weighted u + 1, so that a unit given another's weight shows), and
+                # the per-unit gradients it materialises when a unit's draws span two passes.
+                out[name] = gs if ghost is None else (
+                    gs._dpgen_sq_norms, ghost(torch.arange(1.0, len(gs) + 1)), gs._dpgen_materialise())
         gsm._close()
         return out
 
@@ -711,14 +736,17 @@ def preflight(
                 units = n // slots
                 r = r[: slots * units].view(slots, units, *r.shape[1:]).sum(0)
             g = grads.get(name)
-            if isinstance(g, tuple):  # ghost-clipped: per-unit squared norms and a weighted sum
-                sq, weighted = g
+            if isinstance(g, tuple):  # ghost-clipped: per-unit squared norms, a weighted sum, materialised
+                sq, weighted, materialised = g
                 ref_sq = r.flatten(1).square().sum(1)
                 ref_weighted = (torch.arange(1.0, len(r) + 1, dtype=r.dtype).view(-1, *[1] * (r.ndim - 1)) * r).sum(0)
+                shapes_ok = (sq.shape == ref_sq.shape and weighted.shape == ref_weighted.shape
+                             and materialised.shape == r.shape)
                 # (each unit's norm on its own: one unit's wrong norm must not hide among the others)
-                err = float("inf") if sq.shape != ref_sq.shape or weighted.shape != ref_weighted.shape else max(
+                err = float("inf") if not shapes_ok else max(
                     ((sq - ref_sq).abs() / ref_sq.clamp(min=max(floor ** 2, 1e-300))).max().item(),
-                    (weighted - ref_weighted).norm().item() / max(ref_weighted.norm().item(), floor, 1e-300))
+                    (weighted - ref_weighted).norm().item() / max(ref_weighted.norm().item(), floor, 1e-300),
+                    (materialised - r).norm().item() / max(r.norm().item(), floor, 1e-300))
             elif g is None or g.shape != r.shape:
                 err = float("inf")
             else:
